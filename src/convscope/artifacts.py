@@ -1,0 +1,86 @@
+"""The one place convscope writes files. Every write is atomic: a temp file in the same folder, fsync, rename,
+so a crash leaves either the old file or the new one, never half of one."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> Path:
+    """Call ``write(f)`` on a temp file beside ``path``, fsync it, and rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    return atomic_write(path, lambda f: f.write(data))
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    return write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def save_torch(path: str | os.PathLike, obj: Any) -> Path:
+    """``torch.save`` atomically; read it back with ``torch.load(..., weights_only=True)``."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return write_bytes(path, buf.getvalue())
+
+
+def save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    return write_bytes(path, save(tensors, metadata=metadata))
+
+
+def save_npz(path: str | os.PathLike, **arrays) -> Path:
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    return write_bytes(path, buf.getvalue())
+
+
+def save_image(path: str | os.PathLike, image, format: str = "PNG") -> Path:
+    """Save a PIL image (or an HxWx3 / HxW uint8 array) atomically."""
+    from PIL import Image
+
+    if not isinstance(image, Image.Image):
+        image = Image.fromarray(image)
+    buf = io.BytesIO()
+    image.save(buf, format=format)
+    return write_bytes(path, buf.getvalue())
+
+
+def save_figure(path: str | os.PathLike, fig, dpi: int = 100) -> Path:
+    """Save a matplotlib figure as PNG atomically and close it."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    return write_bytes(path, buf.getvalue())

@@ -1,0 +1,61 @@
+"""The shape every data set takes in convscope.
+
+A data set is a ``torch.utils.data.Dataset`` whose items are ``(image, label)``: ``image`` a float tensor
+(3, H, W) with values in [0, 1], ``label`` an int; it has ``classes`` (list of names). In-memory sets are
+:class:`ImageSet`; the embedded synthetic set adds :class:`GroundTruth`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import Dataset
+
+
+@dataclass
+class GroundTruth:
+    """Per-image ground truth of the embedded data set.
+
+    boxes: (N, 4) float, x0, y0, x1, y1 in pixels (x1, y1 exclusive); masks: (N, H, W) bool, the object's pixels;
+    parts: part name -> (N, 2) float pixel (x, y) of that part's centre, NaN where the image has no such part.
+    """
+
+    boxes: torch.Tensor
+    masks: torch.Tensor
+    parts: dict[str, torch.Tensor]
+
+    def subset(self, index: torch.Tensor) -> GroundTruth:
+        return GroundTruth(self.boxes[index], self.masks[index], {k: v[index] for k, v in self.parts.items()})
+
+
+class ImageSet(Dataset):
+    """Images held in memory as uint8 (N, 3, H, W), labels int64 (N,), class names, optional ground truth."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, classes: list[str],
+                 truth: GroundTruth | None = None, name: str = ""):
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be uint8 (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+        if labels.shape != (images.shape[0],):
+            raise ValueError(f"labels must be ({images.shape[0]},), got {tuple(labels.shape)}")
+        self.images, self.labels, self.classes = images, labels.long(), list(classes)
+        self.truth, self.name = truth, name
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.images[i].float() / 255.0, int(self.labels[i])
+
+    def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (float in [0, 1]) and labels for many indices at once: the fast path for training and scans."""
+        return self.images[index].float() / 255.0, self.labels[index]
+
+    def subset(self, index) -> ImageSet:
+        index = torch.as_tensor(index, dtype=torch.long)
+        truth = self.truth.subset(index) if self.truth is not None else None
+        return ImageSet(self.images[index], self.labels[index], self.classes, truth, self.name)
+
+    @property
+    def image_size(self) -> int:
+        return self.images.shape[-1]

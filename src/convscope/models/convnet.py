@@ -1,0 +1,139 @@
+"""ZFNet (paper Fig. 3) and the paper's single-tower AlexNet, with the Table 3 variants, from one spec.
+
+Padding is not stated in the paper (PAPER.md section 1). convscope's choices reproduce Fig. 3's map sizes:
+zfnet at 224 px: conv1 7x7 stride 2 padding 1 -> 110, max-pool 3x3 stride 2 in ceil mode (as Caffe pools) -> 55,
+conv2 5x5 stride 2 no padding -> 26, pool -> 13, conv3-5 3x3 padding 1 -> 13, pool -> 6 (9216 values).
+alexnet at 224 px: conv1 11x11 stride 4 padding 2 -> 55, norm, pool -> 27, conv2 5x5 padding 2 -> 27, norm,
+pool -> 13, then as zfnet. The small nets (64 px) keep the strides (16x down to conv3) with "same" padding:
+zfnet_small 64 -> 32 -> 16 -> 8 -> 4 -> 4x4 conv3-5 -> 2x2; alexnet_small 64 -> 16 -> 8 -> 8 -> 4 -> 2x2.
+
+Contrast normalisation is Krizhevsky's local response norm (size 5, alpha 1e-4, beta 0.75, k 2), with PyTorch's
+(and Caffe's) convention that alpha is divided by the size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import nn
+
+from ..errors import ConvscopeError
+
+CONV_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5")
+REMOVABLE = ("conv3", "conv4", "fc6", "fc7")
+
+
+@dataclass(frozen=True)
+class NetSpec:
+    """Everything that defines a ZF-style net. ``remove`` names layers dropped for the ablation of Table 3."""
+
+    input_size: int = 224
+    widths: tuple[int, int, int, int, int] = (96, 256, 384, 384, 256)
+    conv1: tuple[int, int, int] = (7, 2, 1)  # kernel, stride, padding
+    conv2: tuple[int, int, int] = (5, 2, 0)
+    norm_before_pool: bool = False  # AlexNet normalises before pooling, ZFNet after
+    fc: tuple[int, int] = (4096, 4096)
+    remove: tuple[str, ...] = field(default=())
+    dropout: float = 0.5
+    init: str = "paper"  # "paper": N(0, 0.01) weights; "he": N(0, 2/fan_in); biases 0 in both
+
+
+def _pool() -> nn.MaxPool2d:
+    return nn.MaxPool2d(3, stride=2, ceil_mode=True)
+
+
+def _norm() -> nn.LocalResponseNorm:
+    return nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=2.0)
+
+
+def _conv_out(n: int, k: int, s: int, p: int) -> int:
+    return (n + 2 * p - k) // s + 1
+
+
+def _pool_out(n: int) -> int:
+    out = math.ceil((n - 3) / 2) + 1
+    return out - 1 if (out - 1) * 2 >= n else out  # PyTorch's rule: the last window starts inside the input
+
+
+class ConvNet(nn.Module):
+    """A ZF-style network: ``features`` (conv1..conv5 with ReLU, pools, norms) then ``classifier`` (fc6, fc7, fc8).
+
+    Module names are readable (``features.conv1``, ``features.relu1``, ``classifier.fc6``, ...); ``paper_layers``
+    maps the paper's layer names to the module whose output is that layer's rectified output.
+    """
+
+    def __init__(self, spec: NetSpec, num_classes: int):
+        super().__init__()
+        unknown = sorted(set(spec.remove) - set(REMOVABLE))
+        if unknown:
+            raise ConvscopeError(f"cannot remove {unknown}; removable layers: {', '.join(REMOVABLE)}")
+        if num_classes < 2:
+            raise ConvscopeError(f"num_classes must be at least 2, got {num_classes}")
+        self.spec = spec
+        self.num_classes = num_classes
+        self.input_size = spec.input_size
+        self.paper_layers: dict[str, str] = {}
+
+        feats: OrderedDict[str, nn.Module] = OrderedDict()
+        size, channels = spec.input_size, 3
+        for i, (name, width) in enumerate(zip(CONV_LAYERS, spec.widths), start=1):
+            if name in spec.remove:
+                continue
+            k, s, p = spec.conv1 if i == 1 else spec.conv2 if i == 2 else (3, 1, 1)
+            feats[name] = nn.Conv2d(channels, width, k, stride=s, padding=p)
+            feats[f"relu{i}"] = nn.ReLU()
+            self.paper_layers[name] = f"features.relu{i}"
+            size, channels = _conv_out(size, k, s, p), width
+            if size < 1:
+                raise ConvscopeError(f"input size {spec.input_size} is too small for {name}")
+            if i in (1, 2):
+                if spec.norm_before_pool:
+                    feats[f"norm{i}"] = _norm()
+                feats[f"pool{i}"] = _pool()
+                if not spec.norm_before_pool:
+                    feats[f"norm{i}"] = _norm()
+                size = _pool_out(size)
+            elif i == 5:
+                feats["pool5"] = _pool()
+                size = _pool_out(size)
+        self.features = nn.Sequential(feats)
+
+        head: OrderedDict[str, nn.Module] = OrderedDict(flatten=nn.Flatten())
+        n_in = channels * size * size
+        for i, (name, width) in enumerate(zip(("fc6", "fc7"), spec.fc), start=6):
+            if name in spec.remove:
+                continue
+            head[name] = nn.Linear(n_in, width)
+            head[f"relu{i}"] = nn.ReLU()
+            head[f"drop{i}"] = nn.Dropout(spec.dropout)
+            self.paper_layers[name] = f"classifier.relu{i}"
+            n_in = width
+        head["fc8"] = nn.Linear(n_in, num_classes)
+        self.classifier = nn.Sequential(head)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Paper section 3: weights N(0, 1e-2), biases 0; ``init="he"`` scales the std by fan-in instead."""
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                if self.spec.init == "he":
+                    nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                else:
+                    nn.init.normal_(m.weight, std=1e-2)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+ZFNET = NetSpec()
+ALEXNET = NetSpec(conv1=(11, 4, 2), conv2=(5, 1, 2), norm_before_pool=True)
+# The small nets: about a third of the paper's widths, 64 px input, same strides. He initialisation because
+# N(0, 0.01) vanishes through seven layers of this width on unit-variance inputs (training stalls); see README.
+ZFNET_SMALL = NetSpec(
+    input_size=64, widths=(32, 64, 96, 96, 64), conv1=(7, 2, 3), conv2=(5, 2, 2), fc=(256, 256), init="he"
+)
+ALEXNET_SMALL = replace(ZFNET_SMALL, conv1=(11, 4, 5), conv2=(5, 1, 2), norm_before_pool=True)
