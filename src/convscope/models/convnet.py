@@ -41,6 +41,24 @@ class NetSpec:
     init: str = "paper"  # "paper": N(0, 0.01) weights; "he": N(0, 2/fan_in); biases 0 in both
 
 
+class Normalize(nn.Module):
+    """Input preprocessing inside the model, so analyses feed images in [0, 1] and projections land in pixel space.
+
+    Paper section 3 subtracts the per-pixel mean image; convscope also divides by the data's pixel std so one
+    learning rate suits every data set. Training sets both buffers from the training set; fresh models are the
+    identity. At another input size the per-pixel mean falls back to its per-channel mean.
+    """
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(3, size, size))
+        self.register_buffer("std", torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = self.mean if self.mean.shape[-2:] == x.shape[-2:] else self.mean.mean((-2, -1), keepdim=True)
+        return (x - mean) / self.std
+
+
 def _pool() -> nn.MaxPool2d:
     return nn.MaxPool2d(3, stride=2, ceil_mode=True)
 
@@ -59,7 +77,8 @@ def _pool_out(n: int) -> int:
 
 
 class ConvNet(nn.Module):
-    """A ZF-style network: ``features`` (conv1..conv5 with ReLU, pools, norms) then ``classifier`` (fc6, fc7, fc8).
+    """A ZF-style network: ``normalize`` (input preprocessing), ``features`` (conv1..conv5 with ReLU, pools,
+    norms), then ``classifier`` (fc6, fc7, fc8).
 
     Module names are readable (``features.conv1``, ``features.relu1``, ``classifier.fc6``, ...); ``paper_layers``
     maps the paper's layer names to the module whose output is that layer's rectified output.
@@ -76,6 +95,7 @@ class ConvNet(nn.Module):
         self.num_classes = num_classes
         self.input_size = spec.input_size
         self.paper_layers: dict[str, str] = {}
+        self.normalize = Normalize(spec.input_size)
 
         feats: OrderedDict[str, nn.Module] = OrderedDict()
         size, channels = spec.input_size, 3
@@ -126,7 +146,7 @@ class ConvNet(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x))
+        return self.classifier(self.features(self.normalize(x)))
 
 
 ZFNET = NetSpec()

@@ -1,0 +1,73 @@
+"""Weights and training state on disk.
+
+Weights are safetensors with the resolved config in the file's metadata, so one file rebuilds its model. The
+full training state (weights, optimiser, scheduler, metrics) for resuming is a ``torch.save`` file that is only
+ever loaded with ``weights_only=True``: loading a checkpoint never runs code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import artifacts
+from .errors import ConvscopeError
+from .models import create_model
+
+FORMAT = "convscope-weights-1"
+
+
+def save_weights(path: str | Path, model: nn.Module, config: dict[str, Any], epoch: int,
+                 num_classes: int, classes: list[str]) -> Path:
+    meta = {"format": FORMAT, "config": json.dumps(config), "epoch": str(epoch),
+            "num_classes": str(num_classes), "classes": json.dumps(classes)}
+    return artifacts.save_safetensors(path, model.state_dict(), meta)
+
+
+def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata of a weights file; a missing, truncated or foreign file is a ConvscopeError."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConvscopeError(f"weights file {str(path)!r} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ConvscopeError(f"weights file {str(path)!r} is corrupt or truncated ({e}); "
+                             "use another checkpoint or retrain") from e
+    if meta.get("format") != FORMAT:
+        raise ConvscopeError(f"{str(path)!r} is a safetensors file but not convscope weights (no config inside)")
+    return tensors, meta
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a model from a convscope weights file; returns the model (eval mode) and its metadata
+    (``config``, ``epoch``, ``classes``)."""
+    tensors, meta = read_weights(path)
+    config = json.loads(meta["config"])
+    model = create_model(config["model"], num_classes=int(meta["num_classes"]), **config.get("model_options", {}))
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as e:
+        raise ConvscopeError(f"weights in {str(path)!r} do not fit model {config['model']!r}: {e}") from e
+    info = {"config": config, "epoch": int(meta["epoch"]), "classes": json.loads(meta["classes"])}
+    return model.to(map_location).eval(), info
+
+
+def save_state(path: str | Path, state: dict[str, Any]) -> Path:
+    return artifacts.save_torch(path, state)
+
+
+def load_state(path: str | Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a damaged zip/pickle
+        raise ConvscopeError(f"training state {str(path)!r} is corrupt or truncated ({type(e).__name__}: {e}); "
+                             "delete it to restart from the last weights, or start a new run") from e

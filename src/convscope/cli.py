@@ -1,0 +1,132 @@
+"""The command line: parse, call the library, print. Bad input exits with status 2 and a message saying what to do."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import ConvscopeError
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except ConvscopeError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="convscope")
+def main() -> None:
+    """convscope: see inside convolutional networks, after Zeiler & Fergus (ECCV 2014)."""
+
+
+@main.command()
+def models() -> None:
+    """List the built-in models and their paper layer names."""
+    from .models import create_model, list_models
+
+    for name in list_models():
+        model = create_model(name, num_classes=10)
+        n = sum(p.numel() for p in model.parameters())
+        layers = ", ".join(getattr(model, "paper_layers", {}))
+        click.echo(f"{name:14s} {model.input_size:>4d} px  {n / 1e6:7.2f} M params (10 classes)  layers: {layers}")
+
+
+@main.group()
+def data() -> None:
+    """Data sets: list them, preview the embedded one."""
+
+
+@data.command("list")
+def data_list() -> None:
+    """List the data sets convscope reads."""
+    from .data import list_datasets
+
+    notes = {"synthetic": "embedded, generated (default; ground truth: boxes, masks, parts)",
+             "cifar10": "CIFAR-10 python batches (--data-root)", "digits": "scikit-learn's bundled digits",
+             "folder": "an ImageFolder tree: root/class/image (--data-root)"}
+    for name in list_datasets():
+        click.echo(f"{name:10s} {notes[name]}")
+
+
+@data.command("preview")
+@click.option("--out", "out", type=click.Path(dir_okay=False), default="synthetic_preview.png", show_default=True,
+              help="PNG file to write.")
+@click.option("--n", default=16, show_default=True, help="How many samples.")
+@click.option("--split", default="train", show_default=True, help="train, val or test.")
+@click.option("--size", default=64, show_default=True, help="Image side in pixels (64 or 224).")
+@click.option("--seed", default=0, show_default=True)
+def data_preview(out: str, n: int, split: str, size: int, seed: int) -> None:
+    """Write a grid of synthetic samples with their ground truth (box, parts, class) drawn on."""
+    from . import artifacts
+    from .data.synthetic import load_synthetic, preview
+
+    data = load_synthetic(split, n=n, size=size, seed=seed)
+    artifacts.save_image(out, preview(data, n=n))
+    click.echo(f"wrote {out}")
+
+
+def _train_options(f):
+    options = [
+        click.option("--model", default=None, help="Model name (see `convscope models`). [zfnet_small]"),
+        click.option("--data", "data_name", default=None, help="Data set (see `convscope data list`). [synthetic]"),
+        click.option("--data-root", default=None, type=click.Path(), help="Folder of cifar10 or folder data."),
+        click.option("--epochs", type=int, default=None, help="Epochs to train. [12]"),
+        click.option("--batch-size", type=int, default=None, help="Batch size. [128]"),
+        click.option("--lr", type=float, default=None, help="Initial learning rate. [0.01]"),
+        click.option("--seed", type=int, default=None, help="Seed for every random choice. [0]"),
+        click.option("--n-train", type=int, default=None, help="Use at most this many training images."),
+        click.option("--image-size", type=int, default=None, help="Image side in pixels."),
+        click.option("--renorm/--no-renorm", default=None,
+                     help="Renormalise conv filters to RMS 0.1 (paper; off for Fig. 6a). [on]"),
+        click.option("--config", "config_file", type=click.Path(), default=None,
+                     help="TOML or JSON file of settings; options given here override it."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _resolve(config_file, data_name, **kw):
+    from .config import resolve
+
+    return resolve(config_file, data=data_name, **kw)
+
+
+@main.command()
+@_train_options
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Run directory: created, or resumed when it holds this same run.")
+def train(out: str, **kw) -> None:
+    """Train a model with the paper's recipe (SGD, momentum 0.9, dropout, filter renormalisation).
+
+    Weights are saved at epochs 1, 2, 5, 10, 20, 30, 40, 64 and at the end; rerun the same command to resume."""
+    from .train import run_summary
+    from .train import train as run_train
+
+    cfg = _resolve(**kw)
+    result = run_train(cfg, out)
+    click.echo(f"{cfg.model} on {cfg.data}: {run_summary(result.metrics, result.test)}")
+    click.echo(f"run directory: {Path(out).resolve()}")
+
+
+@main.command()
+@click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False),
+              help="Run directory.")
+@click.option("--quick", is_flag=True, help="A small smoke run (a minute): fewer images and epochs.")
+def demo(out: str, quick: bool) -> None:
+    """The whole paper on the embedded data: train zfnet_small with the paper's recipe and write the run."""
+    from .config import TrainConfig
+    from .train import run_summary
+    from .train import train as run_train
+
+    cfg = TrainConfig(n_train=2000, n_val=300, n_test=300, epochs=2) if quick else TrainConfig()
+    result = run_train(cfg, out)
+    click.echo(f"zfnet_small on synthetic: {run_summary(result.metrics, result.test)}")
+    click.echo(f"run directory: {Path(out).resolve()}")

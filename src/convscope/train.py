@@ -1,0 +1,222 @@
+"""Training with the paper's recipe (section 3), resumable and deterministic by seed.
+
+Every epoch draws its shuffling, augmentation and dropout from generators seeded by (seed, epoch), and the full
+training state is saved at the end of every epoch, so a run killed at any moment and resumed ends with weights
+bit-identical to an uninterrupted run. Weights are kept at the paper's Fig. 4 epochs (1, 2, 5, 10, 20, 30, 40,
+64, those within the run) for the evolution figure, and at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import artifacts
+from .checkpoint import load_state, save_state, save_weights
+from .config import TrainConfig
+from .data import ImageSet, Splits, load_splits
+from .data.transforms import mean_and_std, random_crop_flip
+from .errors import ConvscopeError
+from .models import create_model
+
+CONFIG, METRICS, STATE, FINAL, TEST = "config.json", "metrics.json", "state.pt", "model.safetensors", "test.json"
+
+
+def epoch_checkpoint(run_dir: str | Path, epoch: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"epoch_{epoch:03d}.safetensors"
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    model: nn.Module
+    classes: list[str]
+    metrics: list[dict[str, float]]
+    test: dict[str, float]
+
+
+def renormalize_filters_(model: nn.Module, radius: float = 0.1) -> None:
+    """Paper section 3: every conv filter whose RMS exceeds ``radius`` is rescaled to that radius (Fig. 6a
+    shows why: without it a few layer-1 filters dominate)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                w = m.weight.flatten(1)
+                rms = w.pow(2).mean(1).sqrt()
+                scale = (radius / rms.clamp_min(1e-12)).clamp(max=1.0)
+                m.weight.mul_(scale.view(-1, *([1] * (m.weight.ndim - 1))))
+
+
+def _seeded(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch * 7919) % (2**63)
+
+
+def evaluate(model: nn.Module, data: ImageSet, batch_size: int = 500) -> dict[str, float]:
+    """Loss, top-1 and top-5 error (Table 2's measures) of a model on a data set, in eval mode."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    loss = top1 = top5 = 0.0
+    k = min(5, len(data.classes))
+    with torch.no_grad():
+        for start in range(0, len(data), batch_size):
+            x, y = data.batch(torch.arange(start, min(start + batch_size, len(data))))
+            x, y = x.to(device), y.to(device)
+            with _autocast(device):
+                logits = model(x).float()
+            loss += F.cross_entropy(logits, y, reduction="sum").item()
+            best = logits.topk(k, dim=1).indices
+            top1 += (best[:, 0] != y).sum().item()
+            top5 += (best != y[:, None]).all(1).sum().item()
+    model.train(was_training)
+    n = len(data)
+    return {"loss": loss / n, "top1_err": top1 / n, "top5_err": top5 / n}
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def prepare_run(run_dir: str | Path, cfg: TrainConfig) -> bool:
+    """Create the run directory, or check that the one there is this same run. Returns True when resuming.
+
+    A directory holding a different run, or files that are not a convscope run, is refused: nothing is
+    overwritten."""
+    run_dir = Path(run_dir)
+    wanted = json.loads(json.dumps(cfg.to_dict()))
+    config_path = run_dir / CONFIG
+    if config_path.is_file():
+        try:
+            have = json.loads(config_path.read_text())
+        except ValueError as e:
+            raise ConvscopeError(f"{str(config_path)!r} is corrupt ({e}); choose another run directory") from e
+        if have != wanted:
+            diff = sorted(k for k in set(have) | set(wanted) if have.get(k) != wanted.get(k))
+            detail = "; ".join(f"{k}: {have.get(k)!r} there, {wanted.get(k)!r} asked" for k in diff)
+            raise ConvscopeError(f"run directory {str(run_dir)!r} already holds a different run ({detail}); "
+                                 "choose another directory, or repeat that run's settings to resume it")
+        return True
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        raise ConvscopeError(f"{str(run_dir)!r} exists and is not an empty directory or a convscope run; "
+                             "choose a new or empty directory")
+    artifacts.write_json(config_path, wanted)
+    return False
+
+
+def build_model(cfg: TrainConfig, splits: Splits) -> nn.Module:
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.model, num_classes=len(splits.train.classes), **cfg.model_options)
+    if hasattr(model, "normalize"):
+        mean, std = mean_and_std(splits.train.images)
+        if mean.shape != model.normalize.mean.shape:
+            raise ConvscopeError(f"model {cfg.model!r} takes {model.input_size} px images but the data set has "
+                                 f"{splits.train.image_size} px; pass image_size={model.input_size}")
+        model.normalize.mean.copy_(mean)
+        model.normalize.std.copy_(std)
+    return model
+
+
+def load_data(cfg: TrainConfig) -> Splits:
+    return load_splits(cfg.data, root=cfg.data_root, size=cfg.image_size, seed=cfg.seed, n_train=cfg.n_train,
+                       n_val=cfg.n_val, n_test=cfg.n_test, classes=cfg.classes)
+
+
+def train(cfg: TrainConfig, run_dir: str | Path, splits: Splits | None = None,
+          progress: bool | None = None) -> TrainResult:
+    """Train ``cfg.model`` on ``cfg.data`` into ``run_dir``, resuming if the directory holds this run already.
+
+    ``progress=None`` shows a progress bar only on a terminal. A finished run is loaded, not retrained.
+    """
+    run_dir = Path(run_dir)
+    cfg.validate()
+    splits = splits or load_data(cfg)
+    resuming = prepare_run(run_dir, cfg)
+    classes = splits.train.classes
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_model(cfg, splits).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    params = [{"params": [p for n, p in model.named_parameters() if not n.endswith("bias")]},
+              {"params": [p for n, p in model.named_parameters() if n.endswith("bias")], "weight_decay": 0.0}]
+    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=cfg.lr_factor,
+                                                           patience=cfg.patience)
+    metrics: list[dict[str, float]] = []
+    start = 0
+    state_path = run_dir / STATE
+    if resuming and state_path.is_file():
+        state = load_state(state_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        metrics, start = list(state["metrics"]), int(state["epoch"])
+    if cfg.renorm and start == 0:
+        renormalize_filters_(model, cfg.renorm_radius)
+
+    train_set, n = splits.train, len(splits.train)
+    steps = math.ceil(n / cfg.batch_size)
+    for epoch in range(start + 1, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        g = torch.Generator().manual_seed(_seeded(cfg.seed, epoch))
+        torch.manual_seed(_seeded(cfg.seed, epoch) + 1)  # dropout
+        order = torch.randperm(n, generator=g)
+        model.train()
+        seen = wrong = 0
+        loss_sum = 0.0
+        bar = tqdm(range(steps), desc=f"epoch {epoch}/{cfg.epochs}", disable=None if progress is None else not
+                   progress, leave=False, unit="batch")
+        for step in bar:
+            x, y = train_set.batch(order[step * cfg.batch_size:(step + 1) * cfg.batch_size])
+            x = random_crop_flip(x, cfg.crop_pad, g) if (cfg.crop_pad or cfg.flip) else x
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with _autocast(device):
+                logits = model(x).float()
+            loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if cfg.renorm:
+                renormalize_filters_(model, cfg.renorm_radius)
+            seen += len(y)
+            wrong += (logits.argmax(1) != y).sum().item()
+            loss_sum += loss.item() * len(y)
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", err=f"{wrong / seen:.3f}")
+        if not math.isfinite(loss_sum):
+            raise ConvscopeError(f"training diverged at epoch {epoch} (loss is {loss_sum}); lower lr")
+        val = evaluate(model, splits.val)
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step(val["top1_err"])
+        metrics.append({"epoch": epoch, "lr": lr, "train_loss": loss_sum / seen, "train_top1_err": wrong / seen,
+                        "val_loss": val["loss"], "val_top1_err": val["top1_err"], "val_top5_err": val["top5_err"],
+                        "seconds": time.perf_counter() - t0})
+        # metrics and epoch weights first, the state last: the state is the commit point a resume starts from
+        artifacts.write_json(run_dir / METRICS, metrics)
+        if epoch in cfg.save_epochs:
+            save_weights(epoch_checkpoint(run_dir, epoch), model, cfg.to_dict(), epoch, len(classes), classes)
+        save_state(state_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                "scheduler": scheduler.state_dict(), "metrics": metrics, "epoch": epoch})
+    final = run_dir / FINAL
+    if not final.is_file():
+        save_weights(final, model, cfg.to_dict(), cfg.epochs, len(classes), classes)
+        artifacts.write_json(run_dir / TEST, evaluate(model, splits.test))
+    test = json.loads((run_dir / TEST).read_text())
+    return TrainResult(run_dir, model.eval(), classes, metrics, test)
+
+
+def run_summary(metrics: list[dict[str, Any]], test: dict[str, float]) -> str:
+    last = metrics[-1] if metrics else {}
+    return (f"{len(metrics)} epochs, {sum(m['seconds'] for m in metrics):.0f} s; "
+            f"val top-1 error {last.get('val_top1_err', float('nan')):.3f}; "
+            f"test top-1 accuracy {1 - test['top1_err']:.3f}, top-5 error {test['top5_err']:.3f}")
