@@ -88,12 +88,18 @@ def load_splits(name: str = "synthetic", root: str | Path | None = None, size: i
             splits = Splits(train_full.subset(train), train_full.subset(val), test)
         if size and name == "cifar10" and size != splits.train.image_size:
             splits = Splits(*(resized(s, size) for s in (splits.train, splits.val, splits.test)))
-        splits = Splits(*(s if n is None else s.subset(torch.arange(min(n, len(s))))
+        splits = Splits(*(s if n is None else s.subset(_sample(len(s), n, seed))
                           for s, n in ((splits.train, n_train), (splits.val, n_val), (splits.test, n_test))))
     for split in ("train", "val", "test"):
         if len(getattr(splits, split)) == 0:
             raise ConvscopeError(f"the {split} split of data set {name!r} is empty")
     return splits
+
+
+def _sample(total: int, n: int, seed: int) -> torch.Tensor:
+    """A seeded random subset of n indices, in order (sets on disk are often sorted by class)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.sort(torch.randperm(total, generator=g)[:n]).values
 
 
 def resized(data: ImageSet, size: int) -> ImageSet:

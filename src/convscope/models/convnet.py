@@ -18,6 +18,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConvscopeError
@@ -63,8 +64,21 @@ def _pool() -> nn.MaxPool2d:
     return nn.MaxPool2d(3, stride=2, ceil_mode=True)
 
 
+class ContrastNorm(nn.LocalResponseNorm):
+    """``nn.LocalResponseNorm`` computed with shifted sums over channels instead of a 3-D average pool: the same
+    numbers (to float rounding), about twice as fast forward and backward on the CPU."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c, n = x.shape[1], self.size
+        sq = F.pad(x * x, (0, 0, 0, 0, n // 2, (n - 1) // 2))
+        total = sq[:, :c]
+        for i in range(1, n):
+            total = total + sq[:, i:i + c]
+        return x / (self.k + self.alpha / n * total).pow(self.beta)
+
+
 def _norm() -> nn.LocalResponseNorm:
-    return nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=2.0)
+    return ContrastNorm(5, alpha=1e-4, beta=0.75, k=2.0)
 
 
 def _conv_out(n: int, k: int, s: int, p: int) -> int:

@@ -1,0 +1,65 @@
+"""The command line wires the library: exit status 2 and a clear message for bad input, nothing overwritten."""
+
+import json
+
+from click.testing import CliRunner
+
+from convscope.cli import main
+
+
+def _run(*args):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def test_models_lists_every_model_with_its_layers():
+    r = _run("models")
+    assert r.exit_code == 0
+    for name in ("zfnet", "alexnet", "zfnet_small", "alexnet_small", "vgg16"):
+        assert name in r.output
+    assert "conv1, conv2, conv3, conv4, conv5, fc6, fc7" in r.output
+
+
+def test_unknown_model_and_data_names_list_the_valid_ones(tmp_path):
+    r = _run("train", "--model", "resnet", "--out", str(tmp_path / "r"))
+    assert r.exit_code == 2
+    assert "unknown model 'resnet'; valid models: alexnet, alexnet_small, vgg16, zfnet, zfnet_small" in r.output
+    r = _run("train", "--data", "imagenet", "--out", str(tmp_path / "r"))
+    assert r.exit_code == 2 and "valid data sets: synthetic, cifar10, digits, folder" in r.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_missing_paths_exit_2(tmp_path):
+    r = _run("train", "--data", "cifar10", "--data-root", str(tmp_path / "nope"), "--out", str(tmp_path / "r"))
+    assert r.exit_code == 2 and "does not exist" in r.output
+    r = _run("train", "--config", str(tmp_path / "missing.toml"), "--out", str(tmp_path / "r"))
+    assert r.exit_code == 2 and "config file" in r.output and "does not exist" in r.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_config_file_then_cli_overrides(tmp_path):
+    from convscope.config import resolve
+
+    cfg_file = tmp_path / "c.toml"
+    cfg_file.write_text('model = "alexnet_small"\nepochs = 7\nlr = 0.02\n')
+    cfg = resolve(cfg_file, epochs=3, lr=None)
+    assert (cfg.model, cfg.epochs, cfg.lr, cfg.batch_size) == ("alexnet_small", 3, 0.02, 128)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"epochz": 3}))
+    r = _run("train", "--config", str(bad), "--out", str(tmp_path / "r"))
+    assert r.exit_code == 2 and "unknown config keys ['epochz']" in r.output
+
+
+def test_train_into_a_foreign_run_directory_exits_2_and_keeps_it(tmp_path):
+    run = tmp_path / "run"
+    args = ["train", "--data", "digits", "--image-size", "64", "--n-train", "64", "--epochs", "1", "--out", str(run)]
+    assert _run(*args).exit_code == 0
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    r = _run(*args[:-2], "--lr", "0.5", "--out", str(run))
+    assert r.exit_code == 2 and "already holds a different run (lr: 0.01 there, 0.5 asked)" in r.output
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    # a damaged state file is reported with exit 2 and left as found
+    state = run / "state.pt"
+    state.write_bytes(before[state][:50])
+    r = _run(*args)
+    assert r.exit_code == 2 and "training state" in r.output and "corrupt or truncated" in r.output
+    assert state.read_bytes() == before[state][:50]

@@ -1,0 +1,156 @@
+"""Training: the paper's filter renormalisation, resume after SIGKILL, checkpoints, refusing foreign run dirs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import convscope as cs
+from convscope.checkpoint import load_model, read_weights
+from convscope.config import TrainConfig
+from convscope.train import epoch_checkpoint, renormalize_filters_, train
+
+# digits (scikit-learn's, bundled) at 64 px: real data, small and fast
+TINY = dict(data="digits", image_size=64, n_train=384, n_val=64, n_test=128, batch_size=32, epochs=3)
+
+
+def _conv_rms(model):
+    return {n: m.weight.flatten(1).pow(2).mean(1).sqrt() for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Conv2d)}
+
+
+def test_renormalisation_caps_filter_rms_and_leaves_small_filters_alone():
+    torch.manual_seed(0)
+    model = cs.create_model("zfnet_small", 10)
+    conv = model.features.conv2
+    with torch.no_grad():
+        conv.weight.mul_(0.0).add_(0.02)  # RMS 0.02: under the radius
+        conv.weight[3].fill_(0.5)  # RMS 0.5: five times over
+    before = conv.weight.clone()
+    renormalize_filters_(model, 0.1)
+    rms = _conv_rms(model)["features.conv2"]
+    assert rms[3].item() == pytest.approx(0.1, rel=1e-5)
+    assert torch.equal(conv.weight[torch.arange(64) != 3], before[torch.arange(64) != 3])
+    torch.testing.assert_close(conv.weight[3], before[3] / 5)  # rescaled, direction kept
+
+
+def test_no_filter_rms_above_radius_after_training_steps(tmp_path):
+    cfg = TrainConfig(**{**TINY, "epochs": 1, "n_train": 96, "lr": 0.05})
+    result = train(cfg, tmp_path / "run", progress=False)
+    for name, rms in _conv_rms(result.model).items():
+        assert rms.max().item() <= 0.1 + 1e-6, name
+    # and without it, the same steps push layer-1 filters past the radius (what Fig. 6a shows)
+    cfg_off = TrainConfig(**{**TINY, "epochs": 1, "n_train": 96, "lr": 0.05, "renorm": False})
+    off = train(cfg_off, tmp_path / "off", progress=False)
+    assert _conv_rms(off.model)["features.conv1"].max().item() > 0.1
+
+
+def _cli(run_dir, **kw):
+    args = [sys.executable, "-m", "convscope", "train", "--out", str(run_dir)]
+    for k, v in kw.items():
+        args += [f"--{k.replace('_', '-')}", str(v)]
+    return args
+
+
+def _weights(path):
+    return read_weights(path)[0]
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path):
+    kw = dict(data="digits", image_size=64, n_train=1024, batch_size=16, epochs=3, seed=3)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    whole = subprocess.run(_cli(tmp_path / "whole", **kw), env=env, capture_output=True, text=True)
+    assert whole.returncode == 0, whole.stderr
+
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(run, **kw), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = run / "metrics.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.is_file() and len(json.loads(metrics.read_text())) == 1):
+        time.sleep(0.05)
+    seconds = json.loads(metrics.read_text())[0]["seconds"]
+    time.sleep(seconds / 2)  # half way through epoch 2
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "model.safetensors").exists(), "the run finished before it was killed"
+    assert len(json.loads(metrics.read_text())) < 3
+
+    resumed = subprocess.run(_cli(run, **kw), env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = _weights(tmp_path / "whole" / "model.safetensors"), _weights(run / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert json.loads((run / "metrics.json").read_text())[-1]["val_top1_err"] == \
+        json.loads((tmp_path / "whole" / "metrics.json").read_text())[-1]["val_top1_err"]
+
+
+def test_run_directory_holds_checkpoints_metrics_and_reloads(tmp_path):
+    cfg = TrainConfig(**TINY)
+    result = train(cfg, tmp_path / "run", progress=False)
+    run = tmp_path / "run"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert [m["epoch"] for m in metrics] == [1, 2, 3]
+    assert all(0 <= m["val_top1_err"] <= 1 and m["val_top5_err"] <= m["val_top1_err"] for m in metrics)
+    assert metrics[0]["lr"] == 0.01
+    # paper epochs within the run: 1 and 2; plus the final weights
+    assert epoch_checkpoint(run, 1).is_file() and epoch_checkpoint(run, 2).is_file()
+    assert not epoch_checkpoint(run, 3).exists()
+    model, info = load_model(run / "model.safetensors")
+    assert info["epoch"] == 3 and info["classes"] == [str(i) for i in range(10)]
+    assert info["config"]["model"] == "zfnet_small"
+    x = torch.rand(4, 3, 64, 64)
+    torch.testing.assert_close(model(x), result.model.eval()(x))
+    # the data mean went into the model: normalised inputs have mean ~0 on training images
+    assert model.normalize.std.item() > 0.05 and model.normalize.mean.abs().sum() > 0
+    # a finished run is loaded, not retrained
+    mtime = (run / "state.pt").stat().st_mtime_ns
+    again = train(cfg, run, progress=False)
+    assert (run / "state.pt").stat().st_mtime_ns == mtime and again.test == result.test
+    # same seed, same numbers; another seed, others
+    twin = train(cfg, tmp_path / "twin", progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(twin.model.state_dict().values(), result.model.state_dict().values()))
+    other = train(TrainConfig(**{**TINY, "seed": 1, "epochs": 1}), tmp_path / "other", progress=False)
+    assert not torch.equal(other.model.features.conv1.weight, result.model.features.conv1.weight)
+
+
+def test_refuses_a_directory_holding_another_run_and_overwrites_nothing(tmp_path):
+    run = tmp_path / "run"
+    train(TrainConfig(**{**TINY, "epochs": 1, "n_train": 64}), run, progress=False)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(cs.ConvscopeError, match=r"already holds a different run \(epochs: 1 there, 2 asked\)"):
+        train(TrainConfig(**{**TINY, "epochs": 2, "n_train": 64}), run, progress=False)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "notes.txt").write_text("mine")
+    with pytest.raises(cs.ConvscopeError, match="not an empty directory or a convscope run"):
+        train(TrainConfig(**{**TINY, "epochs": 1, "n_train": 64}), junk, progress=False)
+    assert (junk / "notes.txt").read_text() == "mine" and len(list(junk.iterdir())) == 1
+
+
+def test_corrupt_and_truncated_checkpoints_are_refused(tmp_path):
+    run = tmp_path / "run"
+    train(TrainConfig(**{**TINY, "epochs": 1, "n_train": 64}), run, progress=False)
+    good = (run / "model.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(good[: len(good) // 2])
+    with pytest.raises(cs.ConvscopeError, match="corrupt or truncated"):
+        load_model(tmp_path / "cut.safetensors")
+    (tmp_path / "noise.safetensors").write_bytes(os.urandom(1000))
+    with pytest.raises(cs.ConvscopeError, match="corrupt or truncated"):
+        load_model(tmp_path / "noise.safetensors")
+    with pytest.raises(cs.ConvscopeError, match="does not exist"):
+        load_model(tmp_path / "missing.safetensors")
+    state = (run / "state.pt").read_bytes()
+    (run / "state.pt").write_bytes(state[:100])
+    with pytest.raises(cs.ConvscopeError, match="training state .* is corrupt"):
+        train(TrainConfig(**{**TINY, "epochs": 1, "n_train": 64}), run, progress=False)
+    assert (run / "state.pt").read_bytes() == state[:100]  # left as found, for the user to inspect
+    assert Path(run / "model.safetensors").read_bytes() == good
