@@ -24,11 +24,18 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode a plain open() would
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -57,11 +64,12 @@ def save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], 
     return write_bytes(path, save(tensors, metadata=metadata))
 
 
-def save_npz(path: str | os.PathLike, **arrays) -> Path:
+def save_npz(path: str | os.PathLike, compress: bool = True, **arrays) -> Path:
+    """Arrays as ``.npz``; ``compress=False`` for data that does not compress (noise) and is written often."""
     import numpy as np
 
     buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)
+    (np.savez_compressed if compress else np.savez)(buf, **arrays)
     return write_bytes(path, buf.getvalue())
 
 
