@@ -1,9 +1,15 @@
 """convscope: see inside convolutional networks (Zeiler & Fergus, ECCV 2014)."""
 
+from .deconvnet import RULES, Projector
 from .errors import ConvscopeError
+from .imaging import make_grid, to_image
 from .layers import layer_names, resolve_layer
 from .models import create_model, list_models
+from .receptive_field import Box, receptive_field
 
 __version__ = "0.1.0"
 
-__all__ = ["ConvscopeError", "__version__", "create_model", "layer_names", "list_models", "resolve_layer"]
+__all__ = [
+    "RULES", "Box", "ConvscopeError", "Projector", "__version__", "create_model", "layer_names", "list_models",
+    "make_grid", "receptive_field", "resolve_layer", "to_image",
+]
