@@ -1,0 +1,220 @@
+"""The data-set scan of paper Fig. 2: for every feature map of some layers, its k strongest activations over a
+data set, each from a distinct image.
+
+Per image and channel only the strongest activation counts (the paper's "top 9 activations across the
+validation set", 9 distinct images): its value, the image index and its position (row, col; the first in
+row-major order when a map has ties). Across images, entries are ordered by value, ties by the lower image
+index. That order is total, so the selection is a pure function of the candidates: :func:`scan_shard` maps a
+shard of the data to a partial :class:`TopK` and :func:`merge` combines partials of disjoint shards into
+exactly the single-pass result, however the data was split. Memory grows with layers x channels x k, never
+with the data set. :func:`scan` saves its partial result as it goes and resumes from it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import artifacts
+from .errors import ConvscopeError
+from .layers import resolve_layer
+
+
+@dataclass
+class TopK:
+    """Per layer: ``values`` (C, k) float32 (-inf where fewer than k images were seen), ``images`` (C, k) int64
+    data-set indices (-1 where empty), ``positions`` (C, k, 2) int64 (row, col); fully connected layers have
+    position (0, 0). ``seen`` counts the images scanned."""
+
+    k: int
+    values: dict[str, torch.Tensor]
+    images: dict[str, torch.Tensor]
+    positions: dict[str, torch.Tensor]
+    seen: int = 0
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.values)
+
+
+def _select(values: torch.Tensor, images: torch.Tensor, positions: torch.Tensor, k: int):
+    """The first k candidates per channel by (value descending, image index ascending)."""
+    by_index = images.argsort(dim=1, stable=True)
+    values, images = values.gather(1, by_index), images.gather(1, by_index)
+    positions = positions.gather(1, by_index[..., None].expand(-1, -1, 2))
+    order = values.argsort(dim=1, descending=True, stable=True)[:, :k]
+    return values.gather(1, order), images.gather(1, order), positions.gather(1, order[..., None].expand(-1, -1, 2))
+
+
+def empty(k: int, channels: dict[str, int]) -> TopK:
+    """A TopK with no image seen yet."""
+    return TopK(k, {n: torch.full((c, k), float("-inf")) for n, c in channels.items()},
+                {n: torch.full((c, k), -1, dtype=torch.long) for n, c in channels.items()},
+                {n: torch.zeros((c, k, 2), dtype=torch.long) for n, c in channels.items()})
+
+
+def from_activations(activations: dict[str, torch.Tensor], index: torch.Tensor, k: int) -> TopK:
+    """The partial TopK of one batch: each image's strongest activation per channel, then the k best."""
+    out = empty(k, {})
+    for name, act in activations.items():
+        act = act.detach().float().cpu()
+        n, c = act.shape[:2]
+        flat = act.reshape(n, c, -1)
+        best, where = flat.max(dim=2)  # first maximum in row-major order
+        width = act.shape[-1] if act.dim() == 4 else 1
+        pos = torch.stack([where // width, where % width], dim=-1) if act.dim() == 4 else torch.zeros(n, c, 2).long()
+        v, i, p = _select(best.T.contiguous(), index.long().expand(c, n).contiguous(), pos.transpose(0, 1), k)
+        out.values[name], out.images[name], out.positions[name] = _pad(v, i, p, k)
+    out.seen = len(index)
+    return out
+
+
+def _pad(v, i, p, k):
+    missing = k - v.shape[1]
+    if missing <= 0:
+        return v, i, p
+    c = v.shape[0]
+    return (torch.cat([v, torch.full((c, missing), float("-inf"))], 1),
+            torch.cat([i, torch.full((c, missing), -1, dtype=torch.long)], 1),
+            torch.cat([p, torch.zeros((c, missing, 2), dtype=torch.long)], 1))
+
+
+def merge(parts: Iterable[TopK]) -> TopK:
+    """Combine partial results of disjoint shards: equal to scanning all their images in one pass."""
+    parts = list(parts)
+    if not parts:
+        raise ConvscopeError("nothing to merge: no partial scans given")
+    k, layers = parts[0].k, parts[0].layers
+    for p in parts[1:]:
+        if p.k != k or p.layers != layers:
+            raise ConvscopeError(f"cannot merge scans of different k or layers ({p.k}, {p.layers} vs {k}, {layers})")
+    out = empty(k, {})
+    for name in layers:
+        v, i, p = _select(torch.cat([q.values[name] for q in parts], 1), torch.cat([q.images[name] for q in parts], 1),
+                          torch.cat([q.positions[name] for q in parts], 1), k)
+        out.values[name], out.images[name], out.positions[name] = v, i, p
+    out.seen = sum(p.seen for p in parts)
+    return out
+
+
+def _capture(model: nn.Module, modules: dict[str, nn.Module], x: torch.Tensor) -> dict[str, torch.Tensor]:
+    from .deconvnet import run_to_all
+
+    return dict(zip(modules, run_to_all(model, list(modules.values()), x)))
+
+
+def _check(data, layers: Sequence[str], k: int) -> None:
+    if len(data) == 0:
+        raise ConvscopeError("the data set is empty: nothing to scan")
+    if k < 1:
+        raise ConvscopeError(f"k must be at least 1, got {k}")
+    if k > len(data):
+        raise ConvscopeError(f"k={k} is larger than the data set ({len(data)} images): ask for at most {len(data)}")
+    if not layers:
+        raise ConvscopeError("no layers to scan")
+
+
+def scan_shard(model: nn.Module, data, indices: torch.Tensor | Sequence[int], layers: Sequence[str], k: int = 9,
+               batch_size: int = 128, progress: bool | None = False) -> TopK:
+    """Scan the images ``indices`` of ``data`` (an ImageSet or any data set of (image, label)): a partial TopK."""
+    indices = torch.as_tensor(indices, dtype=torch.long)
+    modules = {layer: resolve_layer(model, layer)[1] for layer in layers}
+    device = next(model.parameters()).device
+    parts: list[TopK] = []
+    result = None
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for start in tqdm(range(0, len(indices), batch_size), disable=None if progress is None else not progress,
+                              desc="scan", unit="batch", leave=False):
+                idx = indices[start:start + batch_size]
+                x = _images(data, idx).to(device)
+                parts.append(from_activations(_capture(model, modules, x), idx, k))
+                if len(parts) == 8:  # bounded memory: fold partials as we go
+                    parts = [merge(parts)]
+        result = merge(parts) if parts else _empty_for(model, modules, data, k)
+    finally:
+        model.train(was_training)
+    return result
+
+
+def _images(data, idx: torch.Tensor) -> torch.Tensor:
+    if hasattr(data, "batch"):
+        return data.batch(idx)[0]
+    return torch.stack([data[int(i)][0] for i in idx])
+
+
+def _empty_for(model, modules, data, k) -> TopK:
+    x = _images(data, torch.tensor([0]))
+    with torch.inference_mode():
+        acts = _capture(model, modules, x.to(next(model.parameters()).device))
+    return empty(k, {n: a.shape[1] for n, a in acts.items()})
+
+
+def scan(model: nn.Module, data, layers: Sequence[str], k: int = 9, batch_size: int = 128,
+         state_path: str | Path | None = None, save_every: int = 20, progress: bool | None = None) -> TopK:
+    """Scan a whole data set. With ``state_path``, the partial result is saved every ``save_every`` batches and an
+    interrupted scan resumes from it, ending with the same result as an uninterrupted one."""
+    _check(data, layers, k)
+    n = len(data)
+    chunk = batch_size * save_every
+    done, partial = 0, None
+    key = {"layers": list(layers), "k": k, "n": n, "batch_size": batch_size}
+    if state_path is not None and Path(state_path).is_file():
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        if state.get("key") != key:
+            raise ConvscopeError(f"{str(state_path)!r} holds another scan ({state.get('key')}); delete it or "
+                                 "choose another run")
+        done, partial = state["done"], _from_state(state["topk"])
+    bar = tqdm(total=n, initial=done, disable=None if progress is None else not progress, desc="scan", unit="img")
+    while done < n:
+        stop = min(done + chunk, n)
+        part = scan_shard(model, data, torch.arange(done, stop), layers, k, batch_size)
+        partial = part if partial is None else merge([partial, part])
+        done = stop
+        bar.update(stop - bar.n)
+        if state_path is not None:
+            artifacts.save_torch(state_path, {"key": key, "done": done, "topk": _to_state(partial)})
+    bar.close()
+    return partial
+
+
+def _to_state(t: TopK) -> dict:
+    return {"k": t.k, "seen": t.seen, "values": t.values, "images": t.images, "positions": t.positions}
+
+
+def _from_state(d: dict) -> TopK:
+    return TopK(d["k"], dict(d["values"]), dict(d["images"]), dict(d["positions"]), d["seen"])
+
+
+def save_topk(path: str | Path, topk: TopK, meta: dict | None = None) -> Path:
+    """Write a TopK as safetensors (tensors ``<layer>/values|images|positions``) with JSON metadata."""
+    tensors = {}
+    for name in topk.layers:
+        tensors[f"{name}/values"] = topk.values[name]
+        tensors[f"{name}/images"] = topk.images[name]
+        tensors[f"{name}/positions"] = topk.positions[name]
+    info = {"k": topk.k, "seen": topk.seen, "layers": topk.layers, **(meta or {})}
+    return artifacts.save_safetensors(path, tensors, {"convscope_topk": json.dumps(info)})
+
+
+def load_topk(path: str | Path) -> tuple[TopK, dict]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            info = json.loads((f.metadata() or {})["convscope_topk"])
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except (OSError, KeyError, ValueError, SafetensorError) as e:
+        raise ConvscopeError(f"{str(path)!r} is not a readable convscope scan ({e}); run `convscope scan` again") from e
+    layers = info["layers"]
+    topk = TopK(info["k"], {n: tensors[f"{n}/values"] for n in layers}, {n: tensors[f"{n}/images"] for n in layers},
+                {n: tensors[f"{n}/positions"] for n in layers}, info["seen"])
+    return topk, info
