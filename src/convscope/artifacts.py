@@ -92,3 +92,8 @@ def save_figure(path: str | os.PathLike, fig, dpi: int = 100) -> Path:
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     plt.close(fig)
     return write_bytes(path, buf.getvalue())
+
+
+def remove(path: str | os.PathLike) -> None:
+    """Delete a file convscope wrote (a finished scan's resume state, say); no error if it is gone."""
+    Path(path).unlink(missing_ok=True)

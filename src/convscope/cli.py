@@ -130,3 +130,47 @@ def demo(out: str, quick: bool) -> None:
     result = run_train(cfg, out)
     click.echo(f"zfnet_small on synthetic: {run_summary(result.metrics, result.test)}")
     click.echo(f"run directory: {Path(out).resolve()}")
+
+
+def _layers(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+_run_arg = click.argument("run", type=click.Path(file_okay=False))
+_layers_opt = click.option("--layers", default=None,
+                           help="Comma-separated layer names (paper names or module names). [conv1..conv5]")
+_rule_opt = click.option("--rule", default="deconvnet", show_default=True,
+                         help="Projection rule: deconvnet (the paper), guided, gradient.")
+
+
+@main.command()
+@_run_arg
+@_layers_opt
+@click.option("--k", default=9, show_default=True, help="Strongest activations kept per feature map.")
+@click.option("--split", default="val", show_default=True, help="Data split to scan (train, val, test).")
+@click.option("--units", default=16, show_default=True, help="Units per layer to draw (a seeded subset); 0 = all.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the unit subset.")
+@_rule_opt
+def scan(run: str, layers: str | None, k: int, split: str, units: int, seed: int, rule: str) -> None:
+    """Fig. 2: the top-k activations of every feature map over a data split, projected beside their patches.
+
+    Resumes an interrupted scan. Writes RUN/scan/topk.safetensors and RUN/figures/fig2_<layer>.png."""
+    from .runs import open_run, scan_run
+
+    paths = scan_run(open_run(run), _layers(layers), k=k, split=split, units=units or None, seed=seed, rule=rule)
+    click.echo(f"wrote {len(paths)} files; layer grids: " + ", ".join(str(p) for p in paths if "fig2_" in p.name))
+
+
+@main.command()
+@_run_arg
+@_layers_opt
+@click.option("--units", default=8, show_default=True, help="Units per layer (a seeded subset).")
+@click.option("--n-images", default=2000, show_default=True, help="Training images searched at each epoch.")
+@click.option("--seed", default=0, show_default=True)
+@_rule_opt
+def evolution(run: str, layers: str | None, units: int, n_images: int, seed: int, rule: str) -> None:
+    """Fig. 4: each unit's strongest activation at every saved epoch, projected (units down, epochs across)."""
+    from .runs import evolution_run, open_run
+
+    paths = evolution_run(open_run(run), _layers(layers), units=units, n_images=n_images, seed=seed, rule=rule)
+    click.echo("wrote " + ", ".join(str(p) for p in paths))

@@ -61,4 +61,14 @@ def make_grid(
     return grid
 
 
-__all__ = ["make_grid", "pil_to_tensor", "tensor_to_pil", "to_image"]
+def upscale(tile: np.ndarray, min_side: int) -> np.ndarray:
+    """Enlarge a small uint8 (H, W, 3) tile by an integer factor (nearest neighbour, pixels stay crisp) until its
+    shorter side is at least ``min_side``."""
+    factor = max(1, -(-min_side // max(1, min(tile.shape[:2]))))
+    if factor == 1:
+        return tile
+    return np.asarray(Image.fromarray(tile).resize((tile.shape[1] * factor, tile.shape[0] * factor),
+                                                   Image.Resampling.NEAREST))
+
+
+__all__ = ["make_grid", "upscale", "pil_to_tensor", "tensor_to_pil", "to_image"]

@@ -17,13 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
 from . import artifacts
 from .deconvnet import Projector, eval_mode, run_to
 from .errors import ConvscopeError
-from .imaging import make_grid, to_image
+from .imaging import make_grid, to_image, upscale
 from .layers import resolve_layer
 from .receptive_field import receptive_field
 from .topk import TopK
@@ -103,21 +102,13 @@ def unit_views(model: nn.Module, data, topk: TopK, layer: str, units=None, rule:
                      torch.stack(projections).view(shape), torch.stack(patches).view(shape))
 
 
-def _upscale(tile: np.ndarray, min_side: int) -> np.ndarray:
-    factor = max(1, math.ceil(min_side / max(1, min(tile.shape[:2]))))
-    if factor == 1:
-        return tile
-    return np.asarray(Image.fromarray(tile).resize((tile.shape[1] * factor, tile.shape[0] * factor),
-                                                   Image.Resampling.NEAREST))
-
-
 def unit_tile(views: UnitViews, u: int, min_side: int = 40) -> np.ndarray:
     """One unit as the paper shows it: its top-9 projections (3x3, each contrast-normalised on its own, grey =
     0) beside the 3x3 image patches. uint8 (H, W, 3)."""
     k = views.projections.shape[1]
     nrow = math.ceil(math.sqrt(k))
-    proj = [_upscale(im, min_side) for im in to_image(views.projections[u])]
-    patch = [_upscale(im, min_side) for im in
+    proj = [upscale(im, min_side) for im in to_image(views.projections[u])]
+    patch = [upscale(im, min_side) for im in
              (views.patches[u].clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()]
     left, right = make_grid(proj, nrow=nrow, pad=1), make_grid(patch, nrow=nrow, pad=1)
     gap = np.full((left.shape[0], 4, 3), 255, np.uint8)
@@ -138,3 +129,26 @@ def save_views(out_dir: str | Path, views: UnitViews, ncol: int = 4) -> list[Pat
         paths.append(artifacts.save_image(out_dir / "units" / views.layer / f"unit_{unit:04d}.png",
                                           unit_tile(views, u)))
     return paths
+
+
+def class_agreement(topk: TopK, labels: torch.Tensor, layer: str) -> tuple[float, float]:
+    """How often two of a unit's top-k images share a class, averaged over units, and what chance gives (the
+    same for labels drawn at random with the data set's class frequencies). Fig. 2's claim that upper-layer
+    units are class-specific, as a number."""
+    idx = topk.images[layer]
+    lab = labels[idx.clamp_min(0)]
+    k = idx.shape[1]
+    same = (lab[:, :, None] == lab[:, None, :]).float().sum((1, 2)) - k
+    agreement = (same / (k * (k - 1))).mean().item()
+    freq = torch.bincount(labels).double() / len(labels)
+    return agreement, float((freq * freq).sum())
+
+
+def mask_energy(projections: torch.Tensor, masks: torch.Tensor) -> tuple[float, float]:
+    """The share of projection energy (sum of squares over channels) that falls inside the object masks, and
+    the masks' share of the image: projections (N, 3, H, W), masks (N, H, W) bool. The deconvnet should show
+    the discriminative structure, so on the synthetic data its energy should lie on the object."""
+    energy = projections.detach().float().pow(2).sum(1)
+    inside = (energy * masks).sum((1, 2)) / energy.sum((1, 2)).clamp_min(1e-30)
+    alive = energy.sum((1, 2)) > 0
+    return inside[alive].mean().item(), masks.float().mean().item()

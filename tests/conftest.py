@@ -1,0 +1,34 @@
+"""Shared fixtures. ``trained_run``: zfnet_small trained on the embedded synthetic data with the paper's recipe,
+once per test session (about two minutes on two cores), kept in pytest's cache folder so that a later local
+session reuses it (training loads a finished run instead of retraining it). The paper's properties are
+checked on it."""
+
+import os
+
+import pytest
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+TRAINED = dict(model="zfnet_small", data="synthetic", epochs=20, n_val=1000, n_test=1000)
+
+
+@pytest.fixture(scope="session")
+def trained_run(request):
+    import hashlib
+    import json
+
+    from convscope.config import TrainConfig
+    from convscope.runs import open_run
+    from convscope.train import train
+
+    folder = request.config.cache.mkdir("convscope-trained")
+    key = hashlib.sha1(json.dumps(TRAINED, sort_keys=True).encode()).hexdigest()[:10]
+    run_dir = folder / f"zfnet_small-synthetic-{key}"
+    train(TrainConfig(**TRAINED), run_dir, progress=False)
+    return open_run(run_dir)
+
+
+@pytest.fixture(scope="session")
+def trained_zf(trained_run):
+    """(model, test set) of the trained run."""
+    return trained_run.model, trained_run.split("test")

@@ -1,0 +1,38 @@
+"""Fig. 4: each unit's strongest training activation at every saved epoch, projected."""
+
+import pytest
+import torch
+
+import convscope as cs
+from convscope.data import ImageSet
+from convscope.evolution import evolution, evolution_grid, save_evolution
+from convscope.topk import scan
+
+
+def test_evolution_tracks_the_strongest_activation_at_each_epoch(tmp_path):
+    torch.manual_seed(0)
+    early = cs.create_model("zfnet_small", 3)
+    late = cs.create_model("zfnet_small", 3)
+    data = ImageSet((torch.rand(20, 3, 64, 64) * 255).to(torch.uint8), torch.arange(20) % 3, ["a", "b", "c"])
+    units = {"conv1": torch.tensor([0, 5]), "conv5": torch.tensor([2, 9, 30])}
+    ev = evolution({1: early, 5: late, 2: early}, data, units)
+    assert ev["conv5"].epochs == [1, 2, 5]
+    for layer, u in units.items():
+        e = ev[layer]
+        assert e.projections.shape[:2] == (3, len(u))
+        # the same weights at epochs 1 and 2: the same pictures
+        assert torch.equal(e.projections[0], e.projections[1]) and torch.equal(e.images[0], e.images[1])
+        for epoch_i, model in ((0, early), (2, late)):
+            ref = scan(model, data, [layer], k=1, progress=False)
+            assert e.images[epoch_i].tolist() == ref.images[layer][u, 0].tolist()
+            torch.testing.assert_close(e.values[epoch_i], ref.values[layer][u, 0])
+    assert not torch.equal(ev["conv5"].projections[0], ev["conv5"].projections[2])
+    grid = evolution_grid(ev["conv5"])  # conv5 sees the whole 64 px image: 64 px tiles, 3 units x 3 epochs
+    assert grid.shape == (2 + 3 * 66, 2 + 3 * 66, 3)
+    row, col = 1, 2  # unit 9 at epoch 5
+    tile = grid[2 + row * 66:2 + row * 66 + 64, 2 + col * 66:2 + col * 66 + 64]
+    assert (tile == cs.to_image(ev["conv5"].projections[col, row])).all()
+    paths = save_evolution(tmp_path, ev)
+    assert sorted(p.name for p in paths) == ["fig4.json", "fig4_conv1.png", "fig4_conv5.png"]
+    with pytest.raises(cs.ConvscopeError, match="no checkpoints"):
+        evolution({}, data, units)
