@@ -77,7 +77,7 @@ def _train_options(f):
         click.option("--model", default=None, help="Model name (see `convscope models`). [zfnet_small]"),
         click.option("--data", "data_name", default=None, help="Data set (see `convscope data list`). [synthetic]"),
         click.option("--data-root", default=None, type=click.Path(), help="Folder of cifar10 or folder data."),
-        click.option("--epochs", type=int, default=None, help="Epochs to train. [12]"),
+        click.option("--epochs", type=int, default=None, help="Epochs to train. [30]"),
         click.option("--batch-size", type=int, default=None, help="Batch size. [128]"),
         click.option("--lr", type=float, default=None, help="Initial learning rate. [0.01]"),
         click.option("--seed", type=int, default=None, help="Seed for every random choice. [0]"),

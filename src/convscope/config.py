@@ -34,7 +34,7 @@ class TrainConfig:
     n_val: int | None = None
     n_test: int | None = None
     model_options: dict[str, Any] = field(default_factory=dict)
-    epochs: int = 12
+    epochs: int = 30
     batch_size: int = 128
     lr: float = 1e-2
     momentum: float = 0.9
