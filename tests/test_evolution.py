@@ -33,6 +33,10 @@ def test_evolution_tracks_the_strongest_activation_at_each_epoch(tmp_path):
     tile = grid[2 + row * 66:2 + row * 66 + 64, 2 + col * 66:2 + col * 66 + 64]
     assert (tile == cs.to_image(ev["conv5"].projections[col, row])).all()
     paths = save_evolution(tmp_path, ev)
-    assert sorted(p.name for p in paths) == ["fig4.json", "fig4_conv1.png", "fig4_conv5.png"]
+    names = sorted(p.relative_to(tmp_path).as_posix() for p in paths)
+    assert names[-3:] == ["fig4.json", "fig4_conv1.png", "fig4_conv5.png"]
+    assert names[:5] == ["evolution/conv1/unit_0000.png", "evolution/conv1/unit_0005.png",
+                         "evolution/conv5/unit_0002.png", "evolution/conv5/unit_0009.png",
+                         "evolution/conv5/unit_0030.png"]
     with pytest.raises(cs.ConvscopeError, match="no checkpoints"):
         evolution({}, data, units)

@@ -64,10 +64,15 @@ def evolution_grid(ev: Evolution, min_side: int = 32) -> np.ndarray:
 
 
 def save_evolution(out_dir: str | Path, evolutions: dict[str, Evolution]) -> list[Path]:
-    """Write ``fig4_<layer>.png`` per layer and ``fig4.json`` (epochs, units, images, values)."""
+    """Write ``fig4_<layer>.png`` per layer, ``evolution/<layer>/unit_NNNN.png`` (one strip of epochs per unit)
+    and ``fig4.json`` (epochs, units, images, values)."""
     out_dir = Path(out_dir)
-    paths = [artifacts.save_image(out_dir / f"fig4_{layer}.png", evolution_grid(ev)) for layer, ev in
-             evolutions.items()]
+    paths = []
+    for layer, ev in evolutions.items():
+        paths.append(artifacts.save_image(out_dir / f"fig4_{layer}.png", evolution_grid(ev)))
+        for u, unit in enumerate(ev.units.tolist()):  # one strip per unit, for the viewer's unit pages
+            strip = make_grid([upscale(t, 32) for t in to_image(ev.projections[:, u])], nrow=len(ev.epochs), pad=2)
+            paths.append(artifacts.save_image(out_dir / "evolution" / layer / f"unit_{unit:04d}.png", strip))
     summary = {layer: {"epochs": ev.epochs, "units": ev.units.tolist(), "images": ev.images.tolist(),
                        "values": ev.values.tolist()} for layer, ev in evolutions.items()}
     paths.append(artifacts.write_json(out_dir / "fig4.json", summary))
