@@ -118,18 +118,15 @@ def train(out: str, **kw) -> None:
 
 @main.command()
 @click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False),
-              help="Run directory.")
-@click.option("--quick", is_flag=True, help="A small smoke run (a minute): fewer images and epochs.")
+              help="Run directory (an interrupted demo resumes).")
+@click.option("--quick", is_flag=True, help="A small smoke run (a minute or two): fewer images and epochs.")
 def demo(out: str, quick: bool) -> None:
-    """The whole paper on the embedded data: train zfnet_small with the paper's recipe and write the run."""
-    from .config import TrainConfig
-    from .train import run_summary
-    from .train import train as run_train
+    """The whole paper on the embedded data: train zfnet_small with the paper's recipe, run every analysis,
+    write the run directory."""
+    from .demo import run_demo
 
-    cfg = TrainConfig(n_train=2000, n_val=300, n_test=300, epochs=2) if quick else TrainConfig()
-    result = run_train(cfg, out)
-    click.echo(f"zfnet_small on synthetic: {run_summary(result.metrics, result.test)}")
-    click.echo(f"run directory: {Path(out).resolve()}")
+    path = run_demo(out, quick=quick, echo=click.echo)
+    click.echo(f"run directory: {path.resolve()}")
 
 
 def _layers(value: str | None) -> list[str] | None:

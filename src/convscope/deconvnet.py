@@ -220,14 +220,21 @@ def run_to(model: nn.Module, module: nn.Module, x: torch.Tensor, mode: TorchFunc
 
 
 def run_to_all(model: nn.Module, modules: Sequence[nn.Module], x: torch.Tensor,
-               mode: TorchFunctionMode | None = None) -> list[torch.Tensor]:
+               mode: TorchFunctionMode | None = None, keep=None) -> list:
     """Run ``model(x)`` until every module of ``modules`` has produced its output (its first call); return those
-    outputs in the order given. The rest of the network is not run."""
+    outputs in the order given. The rest of the network is not run.
+
+    ``keep(output)``, if given, is applied the moment each output appears and its result is kept instead: a
+    reduction there saves memory, and sees the value before a later in-place op (``ReLU(inplace=True)``) could
+    change it."""
     captured: dict[int, torch.Tensor] = {}
 
     def hook(i: int):
         def capture(_module, _inputs, output):
-            captured.setdefault(i, output)
+            if i not in captured:
+                if not isinstance(output, torch.Tensor):
+                    raise ConvscopeError(f"the probed layer returns {type(output).__name__}, not a tensor")
+                captured[i] = keep(output) if keep is not None else output
             if len(captured) == len(modules):
                 raise _Stop
 
@@ -243,11 +250,7 @@ def run_to_all(model: nn.Module, modules: Sequence[nn.Module], x: torch.Tensor,
             pass
     if len(captured) < len(modules):
         raise ConvscopeError("the forward pass never reached the probed layer")
-    outputs = [captured[i] for i in range(len(modules))]
-    for out in outputs:
-        if not isinstance(out, torch.Tensor):
-            raise ConvscopeError(f"the probed layer returns {type(out).__name__}, not a tensor")
-    return outputs
+    return [captured[i] for i in range(len(modules))]
 
 
 def input_channels(model: nn.Module) -> int | None:

@@ -59,16 +59,28 @@ def empty(k: int, channels: dict[str, int]) -> TopK:
                 {n: torch.zeros((c, k, 2), dtype=torch.long) for n, c in channels.items()})
 
 
+def strongest(act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each image's strongest activation per channel and its (row, col): (N, C) values, (N, C, 2) positions.
+    The first maximum in row-major order wins a tie; fully connected layers (N, C) have position (0, 0)."""
+    act = act.detach().float()
+    n, c = act.shape[:2]
+    best, where = act.reshape(n, c, -1).max(dim=2)
+    if act.dim() == 4:
+        width = act.shape[-1]
+        return best.cpu(), torch.stack([where // width, where % width], dim=-1).cpu()
+    return best.cpu(), torch.zeros(n, c, 2, dtype=torch.long)
+
+
 def from_activations(activations: dict[str, torch.Tensor], index: torch.Tensor, k: int) -> TopK:
-    """The partial TopK of one batch: each image's strongest activation per channel, then the k best."""
+    """The partial TopK of one batch from its layer outputs (N, C, H, W) or (N, C)."""
+    return from_strongest({name: strongest(act) for name, act in activations.items()}, index, k)
+
+
+def from_strongest(strongest_: dict[str, tuple[torch.Tensor, torch.Tensor]], index: torch.Tensor, k: int) -> TopK:
+    """The partial TopK of one batch from each image's strongest activations (see :func:`strongest`)."""
     out = empty(k, {})
-    for name, act in activations.items():
-        act = act.detach().float().cpu()
-        n, c = act.shape[:2]
-        flat = act.reshape(n, c, -1)
-        best, where = flat.max(dim=2)  # first maximum in row-major order
-        width = act.shape[-1] if act.dim() == 4 else 1
-        pos = torch.stack([where // width, where % width], dim=-1) if act.dim() == 4 else torch.zeros(n, c, 2).long()
+    for name, (best, pos) in strongest_.items():
+        c, n = best.shape[1], best.shape[0]
         v, i, p = _select(best.T.contiguous(), index.long().expand(c, n).contiguous(), pos.transpose(0, 1), k)
         out.values[name], out.images[name], out.positions[name] = _pad(v, i, p, k)
     out.seen = len(index)
@@ -103,10 +115,11 @@ def merge(parts: Iterable[TopK]) -> TopK:
     return out
 
 
-def _capture(model: nn.Module, modules: dict[str, nn.Module], x: torch.Tensor) -> dict[str, torch.Tensor]:
+def _capture(model: nn.Module, modules: dict[str, nn.Module], x: torch.Tensor) -> dict:
+    """Each layer's per-image strongest activations, reduced as the forward pass produces them."""
     from .deconvnet import run_to_all
 
-    return dict(zip(modules, run_to_all(model, list(modules.values()), x)))
+    return dict(zip(modules, run_to_all(model, list(modules.values()), x, keep=strongest)))
 
 
 def _check(data, layers: Sequence[str], k: int) -> None:
@@ -136,7 +149,7 @@ def scan_shard(model: nn.Module, data, indices: torch.Tensor | Sequence[int], la
                               desc="scan", unit="batch", leave=False):
                 idx = indices[start:start + batch_size]
                 x = _images(data, idx).to(device)
-                parts.append(from_activations(_capture(model, modules, x), idx, k))
+                parts.append(from_strongest(_capture(model, modules, x), idx, k))
                 if len(parts) == 8:  # bounded memory: fold partials as we go
                     parts = [merge(parts)]
         result = merge(parts) if parts else _empty_for(model, modules, data, k)
@@ -155,7 +168,7 @@ def _empty_for(model, modules, data, k) -> TopK:
     x = _images(data, torch.tensor([0]))
     with torch.inference_mode():
         acts = _capture(model, modules, x.to(next(model.parameters()).device))
-    return empty(k, {n: a.shape[1] for n, a in acts.items()})
+    return empty(k, {n: best.shape[1] for n, (best, _) in acts.items()})
 
 
 def scan(model: nn.Module, data, layers: Sequence[str], k: int = 9, batch_size: int = 128,

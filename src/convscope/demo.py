@@ -1,0 +1,55 @@
+"""``convscope demo``: the whole paper on the embedded data, in one run directory with a report.
+
+Steps (each timed into ``timings.json``): train zfnet_small with the paper's recipe; train the Fig. 6
+comparisons at the budget of zfnet_small's epoch-10 checkpoint (alexnet_small, and zfnet_small without filter
+renormalisation) under ``compare/``; then every analysis over the main run; then the report. Every step resumes
+or reuses what an interrupted demo left behind.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+from . import artifacts
+from .config import TrainConfig
+
+FULL = TrainConfig()
+QUICK = TrainConfig(n_train=1200, n_val=240, n_test=240, epochs=2, batch_size=64)
+COMPARE_EPOCHS = 10  # the Fig. 6 runs stop here; zfnet_small's checkpoints/epoch_010 is their like-for-like
+
+
+def steps(out: Path, quick: bool) -> list[tuple[str, Callable[[], object]]]:
+    """The demo's steps in order: (name, thunk)."""
+    from .runs import evolution_run, open_run, scan_run
+    from .train import train
+
+    base = QUICK if quick else FULL
+    compare = replace(base, epochs=min(base.epochs, COMPARE_EPOCHS))
+    units = 4 if quick else 16
+    return [
+        ("train zfnet_small", lambda: train(base, out)),
+        ("train alexnet_small (Fig. 6)", lambda: train(replace(compare, model="alexnet_small"),
+                                                        out / "compare" / "alexnet_small")),
+        ("train zfnet_small without renormalisation (Fig. 6)",
+         lambda: train(replace(compare, renorm=False), out / "compare" / "zfnet_small-norenorm")),
+        ("scan and Fig. 2", lambda: scan_run(open_run(out), units=units)),
+        ("evolution (Fig. 4)", lambda: evolution_run(open_run(out), units=4 if quick else 8,
+                                                     n_images=500 if quick else 2000)),
+    ]
+
+
+def run_demo(out: str | Path, quick: bool = False, echo: Callable[[str], None] = print) -> Path:
+    """Run every step, write ``timings.json`` (step -> seconds), return the run directory."""
+    out = Path(out)
+    timings: dict[str, float] = {}
+    for name, step in steps(out, quick):
+        echo(f"[demo] {name} ...")
+        t0 = time.perf_counter()
+        step()
+        timings[name] = round(time.perf_counter() - t0, 2)
+        echo(f"[demo] {name}: {timings[name]:.0f} s")
+        artifacts.write_json(out / "timings.json", timings)
+    return out

@@ -1,0 +1,272 @@
+"""Occlusion sensitivity (paper section 4.2, Fig. 7): a grey square slid over the image.
+
+For every position of the occluder, ONE forward pass of the occluded image gives all of Fig. 7's panels:
+
+- (b) the total activation of one map of the probed layer (conv5 by default): the map whose activation is
+  strongest on the unoccluded image (its single largest value, as :class:`~convscope.deconvnet.Projector`
+  picks maps);
+- (c) that map's projection in the unoccluded image (deconvnet, its strongest activation seeded with its value);
+- (d) the probability of the correct class;
+- (e) the most probable class.
+
+Positions follow Captum's ``Occlusion``: top-left corners ``0, stride, 2 stride, ...`` while the square fits, so
+with ``stride == size`` and a side divisible by ``size``, Captum's per-pixel attribution equals
+``p(unoccluded) - p(occluded by the square covering that pixel)``. The paper states neither size nor stride.
+The default fill is the data's mean colour (the grey of a mean-subtracted input): the model's own input mean
+when it has one (built-in models, trained), otherwise the mean colour of the image.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import artifacts
+from .deconvnet import Projector, check_images, eval_mode, run_to_all
+from .errors import ConvscopeError
+from .layers import resolve_layer
+
+
+@dataclass
+class OcclusionResult:
+    """Paper Fig. 7 for one image. Maps are (rows, cols), one value per occluder position; ``positions`` holds
+    each position's top-left ``(y, x)`` in pixels, shape (rows, cols, 2)."""
+
+    image: torch.Tensor  # (C, H, W) the unoccluded image
+    label: int  # the correct class
+    layer: str
+    channel: int  # the map strongest on the unoccluded image
+    size: int
+    stride: int
+    fill: torch.Tensor  # (C,) the occluder's colour
+    positions: torch.Tensor  # (rows, cols, 2) long, top-left (y, x)
+    activation: torch.Tensor  # (b) total activation of ``channel``, (rows, cols)
+    projection: torch.Tensor  # (c) (C, H, W), that map projected in the unoccluded image
+    prob: torch.Tensor  # (d) p(label), (rows, cols)
+    top_class: torch.Tensor  # (e) most probable class, (rows, cols) long
+    prob_clean: float  # p(label) on the unoccluded image
+    activation_clean: float  # total activation of ``channel`` on the unoccluded image
+
+    def centres(self) -> torch.Tensor:
+        """Centre (x, y) in pixels of the square at every position, (rows, cols, 2)."""
+        return self.positions.flip(-1).to(torch.float32) + self.size / 2
+
+    def most_sensitive(self) -> tuple[int, int]:
+        """Top-left (y, x) of the position that lowers p(correct class) most."""
+        k = int(self.prob.flatten().argmin())
+        return tuple(int(v) for v in self.positions.flatten(0, 1)[k])
+
+
+def default_fill(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The data's mean colour (C,): the model's input mean if it has a non-zero one, else the images' mean."""
+    mean = getattr(getattr(model, "normalize", None), "mean", None)
+    if isinstance(mean, torch.Tensor) and mean.dim() == 3 and mean.shape[0] == images.shape[-3] and mean.any():
+        return mean.mean((-2, -1)).to(images)
+    return images.mean(dim=tuple(d for d in range(images.dim()) if d != images.dim() - 3)).to(images)
+
+
+def as_fill(fill, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """``fill`` (None, a float or a (C,) sequence/tensor) as a (C,) tensor like ``images``."""
+    if fill is None:
+        return default_fill(model, images)
+    fill = torch.as_tensor(fill, dtype=images.dtype, device=images.device)
+    channels = images.shape[-3]
+    if fill.dim() == 0:
+        return fill.expand(channels).clone()
+    if fill.shape != (channels,):
+        raise ConvscopeError(f"fill must be a number or {channels} values (one per channel), got {tuple(fill.shape)}")
+    return fill
+
+
+def square_positions(height: int, width: int, size: int, stride: int) -> torch.Tensor:
+    """Top-left (y, x) of every occluder position, (rows, cols, 2), Captum's order and convention."""
+    for name, value in (("size", size), ("stride", stride)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConvscopeError(f"occluder {name} must be a positive integer number of pixels, got {value!r}")
+    if size > min(height, width):
+        raise ConvscopeError(f"occluder size {size} is larger than the image ({height}x{width}): "
+                             f"choose a size from 1 to {min(height, width)}")
+    ys = torch.arange(0, height - size + 1, stride)
+    xs = torch.arange(0, width - size + 1, stride)
+    return torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1)
+
+
+def occlude(images: torch.Tensor, corners: torch.Tensor, size: int, fill: torch.Tensor) -> torch.Tensor:
+    """A ``size`` square of ``fill`` (C,) pasted at each top-left (y, x) of ``corners`` (K, 2), clipped at the
+    edges: (K, C, H, W). ``images`` is one image (C, H, W), copied K times, or K images, one square each."""
+    k = len(corners)
+    h, w = images.shape[-2:]
+    images = images.expand(k, *images.shape[-3:])
+    rows = torch.arange(h, device=images.device)
+    cols = torch.arange(w, device=images.device)
+    y, x = corners[:, 0].to(images.device), corners[:, 1].to(images.device)
+    inside_y = (rows >= y[:, None]) & (rows < y[:, None] + size)
+    inside_x = (cols >= x[:, None]) & (cols < x[:, None] + size)
+    mask = (inside_y[:, :, None] & inside_x[:, None, :]).unsqueeze(1)  # (K, 1, H, W)
+    return torch.where(mask, fill.view(1, -1, 1, 1), images)
+
+
+def _total(act: torch.Tensor) -> torch.Tensor:
+    """Per image, per map: the sum over the map (a fully connected unit is its own map)."""
+    return act.flatten(2).sum(-1) if act.dim() > 2 else act
+
+
+def occlusion(
+    model: nn.Module,
+    image: torch.Tensor,
+    label: int,
+    layer: str = "conv5",
+    size: int = 12,
+    stride: int = 4,
+    fill=None,
+    batch_size: int = 64,
+    rule: str = "deconvnet",
+) -> OcclusionResult:
+    """Occlusion sensitivity of one image (paper Fig. 7): all panels (b)-(e) from the same forward passes.
+
+    ``image`` is (C, H, W) (or (1, C, H, W)) as the model takes it; ``label`` the correct class. ``size`` and
+    ``stride`` are the square's side and step in pixels (defaults suit 64 px images; the paper does not say its
+    own). ``fill`` is a number or one value per channel (default :func:`default_fill`). Occluded images run
+    ``batch_size`` at a time; the result does not depend on it. The model's output is read as logits.
+    """
+    if image.dim() == 4 and image.shape[0] == 1:
+        image = image[0]
+    if image.dim() != 3:
+        raise ConvscopeError(f"occlusion takes one image (C, H, W), got shape {tuple(image.shape)}")
+    check_images(model, image.unsqueeze(0))
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConvscopeError(f"batch_size must be a positive integer, got {batch_size!r}")
+    image = image.detach()
+    positions = square_positions(image.shape[-2], image.shape[-1], size, stride)
+    fill = as_fill(fill, model, image)
+    _, module = resolve_layer(model, layer)
+
+    # The model itself as the last module: run_to_all then returns the layer's output and the logits of one
+    # forward pass.
+    def forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        act, logits = run_to_all(model, [module, model], x)
+        return _total(act), logits.softmax(-1)
+
+    with eval_mode(model), torch.inference_mode():
+        act, logits = run_to_all(model, [module, model], image.unsqueeze(0))
+        probs = logits.softmax(-1)
+        if not 0 <= int(label) < probs.shape[-1]:
+            raise ConvscopeError(f"label {label} out of range: the model has {probs.shape[-1]} classes")
+        # The map holding the strongest single activation, as Projector picks it.
+        channel = int(act.flatten(1).argmax(1)) // (act[0, 0].numel() if act.dim() > 2 else 1)
+        totals = _total(act)
+        corners = positions.flatten(0, 1)
+        b, d, e = [], [], []
+        for start in range(0, len(corners), batch_size):
+            t, p = forward(occlude(image, corners[start : start + batch_size], size, fill))
+            b.append(t[:, channel])
+            d.append(p[:, label])
+            e.append(p.argmax(-1))
+    grid = positions.shape[:2]
+    projection = Projector(model, rule).project(image.unsqueeze(0), layer, channel=channel)[0]
+    return OcclusionResult(
+        image=image, label=int(label), layer=layer, channel=channel, size=size, stride=stride, fill=fill,
+        positions=positions, activation=torch.cat(b).view(grid), projection=projection,
+        prob=torch.cat(d).view(grid), top_class=torch.cat(e).view(grid),
+        prob_clean=float(probs[0, label]), activation_clean=float(totals[0, channel]),
+    )
+
+
+def box_hit(result: OcclusionResult, box: Sequence[float]) -> bool:
+    """Whether the centre of the square that lowers p(correct) most lies in ``box`` (x0, y0, x1, y1): the check
+    of section 4.2 that the model localises the object rather than using its context."""
+    y, x = result.most_sensitive()
+    cx, cy = x + result.size / 2, y + result.size / 2
+    x0, y0, x1, y1 = (float(v) for v in box)
+    return x0 <= cx <= x1 and y0 <= cy <= y1
+
+
+def _upsample(values: torch.Tensor, result: OcclusionResult) -> torch.Tensor:
+    """A (rows, cols) map as an (H, W) image: each pixel takes the position whose square's centre is nearest,
+    so the maps line up with the image as in Fig. 7."""
+    h, w = result.image.shape[-2:]
+    ys = result.positions[:, 0, 0].float() + result.size / 2
+    xs = result.positions[0, :, 1].float() + result.size / 2
+    iy = (torch.arange(h).float()[:, None] + 0.5 - ys[None]).abs().argmin(1)
+    ix = (torch.arange(w).float()[:, None] + 0.5 - xs[None]).abs().argmin(1)
+    return values[iy][:, ix]
+
+
+def occlusion_figure(results: Sequence[OcclusionResult], classes: Sequence[str] | None = None):
+    """A matplotlib figure like paper Fig. 7: one row per image; columns (a) the image with the occluder drawn
+    at its most sensitive position, (b) total activation of the map, (c) its projection, (d) p(correct class),
+    (e) most probable class with a legend of class names."""
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch, Rectangle
+
+    from .imaging import to_image
+
+    if not results:
+        raise ConvscopeError("occlusion_figure needs at least one result")
+    # A bare Figure, not pyplot: no GUI backend is touched, whatever the user's matplotlib is set to.
+    fig = Figure(figsize=(17, 3.4 * len(results)))
+    axes = fig.subplots(len(results), 5, squeeze=False)
+    cmap = colormaps["tab20"]
+
+    def name(k: int) -> str:
+        return classes[k] if classes is not None and k < len(classes) else str(k)
+
+    for row, r in zip(axes, results):
+        img = r.image.detach().cpu().clamp(0, 1).permute(1, 2, 0).numpy()
+        extent = (0, r.image.shape[-1], r.image.shape[-2], 0)
+        row[0].imshow(img, extent=extent)
+        y, x = r.most_sensitive()
+        row[0].add_patch(Rectangle((x, y), r.size, r.size, fill=False, edgecolor="red", linewidth=2))
+        row[0].set_title(f"(a) {name(r.label)}  p={r.prob_clean:.2f}", fontsize=9)
+        im = row[1].imshow(_upsample(r.activation, r).numpy(), cmap="jet", extent=extent)
+        fig.colorbar(im, ax=row[1], fraction=0.046)
+        row[1].set_title(f"(b) total activation, {r.layer} map {r.channel}", fontsize=9)
+        row[2].imshow(to_image(r.projection), extent=extent)
+        row[2].set_title(f"(c) {r.layer} map {r.channel} projected", fontsize=9)
+        im = row[3].imshow(_upsample(r.prob, r).numpy(), cmap="jet", extent=extent)
+        fig.colorbar(im, ax=row[3], fraction=0.046)
+        row[3].set_title(f"(d) p({name(r.label)})", fontsize=9)
+        present = sorted(set(r.top_class.flatten().tolist()))
+        colours = {k: cmap(k % 20) for k in present}  # by class index: one colour per class in every row
+        rgb = torch.tensor([[colours[int(k)][:3] for k in line] for line in _upsample(r.top_class, r).tolist()])
+        row[4].imshow(rgb.numpy(), extent=extent)
+        row[4].legend(handles=[Patch(color=colours[k], label=name(k)) for k in present], fontsize=7,
+                      loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        row[4].set_title("(e) most probable class", fontsize=9)
+        for ax in row:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.tight_layout()
+    return fig
+
+
+def write_occlusion(results: Sequence[OcclusionResult], directory: str | os.PathLike,
+                    classes: Sequence[str] | None = None, name: str = "occlusion") -> list[Path]:
+    """Write Fig. 7 (``<name>.png``) and its numbers (``<name>.json``: the maps per image) into ``directory``."""
+    directory = Path(directory)
+    fig = occlusion_figure(results, classes)
+    png = artifacts.save_figure(directory / f"{name}.png", fig)
+
+    def label(k: int):
+        return classes[k] if classes is not None and k < len(classes) else k
+
+    data = [{
+        "label": label(r.label), "layer": r.layer, "channel": r.channel, "size": r.size, "stride": r.stride,
+        "fill": r.fill.tolist(), "prob_clean": r.prob_clean, "activation_clean": r.activation_clean,
+        "positions": r.positions.tolist(), "activation": r.activation.tolist(), "prob": r.prob.tolist(),
+        "top_class": [[label(k) for k in line] for line in r.top_class.tolist()],
+        "most_sensitive": list(r.most_sensitive()),
+    } for r in results]
+    js = artifacts.write_json(directory / f"{name}.json", {"figure": "Zeiler & Fergus Fig. 7", "images": data})
+    return [png, js]
+
+
+__all__ = ["OcclusionResult", "box_hit", "default_fill", "occlude", "occlusion", "occlusion_figure",
+           "square_positions", "write_occlusion"]
+
