@@ -171,3 +171,64 @@ def evolution(run: str, layers: str | None, units: int, n_images: int, seed: int
 
     paths = evolution_run(open_run(run), _layers(layers), units=units, n_images=n_images, seed=seed, rule=rule)
     click.echo("wrote " + ", ".join(str(p) for p in paths))
+
+
+_split_opt = click.option("--split", default="test", show_default=True, help="Data split (train, val, test).")
+_n_opt = click.option("--n", "n", default=5, show_default=True, help="How many images (the first of the split).")
+
+
+@main.command()
+@_run_arg
+@_n_opt
+@_split_opt
+@click.option("--layer", default="conv5", show_default=True, help="Layer whose strongest map is tracked (b, c).")
+@click.option("--size", type=int, default=None, help="Side of the grey square in pixels. [3/16 of the image]")
+@click.option("--stride", type=int, default=None, help="Step between squares in pixels. [1/16 of the image]")
+@click.option("--batch-size", default=64, show_default=True, help="Occluded images per forward pass.")
+def occlusion(run: str, n: int, split: str, layer: str, size: int | None, stride: int | None,
+              batch_size: int) -> None:
+    """Fig. 7: slide a grey square over each image; per position the layer's strongest map's total activation,
+    its projection, p(correct class) and the most probable class. Writes RUN/figures/fig7.png and .json."""
+    from .runs import occlusion_run, open_run
+
+    paths = occlusion_run(open_run(run), n=n, split=split, layer=layer, size=size, stride=stride,
+                          batch_size=batch_size)
+    click.echo("wrote " + ", ".join(str(p) for p in paths))
+
+
+@main.command()
+@_run_arg
+@_n_opt
+@_split_opt
+@click.option("--mode", default="warp", show_default=True,
+              help="warp: translate, scale and rotate the image (the paper); render: re-render the embedded "
+                   "data's object with the pose changed (no border artefacts).")
+def invariance(run: str, n: int, split: str, mode: str) -> None:
+    """Fig. 5: distance of layer 1 and layer 7 features from the original under vertical translation, scale and
+    rotation, and p(true class). Writes RUN/figures/fig5.png (fig5_render.png) and .json."""
+    from .runs import invariance_run, open_run
+
+    paths = invariance_run(open_run(run), n=n, split=split, mode=mode)
+    click.echo("wrote " + ", ".join(str(p) for p in paths))
+
+
+@main.command()
+@_run_arg
+@click.option("--class", "class_name", default="face", show_default=True, help="Class of the embedded data.")
+@click.option("--parts", default=None, help="Comma-separated part names. [left_eye,right_eye,nose]")
+@_split_opt
+@click.option("--draws", default=10, show_default=True, help="Random draws of images and regions.")
+@click.option("--size", type=int, default=None, help="Side of the masking square. [1/8 of the image]")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--parts-json", type=click.Path(dir_okay=False), default=None,
+              help='Your own images and parts: {"images": ["a.png", ...], "parts": {"left_eye": [[x, y], ...]}}.')
+def correspondence(run: str, class_name: str, parts: str | None, split: str, draws: int, size: int | None,
+                   seed: int, parts_json: str | None) -> None:
+    """Table 1: how consistently masking the same part changes the features of 5 images (Delta at conv5 and
+    fc7), against random regions. Writes RUN/figures/table1.json and .txt."""
+    from .runs import correspondence_run, open_run
+
+    paths = correspondence_run(open_run(run), class_name=class_name, parts=_layers(parts), split=split, draws=draws,
+                               seed=seed, size=size, parts_json=parts_json)
+    click.echo("wrote " + ", ".join(str(p) for p in paths))
+    click.echo(paths[-1].read_text())

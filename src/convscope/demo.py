@@ -23,7 +23,7 @@ COMPARE_EPOCHS = 10  # the Fig. 6 runs stop here; zfnet_small's checkpoints/epoc
 
 def steps(out: Path, quick: bool) -> list[tuple[str, Callable[[], object]]]:
     """The demo's steps in order: (name, thunk)."""
-    from .runs import evolution_run, open_run, scan_run
+    from .runs import correspondence_run, evolution_run, invariance_run, occlusion_run, open_run, scan_run
     from .train import train
 
     base = QUICK if quick else FULL
@@ -38,6 +38,10 @@ def steps(out: Path, quick: bool) -> list[tuple[str, Callable[[], object]]]:
         ("scan and Fig. 2", lambda: scan_run(open_run(out), units=units)),
         ("evolution (Fig. 4)", lambda: evolution_run(open_run(out), units=4 if quick else 8,
                                                      n_images=500 if quick else 2000)),
+        ("occlusion (Fig. 7)", lambda: occlusion_run(open_run(out), n=2 if quick else 5)),
+        ("invariance (Fig. 5)", lambda: (invariance_run(open_run(out), n=2 if quick else 5),
+                                         invariance_run(open_run(out), n=2 if quick else 5, mode="render"))),
+        ("correspondence (Table 1)", lambda: correspondence_run(open_run(out), draws=2 if quick else 10)),
     ]
 
 

@@ -121,3 +121,62 @@ def _channels(model: nn.Module, layer: str, data) -> int:
 
     with torch.no_grad(), eval_mode(model):
         return run_to(model, resolve_layer(model, layer)[1], data.batch(torch.tensor([0]))[0]).shape[1]
+
+
+def _first(data, n: int) -> torch.Tensor:
+    if n < 1:
+        raise ConvscopeError(f"need at least one image, got n={n}")
+    return torch.arange(min(n, len(data)))
+
+
+def occlusion_run(run: Run, n: int = 5, split: str = "test", layer: str = "conv5", size: int | None = None,
+                  stride: int | None = None, batch_size: int = 64) -> list[Path]:
+    """Fig. 7 for the first ``n`` images of ``split``. Square and stride default to 3/16 and 1/16 of the image
+    side (12 px and 4 px at 64 px; the paper does not state them)."""
+    from .occlusion import occlusion, write_occlusion
+
+    data = run.split(split)
+    x, y = data.batch(_first(data, n))
+    side = x.shape[-1]
+    size = size if size is not None else max(2, round(side * 3 / 16))
+    stride = stride if stride is not None else max(1, round(side / 16))
+    results = [occlusion(run.model, x[i], int(y[i]), layer=layer, size=size, stride=stride, batch_size=batch_size)
+               for i in range(len(x))]
+    return write_occlusion(results, run.path / "figures", run.classes, name="fig7")
+
+
+def invariance_run(run: Run, n: int = 5, split: str = "test", mode: str = "warp") -> list[Path]:
+    """Fig. 5 for the first ``n`` images of ``split``: ``mode="warp"`` transforms the image (the paper),
+    ``"render"`` re-renders the embedded data's object with the pose changed (no border artefacts)."""
+    from .invariance import invariance, synthetic_renderer, write_invariance
+
+    if mode not in ("warp", "render"):
+        raise unknown("invariance mode", mode, ("warp", "render"))
+    data = run.split(split)
+    idx = _first(data, n)
+    x, y = data.batch(idx)
+    render = None
+    if mode == "render":
+        if run.config.data != "synthetic":
+            raise ConvscopeError("mode 'render' re-renders the embedded synthetic data; this run was trained on "
+                                 f"{run.config.data!r}: use mode 'warp'")
+        render = synthetic_renderer(split, idx.tolist(), size=x.shape[-1], seed=run.config.seed,
+                                    classes=run.config.classes)
+    result = invariance(run.model, x, y, render=render)
+    return write_invariance(result, run.path / "figures", run.classes, name="fig5" if mode == "warp" else "fig5_render")
+
+
+def correspondence_run(run: Run, class_name: str = "face", parts=None, split: str = "test", draws: int = 10,
+                       seed: int = 0, size: int | None = None, parts_json: str | Path | None = None) -> list[Path]:
+    """Table 1: Delta for masked parts and random regions at conv5 and fc7, on 5 images of one class of the
+    embedded data (their ground-truth part locations), or on the user's images and parts (``parts_json``)."""
+    from .correspondence import FACE_PARTS, class_parts, correspondence, load_parts_json, write_correspondence
+
+    if parts_json is not None:
+        images = load_parts_json(parts_json, size=getattr(run.model, "input_size", None))
+        parts = parts or list(images.parts)
+    else:
+        images = class_parts(run.split(split), class_name)
+        parts = parts or list(FACE_PARTS)
+    result = correspondence(run.model, images, parts=parts, draws=draws, seed=seed, size=size)
+    return write_correspondence(result, run.path / "figures", name="table1")
