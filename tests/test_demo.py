@@ -1,0 +1,39 @@
+"""`convscope demo --quick`: the whole pipeline end to end on the embedded data (CI runs it)."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from convscope.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def test_quick_demo_runs_every_step_and_resumes(tmp_path):
+    out = tmp_path / "demo"
+    r = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out)], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    timings = json.loads((out / "timings.json").read_text())
+    assert list(timings) == [
+        "train zfnet_small", "train alexnet_small (Fig. 6)", "train zfnet_small without renormalisation (Fig. 6)",
+        "scan and Fig. 2", "evolution (Fig. 4)", "occlusion (Fig. 7)", "invariance (Fig. 5)",
+        "correspondence (Table 1)",
+    ]
+    assert all(t >= 0 for t in timings.values())
+    figures = out / "figures"
+    for name in ("fig2_conv1.png", "fig2_conv5.png", "fig4_conv3.png", "fig7.png", "fig5.png", "fig5_render.png"):
+        with Image.open(figures / name) as im:
+            assert min(im.size) > 50, name
+    table = json.loads((figures / "table1.json").read_text())
+    assert set(table["regions"]) == {"left_eye", "right_eye", "nose", "random"}
+    assert 0 < table["mean"]["random"]["conv5"] < 1
+    assert (out / "compare" / "alexnet_small" / "model.safetensors").is_file()
+    assert json.loads((out / "compare" / "zfnet_small-norenorm" / "config.json").read_text())["renorm"] is False
+    # a second run reuses the trained models instead of retraining them
+    state = out / "state.pt"
+    mtime = state.stat().st_mtime_ns
+    r = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out)], catch_exceptions=False)
+    assert r.exit_code == 0 and state.stat().st_mtime_ns == mtime
+    assert "run directory:" in r.output
