@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 from click.testing import CliRunner
 
 from convscope.cli import main
@@ -63,3 +64,17 @@ def test_train_into_a_foreign_run_directory_exits_2_and_keeps_it(tmp_path):
     r = _run(*args)
     assert r.exit_code == 2 and "training state" in r.output and "corrupt or truncated" in r.output
     assert state.read_bytes() == before[state][:50]
+
+
+def test_preview_writes_a_grid_with_ground_truth(tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "preview.png"
+    r = _run("data", "preview", "--out", str(out), "--n", "4", "--split", "val")
+    assert r.exit_code == 0 and out.is_file()
+    with Image.open(out) as im:
+        w, h = im.size
+        colours = len(np.unique(np.asarray(im.convert("RGB")).reshape(-1, 3), axis=0))
+    assert w > 4 * 64 and h > 64 and colours > 500  # four rendered scenes, enlarged, with labels drawn on
+    r = _run("data", "preview", "--out", str(out), "--split", "holdout")
+    assert r.exit_code == 2 and "valid splits: train, val, test" in r.output
