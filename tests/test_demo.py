@@ -18,14 +18,18 @@ def test_quick_demo_runs_every_step_and_resumes(tmp_path):
     timings = json.loads((out / "timings.json").read_text())
     assert list(timings) == [
         "train zfnet_small", "train alexnet_small (Fig. 6)", "train zfnet_small without renormalisation (Fig. 6)",
-        "scan and Fig. 2", "evolution (Fig. 4)", "occlusion (Fig. 7)", "invariance (Fig. 5)",
+        "scan and Fig. 2", "evolution (Fig. 4)", "filters (Fig. 6)", "occlusion (Fig. 7)", "invariance (Fig. 5)",
         "correspondence (Table 1)",
     ]
     assert all(t >= 0 for t in timings.values())
     figures = out / "figures"
-    for name in ("fig2_conv1.png", "fig2_conv5.png", "fig4_conv3.png", "fig7.png", "fig5.png", "fig5_render.png"):
+    for name in ("fig2_conv1.png", "fig2_conv5.png", "fig4_conv3.png", "fig6.png", "fig7.png", "fig5.png",
+                 "fig5_render.png"):
         with Image.open(figures / name) as im:
             assert min(im.size) > 50, name
+    fig6 = json.loads((figures / "fig6.json").read_text())
+    assert sorted(fig6) == ["alexnet_small (2 ep)", "zfnet_small (2 ep)", "zfnet_small no renorm (2 ep)"]
+    assert all(0 <= v["mid_fraction"] <= 1 for v in fig6.values())
     table = json.loads((figures / "table1.json").read_text())
     assert set(table["regions"]) == {"left_eye", "right_eye", "nose", "random"}
     assert 0 < table["mean"]["random"]["conv5"] < 1

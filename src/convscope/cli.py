@@ -232,3 +232,17 @@ def correspondence(run: str, class_name: str, parts: str | None, split: str, dra
                                seed=seed, size=size, parts_json=parts_json)
     click.echo("wrote " + ", ".join(str(p) for p in paths))
     click.echo(paths[-1].read_text())
+
+
+@main.command()
+@_run_arg
+@click.option("--compare", "others", multiple=True, type=click.Path(file_okay=False),
+              help="Another run to set beside this one (repeatable); the demo's RUN/compare/ runs come by default.")
+@click.option("--n-images", default=16, show_default=True, help="Validation images for the layer-2 projections.")
+def filters(run: str, others: tuple[str, ...], n_images: int) -> None:
+    """Fig. 6: conv1 filters as image grids, and per run the dead-filter fraction, low/mid/high frequency
+    energy, dominance (max/median filter RMS) and aliasing of layer-2 projections. Writes RUN/figures/fig6.*"""
+    from .runs import filters_run, open_run
+
+    paths = filters_run(open_run(run), others, n_images=n_images)
+    click.echo("wrote " + ", ".join(str(p) for p in paths))

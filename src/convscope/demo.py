@@ -23,25 +23,30 @@ COMPARE_EPOCHS = 10  # the Fig. 6 runs stop here; zfnet_small's checkpoints/epoc
 
 def steps(out: Path, quick: bool) -> list[tuple[str, Callable[[], object]]]:
     """The demo's steps in order: (name, thunk)."""
-    from .runs import correspondence_run, evolution_run, invariance_run, occlusion_run, open_run, scan_run
+    from . import runs
     from .train import train
 
     base = QUICK if quick else FULL
     compare = replace(base, epochs=min(base.epochs, COMPARE_EPOCHS))
-    units = 4 if quick else 16
+    n = 2 if quick else 5
+
+    def run() -> runs.Run:
+        return runs.open_run(out)
+
     return [
         ("train zfnet_small", lambda: train(base, out)),
         ("train alexnet_small (Fig. 6)", lambda: train(replace(compare, model="alexnet_small"),
                                                         out / "compare" / "alexnet_small")),
         ("train zfnet_small without renormalisation (Fig. 6)",
          lambda: train(replace(compare, renorm=False), out / "compare" / "zfnet_small-norenorm")),
-        ("scan and Fig. 2", lambda: scan_run(open_run(out), units=units)),
-        ("evolution (Fig. 4)", lambda: evolution_run(open_run(out), units=4 if quick else 8,
-                                                     n_images=500 if quick else 2000)),
-        ("occlusion (Fig. 7)", lambda: occlusion_run(open_run(out), n=2 if quick else 5)),
-        ("invariance (Fig. 5)", lambda: (invariance_run(open_run(out), n=2 if quick else 5),
-                                         invariance_run(open_run(out), n=2 if quick else 5, mode="render"))),
-        ("correspondence (Table 1)", lambda: correspondence_run(open_run(out), draws=2 if quick else 10)),
+        ("scan and Fig. 2", lambda: runs.scan_run(run(), units=4 if quick else 16)),
+        ("evolution (Fig. 4)", lambda: runs.evolution_run(run(), units=4 if quick else 8,
+                                                          n_images=500 if quick else 2000)),
+        ("filters (Fig. 6)", lambda: runs.filters_run(run())),
+        ("occlusion (Fig. 7)", lambda: runs.occlusion_run(run(), n=n)),
+        ("invariance (Fig. 5)", lambda: (runs.invariance_run(run(), n=n),
+                                         runs.invariance_run(run(), n=n, mode="render"))),
+        ("correspondence (Table 1)", lambda: runs.correspondence_run(run(), draws=2 if quick else 10)),
     ]
 
 

@@ -180,3 +180,28 @@ def correspondence_run(run: Run, class_name: str = "face", parts=None, split: st
         parts = parts or list(FACE_PARTS)
     result = correspondence(run.model, images, parts=parts, draws=draws, seed=seed, size=size)
     return write_correspondence(result, run.path / "figures", name="table1")
+
+
+def filters_run(run: Run, others=(), n_images: int = 16) -> list[Path]:
+    """Fig. 6 over a run: conv1 filter grids and the numbers behind the paper's words (dead filters, frequency
+    bands, dominance, layer-2 aliasing) for this run and the runs it is compared with: ``others`` (run
+    directories), and the demo's ``compare/`` runs. Each compared run of fewer epochs is matched by this run's
+    checkpoint at that epoch, so the comparison is like for like."""
+    from .filters import compare, save_diagnosis
+
+    paths = [Path(p) for p in others]
+    if (run.path / "compare").is_dir():
+        paths += sorted(p for p in (run.path / "compare").iterdir() if (p / CONFIG).is_file())
+    models = {_label(run): run.model}
+    for path in paths:
+        other = open_run(path)
+        epochs = other.config.epochs
+        if epochs < run.config.epochs and epochs in run.checkpoints:
+            models[f"{_label(run)} (epoch {epochs})"] = load_model(run.checkpoints[epochs])[0]
+        models[_label(other)] = other.model
+    images = run.split("val").batch(torch.arange(min(n_images, len(run.split("val")))))[0]
+    return save_diagnosis(run.path / "figures", compare(models, images))
+
+
+def _label(run: Run) -> str:
+    return f"{run.config.model}{'' if run.config.renorm else ' no renorm'} ({run.config.epochs} ep)"
