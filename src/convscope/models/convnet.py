@@ -39,7 +39,7 @@ class NetSpec:
     fc: tuple[int, int] = (4096, 4096)
     remove: tuple[str, ...] = field(default=())
     dropout: float = 0.5
-    init: str = "paper"  # "paper": N(0, 0.01) weights; "he": N(0, 2/fan_in); biases 0 in both
+    init: str = "paper"  # "paper": N(0, 0.01) weights; "he": N(0, 2/fan_in) but fc8; biases 0 in both
 
 
 class Normalize(nn.Module):
@@ -153,9 +153,9 @@ class ConvNet(nn.Module):
         """Paper section 3: weights N(0, 1e-2), biases 0; ``init="he"`` scales the std by fan-in instead."""
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
-                if self.spec.init == "he":
+                if self.spec.init == "he" and m is not self.classifier.fc8:
                     nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-                else:
+                else:  # the output layer stays small under "he" too: initial loss ln(C), not a confident guess
                     nn.init.normal_(m.weight, std=1e-2)
                 nn.init.zeros_(m.bias)
 
