@@ -38,5 +38,9 @@ def test_evolution_tracks_the_strongest_activation_at_each_epoch(tmp_path):
     assert names[:5] == ["evolution/conv1/unit_0000.png", "evolution/conv1/unit_0005.png",
                          "evolution/conv5/unit_0002.png", "evolution/conv5/unit_0009.png",
                          "evolution/conv5/unit_0030.png"]
+    save_evolution(tmp_path, {"conv1": ev["conv1"]})  # a later call for one layer keeps the others' numbers
+    import json
+
+    assert sorted(json.loads((tmp_path / "fig4.json").read_text())) == ["conv1", "conv5"]
     with pytest.raises(cs.ConvscopeError, match="no checkpoints"):
         evolution({}, data, units)

@@ -24,6 +24,9 @@ def test_crops_are_the_projection_and_the_image_inside_the_receptive_field(setup
     units = torch.tensor([3, 40])
     v = unit_views(model, data, topk, "conv2", units)
     assert v.projections.shape[:2] == (2, 9) and v.patches.shape == v.projections.shape
+    # zfnet_small's conv2 field: 7 (conv1) + 2 x 2 (pool, stride 2) + 4 x 4 (conv2 5x5 on stride 4) = 27 px,
+    # whatever positions the scan happened to pick (the canvas must not change between units or epochs)
+    assert v.projections.shape[-2:] == (27, 27)
     proj = cs.Projector(model)
     for u, unit in enumerate(units.tolist()):
         for j in (0, 4, 8):

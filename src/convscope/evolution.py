@@ -6,6 +6,7 @@ field. Lower layers settle in a few epochs, upper ones only much later.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,7 +74,9 @@ def save_evolution(out_dir: str | Path, evolutions: dict[str, Evolution]) -> lis
         for u, unit in enumerate(ev.units.tolist()):  # one strip per unit, for the viewer's unit pages
             strip = make_grid([upscale(t, 32) for t in to_image(ev.projections[:, u])], nrow=len(ev.epochs), pad=2)
             paths.append(artifacts.save_image(out_dir / "evolution" / layer / f"unit_{unit:04d}.png", strip))
-    summary = {layer: {"epochs": ev.epochs, "units": ev.units.tolist(), "images": ev.images.tolist(),
-                       "values": ev.values.tolist()} for layer, ev in evolutions.items()}
-    paths.append(artifacts.write_json(out_dir / "fig4.json", summary))
+    summary_path = out_dir / "fig4.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}  # other layers' stay
+    summary.update({layer: {"epochs": ev.epochs, "units": ev.units.tolist(), "images": ev.images.tolist(),
+                            "values": ev.values.tolist()} for layer, ev in evolutions.items()})
+    paths.append(artifacts.write_json(summary_path, summary))
     return paths

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from . import artifacts
-from .deconvnet import Projector, eval_mode, run_to
+from .deconvnet import Projector, eval_mode, input_channels, run_to
 from .errors import ConvscopeError
 from .imaging import make_grid, to_image, upscale
 from .layers import resolve_layer
@@ -61,6 +61,18 @@ def _place(crop: torch.Tensor, box, image_hw, canvas_hw, fill: float) -> torch.T
     return out
 
 
+def field_size(model: nn.Module, layer: str, image_hw: tuple[int, int]) -> tuple[int, int]:
+    """The side of a unit's receptive field where the border does not clip it (measured at the centre of an
+    image four times larger), capped at the image: the canvas every crop of the layer is placed on."""
+    big = (4 * image_hw[0], 4 * image_hw[1])
+    param = next(model.parameters())
+    x = torch.zeros(1, input_channels(model) or 3, *big, dtype=param.dtype, device=param.device)
+    with torch.no_grad(), eval_mode(model):
+        h, w = run_to(model, resolve_layer(model, layer)[1], x).shape[-2:]
+    box = receptive_field(model, layer, (h // 2, w // 2), input_size=big)
+    return min(box.y1 - box.y0, image_hw[0]), min(box.x1 - box.x0, image_hw[1])
+
+
 def unit_views(model: nn.Module, data, topk: TopK, layer: str, units=None, rule: str = "deconvnet",
                batch_size: int = 64) -> UnitViews:
     """Fig. 2 for ``units`` (default all) of ``layer``: each of their top-k images projected from the unit's
@@ -79,11 +91,10 @@ def unit_views(model: nn.Module, data, topk: TopK, layer: str, units=None, rule:
                                  "Fig. 2 needs a convolutional layer (use Projector.project for fc units)")
     size = tuple(x0.shape[-2:])
     flat_pos = [tuple(p) for p in positions.reshape(-1, 2).tolist()]
-    centre = (act.shape[-2] // 2, act.shape[-1] // 2)  # its field is the least clipped: the canvas size
-    distinct = sorted(set(flat_pos) | {centre})
+    distinct = sorted(set(flat_pos))
     box_of = dict(zip(distinct, receptive_field(model, layer, distinct, input_size=size)))
     boxes = torch.tensor([list(box_of[p]) for p in flat_pos]).view(*positions.shape[:2], 4)
-    canvas = max(b.y1 - b.y0 for b in box_of.values()), max(b.x1 - b.x0 for b in box_of.values())
+    canvas = field_size(model, layer, size)
 
     projector = Projector(model, rule)
     flat_idx, flat_units = images_idx.reshape(-1), units.repeat_interleave(images_idx.shape[1])
