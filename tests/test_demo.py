@@ -19,7 +19,7 @@ def test_quick_demo_runs_every_step_and_resumes(tmp_path):
     assert list(timings) == [
         "train zfnet_small", "train alexnet_small (Fig. 6)", "train zfnet_small without renormalisation (Fig. 6)",
         "scan and Fig. 2", "evolution (Fig. 4)", "filters (Fig. 6)", "occlusion (Fig. 7)", "invariance (Fig. 5)",
-        "correspondence (Table 1)",
+        "correspondence (Table 1)", "report",
     ]
     assert all(t >= 0 for t in timings.values())
     figures = out / "figures"
@@ -41,3 +41,6 @@ def test_quick_demo_runs_every_step_and_resumes(tmp_path):
     r = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out)], catch_exceptions=False)
     assert r.exit_code == 0 and state.stat().st_mtime_ns == mtime
     assert "run directory:" in r.output
+    html = (out / "report.html").read_text()
+    for ref in ("Fig. 2", "Fig. 4", "Fig. 5", "Fig. 6", "Fig. 7", "Table 1", "38.4"):
+        assert ref in html, ref

@@ -127,6 +127,7 @@ def demo(out: str, quick: bool) -> None:
 
     path = run_demo(out, quick=quick, echo=click.echo)
     click.echo(f"run directory: {path.resolve()}")
+    click.echo(f"report: {(path / 'report.html').resolve()}   viewer: convscope serve {out}")
 
 
 def _layers(value: str | None) -> list[str] | None:
@@ -246,3 +247,26 @@ def filters(run: str, others: tuple[str, ...], n_images: int) -> None:
 
     paths = filters_run(open_run(run), others, n_images=n_images)
     click.echo("wrote " + ", ".join(str(p) for p in paths))
+
+
+@main.command()
+@_run_arg
+def report(run: str) -> None:
+    """Write RUN/report.html: every figure and table of the paper the run has, beside the paper's numbers, with
+    the config, the model and the timings. Opens from file:// with no server; says what is missing."""
+    from .report import build_report
+
+    click.echo(f"wrote {build_report(run)}")
+
+
+@main.command()
+@_run_arg
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (keep it local).")
+@click.option("--port", default=8000, show_default=True, type=int, help="Port to listen on.")
+def serve(run: str, host: str, port: int) -> None:
+    """Browse every layer and unit of RUN in a local web viewer: /layer/conv5/unit/42; arrow keys move between
+    units, [ and ] (or up/down) between layers, ? shows the keys."""
+    from .viewer import serve as run_viewer
+
+    click.echo(f"serving {run} at http://{host}:{port}/ (Ctrl-C to stop)")
+    run_viewer(run, host=host, port=port)

@@ -24,6 +24,7 @@ COMPARE_EPOCHS = 10  # the Fig. 6 runs stop here; zfnet_small's checkpoints/epoc
 def steps(out: Path, quick: bool) -> list[tuple[str, Callable[[], object]]]:
     """The demo's steps in order: (name, thunk)."""
     from . import runs
+    from .report import build_report
     from .train import train
 
     base = QUICK if quick else FULL
@@ -47,11 +48,13 @@ def steps(out: Path, quick: bool) -> list[tuple[str, Callable[[], object]]]:
         ("invariance (Fig. 5)", lambda: (runs.invariance_run(run(), n=n),
                                          runs.invariance_run(run(), n=n, mode="render"))),
         ("correspondence (Table 1)", lambda: runs.correspondence_run(run(), draws=2 if quick else 10)),
+        ("report", lambda: build_report(out)),
     ]
 
 
 def run_demo(out: str | Path, quick: bool = False, echo: Callable[[str], None] = print) -> Path:
-    """Run every step, write ``timings.json`` (step -> seconds), return the run directory."""
+    """Run every step, write ``timings.json`` (step -> seconds), return the run directory (its ``report.html``
+    is the page to open)."""
     out = Path(out)
     timings: dict[str, float] = {}
     for name, step in steps(out, quick):

@@ -1,0 +1,275 @@
+"""A local web viewer over a run's artifacts: every scanned layer and unit (paper Fig. 2: its top-9 projections
+beside the image patches, and its evolution over training, Fig. 4), and the run's other figures (Fig. 5-7).
+
+Each unit has a stable address (``/layer/conv5/unit/42``); arrow keys move between units and layers (``?``
+lists the keys). The viewer computes nothing: it reads the files the analyses wrote, at every request, so a
+figure written while it runs shows up on reload. It serves files of the run only (``/files/<path>`` refuses
+anything that resolves outside the run, symlinks included), answers only requests addressed to the host it
+is bound to (a guard against DNS rebinding), and renders every name from the run as text.
+"""
+
+from __future__ import annotations
+
+import mimetypes
+import socket
+from pathlib import Path
+from urllib.parse import quote
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.requests import Request
+from starlette.responses import FileResponse, HTMLResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from ..errors import ConvscopeError
+from ..report import REGISTRY, REPORT, environment, find, label_of, natural_key, read_json, require_run
+
+STATIC = Path(__file__).parent / "static"
+UNITS, EVOLUTION = "figures/units", "figures/evolution"
+LOCAL_HOSTS = ("127.0.0.1", "localhost")
+# Pages load scripts and styles from the viewer only; images from the viewer (and data: in the report).
+HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
+                                      "script-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
+           "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
+
+
+def _unit_files(folder: Path) -> dict[str, dict[int, Path]]:
+    """layer -> unit -> file, for ``folder/<layer>/unit_NNNN.png``."""
+    out: dict[str, dict[int, Path]] = {}
+    if folder.is_dir():
+        for layer_dir in folder.iterdir():
+            if not layer_dir.is_dir():
+                continue
+            for f in layer_dir.glob("unit_*.png"):
+                try:
+                    out.setdefault(layer_dir.name, {})[int(f.stem.split("_", 1)[1])] = f
+                except ValueError:
+                    continue
+    return out
+
+
+class Artifacts:
+    """What the run holds right now: layers, their units, and the unit and evolution pictures."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.units = _unit_files(root / UNITS)
+        self.evolution = _unit_files(root / EVOLUTION)
+        layers = set(self.units) | set(self.evolution)
+        for prefix in ("fig2_", "fig4_"):
+            layers |= {p.stem[len(prefix):] for p in (root / "figures").glob(f"{prefix}*.png")}
+        self.layers = sorted(layers, key=natural_key)
+
+    def layer_units(self, layer: str) -> list[int]:
+        return sorted(set(self.units.get(layer, {})) | set(self.evolution.get(layer, {})))
+
+    def sequence(self) -> list[tuple[str, int]]:
+        """Every (layer, unit), layer by layer: the order of ArrowRight / ArrowLeft."""
+        return [(layer, u) for layer in self.layers for u in self.layer_units(layer)]
+
+    def url(self, path: Path | None) -> str | None:
+        return None if path is None else "/files/" + quote(path.relative_to(self.root).as_posix())
+
+    def figure(self, name: str) -> str | None:
+        p = self.root / "figures" / name
+        return self.url(p) if p.is_file() else None
+
+
+def layer_url(layer: str) -> str:
+    return f"/layer/{quote(layer, safe='')}"
+
+
+def unit_url(layer: str, unit: int) -> str:
+    return f"{layer_url(layer)}/unit/{unit}"
+
+
+def safe_path(root: Path, relative: str) -> Path | None:
+    """The file ``relative`` names inside ``root``, or None when it is not a file there: ``..``, absolute
+    paths and symlinks that lead out of the run are refused after resolving, so no spelling gets around it."""
+    if not relative or "\x00" in relative or relative.startswith(("/", "\\")):
+        return None
+    try:
+        target = (root / relative).resolve(strict=True)
+    except (OSError, RuntimeError):
+        return None
+    if not target.is_relative_to(root) or not target.is_file():
+        return None
+    if any(part.startswith(".") for part in target.relative_to(root).parts):  # temp files of atomic writes
+        return None
+    return target
+
+
+def make_app(run_dir: str | Path, allowed_hosts: list[str] | tuple[str, ...] | None = None) -> Starlette:
+    """The viewer of the run in ``run_dir`` as an ASGI app. ``allowed_hosts``: the Host headers it answers
+    (default 127.0.0.1 and localhost); any other gets 400."""
+    root = require_run(run_dir)
+    env = environment()
+    template = env.get_template("viewer.html")
+    config = read_json(root / "config.json") or {}
+    classes = _classes(root, config)
+    topk_cache: dict[str, object] = {}
+
+    def page(request: Request, status: int = 200, **context) -> HTMLResponse:
+        art = context.pop("art", None) or Artifacts(root)
+        html = template.render(run_name=root.name, config=config, layers=[(n, layer_url(n)) for n in art.layers],
+                               report=art.url(root / REPORT) if (root / REPORT).is_file() else None,
+                               has_figures=bool(_other_figures(root)), **{"nav": {}, **context})
+        return HTMLResponse(html, status_code=status, headers=HEADERS)
+
+    def not_found(request: Request, message: str, art: Artifacts | None = None) -> HTMLResponse:
+        return page(request, 404, art=art, kind="missing", title="not found", message=message)
+
+    async def index(request: Request) -> Response:
+        art = Artifacts(root)
+        layers = [{"name": n, "url": layer_url(n), "units": [(u, unit_url(n, u)) for u in art.layer_units(n)]}
+                  for n in art.layers]
+        seq = art.sequence()
+        nav = {"next": unit_url(*seq[0])} if seq else {}
+        metrics = read_json(root / "metrics.json") or []
+        return page(request, art=art, kind="index", title=root.name, index_layers=layers, nav=nav, classes=classes,
+                    test=read_json(root / "test.json"), epochs=len(metrics))
+
+    async def layer_page(request: Request) -> Response:
+        layer = request.path_params["layer"]
+        art = Artifacts(root)
+        if layer not in art.layers:
+            return not_found(request, f"this run has no figures for layer {layer!r}; its layers: "
+                                      f"{', '.join(art.layers) or 'none yet (run `convscope scan RUN`)'}", art)
+        units = art.layer_units(layer)
+        i = art.layers.index(layer)
+        nav = {"next": unit_url(layer, units[0]) if units else None,
+               "prev-layer": layer_url(art.layers[i - 1]) if i > 0 else None,
+               "next-layer": layer_url(art.layers[i + 1]) if i + 1 < len(art.layers) else None}
+        thumbs = [{"unit": u, "url": unit_url(layer, u), "img": art.url(art.units.get(layer, {}).get(u))}
+                  for u in units]
+        return page(request, art=art, kind="layer", title=layer, layer=layer, nav=nav, thumbs=thumbs,
+                    fig2=art.figure(f"fig2_{layer}.png"), fig4=art.figure(f"fig4_{layer}.png"))
+
+    async def unit_page(request: Request) -> Response:
+        layer, unit = request.path_params["layer"], request.path_params["unit"]
+        art = Artifacts(root)
+        units = art.layer_units(layer)
+        if layer not in art.layers:
+            return not_found(request, f"this run has no figures for layer {layer!r}; its layers: "
+                                      f"{', '.join(art.layers) or 'none yet (run `convscope scan RUN`)'}", art)
+        if unit not in units:
+            shown = ", ".join(map(str, units[:40])) + (" ..." if len(units) > 40 else "")
+            return not_found(request, f"layer {layer!r} has no unit {unit} in this run; its units: {shown or 'none'}."
+                                      " `convscope scan RUN --units N` projects more units (all with --units 0 or "
+                                      "a large N)", art)
+        seq = art.sequence()
+        i = seq.index((layer, unit))
+        li = art.layers.index(layer)
+        prev_layer = next((n for n in reversed(art.layers[:li]) if art.layer_units(n)), None)
+        next_layer = next((n for n in art.layers[li + 1:] if art.layer_units(n)), None)
+        nav = {"prev": unit_url(*seq[i - 1]) if i > 0 else None,
+               "next": unit_url(*seq[i + 1]) if i + 1 < len(seq) else None,
+               "prev-layer": unit_url(prev_layer, art.layer_units(prev_layer)[0]) if prev_layer else None,
+               "next-layer": unit_url(next_layer, art.layer_units(next_layer)[0]) if next_layer else None,
+               "up": layer_url(layer)}
+        fig4 = read_json(root / "figures" / "fig4.json") or {}
+        epochs = fig4.get(layer, {}).get("epochs") if isinstance(fig4, dict) else None
+        return page(request, art=art, kind="unit", title=f"{layer} unit {unit}", layer=layer, unit=unit, nav=nav,
+                    unit_img=art.url(art.units.get(layer, {}).get(unit)),
+                    evolution_img=art.url(art.evolution.get(layer, {}).get(unit)), epochs=epochs,
+                    top=_top(root, topk_cache, layer, unit), position=(units.index(unit) + 1, len(units)))
+
+    async def figures_page(request: Request) -> Response:
+        art = Artifacts(root)
+        return page(request, art=art, kind="figures", title="figures", figures=[
+            {"entry": e, "images": [(label_of(p, root), art.url(p)) for p in ps]} for e, ps in _other_figures(root)])
+
+    async def files(request: Request) -> Response:
+        target = safe_path(root, request.path_params["path"])
+        if target is None:
+            return Response("not found: the viewer serves the files of this run only", 404, headers=HEADERS,
+                            media_type="text/plain")
+        media = mimetypes.guess_type(target.name)[0] or "application/octet-stream"
+        return FileResponse(target, media_type=media, headers=HEADERS)
+
+    routes = [Route("/", index), Route("/figures", figures_page), Route("/layer/{layer}", layer_page),
+              Route("/layer/{layer}/unit/{unit:int}", unit_page), Route("/files/{path:path}", files),
+              Mount("/static", app=StaticFiles(directory=STATIC), name="static")]
+    hosts = list(dict.fromkeys([*LOCAL_HOSTS, *(allowed_hosts or ())]))
+    app = Starlette(routes=routes, middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=hosts)])
+    app.state.run_dir = root
+    return app
+
+
+def _classes(root: Path, config: dict) -> list[str]:
+    from ..report import model_summary
+
+    summary = model_summary(root)
+    return list(summary["classes"]) if summary else list(config.get("classes") or [])
+
+
+def _other_figures(root: Path) -> list[tuple[object, list[Path]]]:
+    """The registry's figures other than the per-layer ones (Fig. 5, 6, 7, ...) that the run has."""
+    out = []
+    for entry in REGISTRY:
+        if entry.key in ("fig2", "fig4"):
+            continue
+        paths = find(root, entry.images)
+        if paths:
+            out.append((entry, paths))
+    return out
+
+
+def _top(root: Path, cache: dict, layer: str, unit: int) -> list[dict] | None:
+    """The unit's top-k activations from the scan (value, data-set image index, position), if scanned."""
+    path = root / "scan" / "topk.safetensors"
+    if not path.is_file():
+        return None
+    key = f"{path.stat().st_mtime_ns}"
+    if cache.get("key") != key:
+        from ..topk import load_topk
+
+        try:
+            cache["topk"], cache["info"] = load_topk(path)
+        except ConvscopeError:
+            return None
+        cache["key"] = key
+    topk = cache["topk"]
+    if layer not in topk.values or unit >= topk.values[layer].shape[0]:
+        return None
+    return [{"value": float(v), "image": int(i), "position": tuple(p)} for v, i, p in
+            zip(topk.values[layer][unit].tolist(), topk.images[layer][unit].tolist(),
+                topk.positions[layer][unit].tolist()) if i >= 0]
+
+
+def bind(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
+    """A listening socket on (host, port); a port in use or a bad host is a ConvscopeError."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise ConvscopeError(f"cannot serve on host {host!r}: {e}; use 127.0.0.1 or localhost") from e
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+        sock.listen(128)
+    except OSError as e:
+        sock.close()
+        raise ConvscopeError(f"cannot serve on {host}:{port}: {e.strerror or e}; the port is probably in use: "
+                             "pass another one with --port") from e
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning",
+          allowed_hosts: list[str] | tuple[str, ...] = ()) -> None:
+    """Serve the viewer of ``run_dir`` on http://host:port/ until interrupted (Ctrl-C). It answers requests
+    addressed to 127.0.0.1, localhost, ``host`` and ``allowed_hosts`` (names other machines reach it by)."""
+    import uvicorn
+
+    app = make_app(run_dir, allowed_hosts=[host, *allowed_hosts])
+    sock = bind(host, port)
+    try:
+        uvicorn.Server(uvicorn.Config(app, log_level=log_level)).run(sockets=[sock])
+    finally:
+        sock.close()
+
+
+__all__ = ["Artifacts", "bind", "make_app", "safe_path", "serve"]

@@ -1,0 +1,161 @@
+"""The static report (convscope.report): every registered artifact a run has appears with its caption and the
+paper's reference and numbers; missing ones are listed with the command that makes them; run text is escaped."""
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from markupsafe import escape
+from PIL import Image
+
+from convscope.errors import ConvscopeError
+from convscope.report import PAPER, REGISTRY, build_report, render_report
+
+EVIL = "<img src=x onerror=alert(1)>"
+CLASSES = ["cat", EVIL, "dog & co"]
+
+
+def _png(path: Path, size=(48, 32), color=(200, 60, 40)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).save(path)
+
+
+def make_fake_run(root: Path) -> Path:
+    """A small run directory: training outputs, a real (untrained) zfnet_small weights file with a malicious
+    class name, a few Fig. 2 / Fig. 4 pictures, Fig. 6 and Fig. 7 figures, Table 1 and Table 7; no Fig. 5,
+    Table 3 or transfer."""
+    from convscope.checkpoint import save_weights
+    from convscope.models import create_model
+
+    root.mkdir(parents=True, exist_ok=True)
+    config = {"model": "zfnet_small", "data": "synthetic", "epochs": 3, "seed": 0, "lr": 0.01, "momentum": 0.9,
+              "renorm": True, "model_options": {}}
+    (root / "config.json").write_text(json.dumps(config))
+    metrics = [{"epoch": e, "lr": 0.01, "train_loss": 2.0 / e, "train_top1_err": 0.9 / e, "val_loss": 2.1 / e,
+                "val_top1_err": 0.8 / e, "val_top5_err": 0.3 / e, "seconds": 1.5} for e in (1, 2, 3)]
+    (root / "metrics.json").write_text(json.dumps(metrics))
+    (root / "test.json").write_text(json.dumps({"loss": 0.5, "top1_err": 0.1234, "top5_err": 0.0456}))
+    (root / "timings.json").write_text(json.dumps({"train": 12.5, "scan": 3.0}))
+    save_weights(root / "model.safetensors", create_model("zfnet_small", num_classes=3), config, 3, 3, CLASSES)
+    fig = root / "figures"
+    for layer in ("conv1", "conv5"):
+        _png(fig / f"fig2_{layer}.png", (120, 80))
+    for unit in (2, 3, 7):
+        _png(fig / "units" / "conv5" / f"unit_{unit:04d}.png", (90, 40), (10 * unit, 100, 200))
+    _png(fig / "units" / "conv1" / "unit_0000.png", (90, 40))
+    _png(fig / "fig4_conv5.png", (160, 60), (30, 160, 60))
+    for unit in (2, 3):
+        _png(fig / "evolution" / "conv5" / f"unit_{unit:04d}.png", (150, 30), (30, 160, 60))
+    (fig / "fig4.json").write_text(json.dumps({"conv5": {"epochs": [1, 2, 3], "units": [2, 3]}}))
+    _png(fig / "fig6.png", (100, 50), (90, 90, 90))
+    _png(root / "occlusion" / "occlusion.png", (100, 50), (250, 200, 0))
+    (root / "tables").mkdir()
+    (root / "tables" / "table1.txt").write_text("region | Delta conv5\nleft_eye | 0.0612 +- 0.0040\n")
+    _png(root / "probes" / "probes.png", (80, 60), (0, 0, 200))
+    (root / "probes" / "probes.md").write_text("| layer | svm |\n|---|---|\n| conv1 | 41.5 |\n| conv5 | 77.7 |\n")
+    return root
+
+
+@pytest.fixture
+def fake_run(tmp_path):
+    return make_fake_run(tmp_path / "run")
+
+
+PRESENT = {"fig2", "fig4", "fig6", "fig7", "table1", "table7"}
+ABSENT = {"fig5": "convscope invariance", "table3": "convscope ablate", "transfer": "convscope transfer"}
+
+
+def test_report_shows_every_present_artifact_with_caption_and_paper_reference(fake_run):
+    path = build_report(fake_run)
+    assert path == fake_run / "report.html"
+    html = path.read_text()
+    for entry in REGISTRY:
+        if entry.key in PRESENT:
+            assert f'id="{entry.key}"' in html, entry.key
+            assert f"<b>{escape(entry.ref)}.</b> {escape(entry.caption)}" in html, entry.key
+    # images inlined: 2 Fig. 2 grids, Fig. 4, Fig. 6, Fig. 7, Table 7's plot, the training curve
+    assert html.count('src="data:image/png;base64,') == 7
+    assert all(src.startswith("data:image/png;base64,") for src in re.findall(r'src="([^"]*)"', html))
+    assert "left_eye | 0.0612 +- 0.0040" in html and "| conv5 | 77.7 |" in html
+    # the paper's numbers beside the run's
+    assert "<td>convscope: this run, test split</td><td class=\"num\">12.3</td>" in html
+    assert '<td class="num">4.6</td>' in html  # test top-5
+    assert '<td class="num">38.4</td><td class="num">16.5</td>' in html
+    assert "paper, Table 2: ZF ensemble of 6 nets, test" in html and ">14.8<" in html
+    assert '<td class="num">26.7</td>' in html  # last epoch's val top-1 error, 0.8 / 3
+    for what, value in PAPER["table1"] + PAPER["table7"]:
+        assert f"<td>{what}</td><td class=\"num\">{value}</td>" in html
+    assert "0.067 / 0.069 / 0.079" in html and "86.2" in html
+
+
+def test_report_lists_missing_artifacts_with_their_commands(fake_run):
+    html = render_report(fake_run)
+    missing = html.split('id="missing"')[1].split("</div>")[0]
+    for key, command in ABSENT.items():
+        entry = next(e for e in REGISTRY if e.key == key)
+        assert f"<code>{command} {fake_run}</code>" in missing
+        assert f'id="{key}"' not in html
+        assert entry.ref in missing
+    for key in PRESENT:
+        assert next(e for e in REGISTRY if e.key == key).title not in missing
+
+
+def test_report_model_config_timings_and_curve(fake_run):
+    from convscope.models import create_model
+
+    html = build_report(fake_run).read_text()
+    n = sum(p.numel() for p in create_model("zfnet_small", num_classes=3).parameters())
+    assert f"<b>{n:,}</b> parameters" in html
+    assert "<code>features.conv1</code>" in html and "Conv2d" in html
+    assert '<td>train</td><td class="num">12.5</td>' in html
+    assert '<b>15.5</b>' in html  # total of timings
+    curve = fake_run / "figures" / "training_curve.png"
+    with Image.open(curve) as im:
+        assert im.format == "PNG" and im.width > 300
+    assert "3 epochs, 4 s of training" in html
+
+
+def test_report_escapes_run_text(fake_run):
+    html = build_report(fake_run).read_text()
+    assert "<li>1: &lt;img src=x onerror=alert(1)&gt;</li>" in html
+    assert "<img src=x" not in html
+    assert "<li>2: dog &amp; co</li>" in html
+
+
+def test_report_of_a_bare_run_lists_everything_missing(tmp_path):
+    run = tmp_path / "bare"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"model": "zfnet_small", "data": "synthetic"}))
+    html = build_report(run).read_text()
+    for command in ("convscope scan", "convscope evolution", "convscope train --out", "convscope probe-layers"):
+        assert command in html
+    assert "No weights to summarise" in html
+    assert "data:image/png" not in html
+
+
+@pytest.mark.parametrize("kind", ["empty", "file", "nonexistent"])
+def test_report_of_a_non_run_raises(tmp_path, kind):
+    target = tmp_path / "x"
+    if kind == "empty":
+        target.mkdir()
+    elif kind == "file":
+        target.write_text("hi")
+    with pytest.raises(ConvscopeError, match="not a (convscope run|directory)"):
+        build_report(target)
+    assert not (target / "report.html").exists() if target.is_dir() else True
+
+
+@pytest.mark.slow  # trains the session's run the first time (minutes)
+def test_report_of_the_trained_run(trained_run, tmp_path):
+    """A real run (trained by the session fixture): its test error and the model's layers appear."""
+    run = tmp_path / "real"
+    shutil.copytree(trained_run.path, run, ignore=shutil.ignore_patterns("state.pt", "checkpoints"))
+    html = build_report(run).read_text()
+    test = json.loads((run / "test.json").read_text())
+    assert f'<td class="num">{100 * test["top1_err"]:.1f}</td>' in html
+    for name in trained_run.classes:
+        assert f": {escape(name)}</li>" in html
+    assert "<code>features.conv5</code>" in html
+    assert "convscope scan" in html  # no scan in the fixture run
