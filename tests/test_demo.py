@@ -19,7 +19,8 @@ def test_quick_demo_runs_every_step_and_resumes(tmp_path):
     assert list(timings) == [
         "train zfnet_small", "train alexnet_small (Fig. 6)", "train zfnet_small without renormalisation (Fig. 6)",
         "scan and Fig. 2", "evolution (Fig. 4)", "filters (Fig. 6)", "occlusion (Fig. 7)", "invariance (Fig. 5)",
-        "correspondence (Table 1)", "report",
+        "correspondence (Table 1)", "probes (Table 7)", "transfer to digits (Tables 4-5, Fig. 9)",
+        "ablation (Table 3, small budget)", "report",
     ]
     assert all(t >= 0 for t in timings.values())
     figures = out / "figures"
@@ -34,6 +35,9 @@ def test_quick_demo_runs_every_step_and_resumes(tmp_path):
     assert set(table["regions"]) == {"left_eye", "right_eye", "nose", "random"}
     assert 0 < table["mean"]["random"]["conv5"] < 1
     assert (out / "compare" / "alexnet_small" / "model.safetensors").is_file()
+    probes = json.loads((out / "probes" / "probes.json").read_text())["accuracy"]
+    assert sorted(probes) == ["softmax", "svm"] and all(0 <= v <= 1 for v in probes["svm"].values())
+    assert (out / "transfer" / "digits").is_dir() and (out / "ablation" / "no_conv34" / "model.safetensors").is_file()
     assert json.loads((out / "compare" / "zfnet_small-norenorm" / "config.json").read_text())["renorm"] is False
     # a second run reuses the trained models instead of retraining them
     state = out / "state.pt"
@@ -42,5 +46,6 @@ def test_quick_demo_runs_every_step_and_resumes(tmp_path):
     assert r.exit_code == 0 and state.stat().st_mtime_ns == mtime
     assert "run directory:" in r.output
     html = (out / "report.html").read_text()
-    for ref in ("Fig. 2", "Fig. 4", "Fig. 5", "Fig. 6", "Fig. 7", "Table 1", "38.4"):
+    for ref in ("Fig. 2", "Fig. 4", "Fig. 5", "Fig. 6", "Fig. 7", "Table 1", "Table 3", "Table 7", "Fig. 9", "38.4"):
         assert ref in html, ref
+

@@ -270,3 +270,69 @@ def serve(run: str, host: str, port: int) -> None:
 
     click.echo(f"serving {run} at http://{host}:{port}/ (Ctrl-C to stop)")
     run_viewer(run, host=host, port=port)
+
+
+@main.command()
+@_train_options
+@click.option("--variants", default=None,
+              help="Comma-separated Table 3 variants (full, no_conv34, no_fc7, no_fc67, no_conv34_fc67, fc_half, "
+                   "fc_double, wide_conv345, wide_conv345_fc_double). [all]")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Folder of the variant runs (each resumable; a finished one is not retrained).")
+def ablate(out: str, variants: str | None, **kw) -> None:
+    """Table 3: train the variants of a model (layers removed or resized) with the same data, budget and seed,
+    and write a table of train and validation errors beside the paper's."""
+    from .ablation import ablate_run, ablation_table
+
+    result, paths = ablate_run(_resolve(**kw), out, _layers(variants))
+    click.echo(ablation_table(result))
+    click.echo("wrote " + ", ".join(str(p) for p in paths))
+
+
+@main.command("probe-layers")
+@_run_arg
+@_layers_opt
+@click.option("--target", default="run", show_default=True,
+              help="Target set: run (its own splits), heldout, digits, folder (with --data-root).")
+@click.option("--data-root", default=None, type=click.Path(), help="ImageFolder tree for --target folder.")
+@click.option("--n-per-class", default=30, show_default=True, help="Training examples per class.")
+@click.option("--pool", default="max", show_default=True, help="Pooling of conv maps to a fixed grid: max or avg.")
+@click.option("--grid", default=2, show_default=True, help="Side of that grid.")
+@click.option("--seed", default=0, show_default=True)
+def probe_layers(run: str, layers: str | None, target: str, data_root: str | None, n_per_class: int, pool: str,
+                 grid: int, seed: int) -> None:
+    """Table 7: a linear SVM and a softmax on the features of each layer (conv1..conv5, fc6, fc7); mean
+    per-class accuracy per layer. Writes RUN/probes/."""
+    from .probes import probe_run, probe_table
+
+    result, paths = probe_run(run, _layers(layers), n_per_class=n_per_class, target=target, data_root=data_root,
+                              seed=seed, pool=pool, grid=grid)
+    click.echo(probe_table(result))
+    click.echo("wrote " + ", ".join(str(p) for p in paths))
+
+
+@main.command()
+@_run_arg
+@click.option("--target", default="heldout", show_default=True,
+              help="heldout (synthetic classes the run did not see), digits, folder (with --data-root).")
+@click.option("--data-root", default=None, type=click.Path(), help="ImageFolder tree (Caltech-101/256).")
+@click.option("--shots", default="1,2,5,10,15,30", show_default=True, help="Training images per class.")
+@click.option("--folds", default=5, show_default=True, help="Seeded folds per number of shots.")
+@click.option("--layer", default="fc7", show_default=True, help="Frozen features: the output of this layer.")
+@click.option("--scratch/--no-scratch", default=True, help="Also train the same net from scratch. [on]")
+@click.option("--scratch-steps", default=300, show_default=True, help="SGD steps of each from-scratch net.")
+@click.option("--seed", default=0, show_default=True)
+def transfer(run: str, target: str, data_root: str | None, shots: str, folds: int, layer: str, scratch: bool,
+             scratch_steps: int, seed: int) -> None:
+    """Tables 4-5, Fig. 9: the run's layers 1-7 frozen and a new softmax trained on n images per class of a
+    target set, against the same net trained from scratch; mean per-class accuracy +- spread over folds."""
+    from .transfer import transfer_run, transfer_table
+
+    try:
+        shot_list = [int(s) for s in shots.split(",") if s.strip()]
+    except ValueError as e:
+        raise ConvscopeError(f"--shots must be comma-separated integers, got {shots!r}") from e
+    result, paths = transfer_run(run, target=target, data_root=data_root, shots=shot_list, folds=folds, seed=seed,
+                                 layer=layer, scratch=scratch, scratch_steps=scratch_steps)
+    click.echo(transfer_table(result))
+    click.echo("wrote " + ", ".join(str(p) for p in paths))

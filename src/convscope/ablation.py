@@ -1,0 +1,206 @@
+"""Architecture ablation (paper section 4, Table 3): the base model retrained with layers removed or resized, on
+the same data, with the same budget and seed, each variant a resumable run of its own (``out_dir/<variant>``).
+
+A finished variant is loaded, not retrained (``train`` does that); an interrupted one resumes from its last
+finished epoch. Errors reported: **train** top-1 error is the final model's, evaluated in eval mode (no dropout,
+no augmentation) on the whole training set -- how well the variant fits, which is what Table 3 contrasts with
+validation error to show over-fitting; the running error of the last epoch would mix in dropout and the weights
+of the whole epoch. **Val** top-1 and top-5 error are the final model's on the validation split.
+
+Variants of a base with widths (w1..w5) and fc (f6, f7), named after the paper's rows:
+
+========================  =========================================  ============================================
+variant                   change                                     paper row (Table 3)
+========================  =========================================  ============================================
+full                      none                                       Our Model (as per Fig. 3)
+no_conv34                 remove conv3, conv4                        Removed layers 3,4
+no_fc7                    remove fc7                                 Removed layer 7
+no_fc67                   remove fc6, fc7                            Removed layers 6,7
+no_conv34_fc67            remove conv3, conv4, fc6, fc7              Removed layers 3,4,6,7
+fc_half                   fc6, fc7 halved                            Adjust layers 6,7: 2048 units
+fc_double                 fc6, fc7 doubled                           Adjust layers 6,7: 8192 units (our model)
+wide_conv345              conv3-5 x 4/3, 8/3, 2 (384,384,256 ->      Adjust layers 3,4,5: 512,1024,512 maps
+                          512,1024,512 in the paper)
+wide_conv345_fc_double    both of the last two                       Adjust layers 6,7: 8192 units and Layers
+                                                                     3,4,5: 512,1024,512 maps
+========================  =========================================  ============================================
+
+The paper ran the removals and the 2048-unit row on its replication of Krizhevsky's net, the rest on its own
+model; the table shows each variant beside its paper row and that row's base.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from . import artifacts
+from . import train as training
+from .config import TrainConfig
+from .errors import ConvscopeError, unknown
+
+# From the paper's Table 3 (ImageNet 2012 validation set): train top-1, val top-1, val top-5 error (%).
+PAPER_TABLE3: dict[str, tuple[float, float, float]] = {
+    "Our replication of Krizhevsky et al., 1 convnet": (35.1, 40.5, 18.1),
+    "Removed layers 3,4": (41.8, 45.4, 22.1),
+    "Removed layer 7": (27.4, 40.0, 18.4),
+    "Removed layers 6,7": (27.4, 44.8, 22.4),
+    "Removed layers 3,4,6,7": (71.1, 71.3, 50.1),
+    "Adjust layers 6,7: 2048 units": (40.3, 41.7, 18.8),
+    "Adjust layers 6,7: 8192 units": (26.8, 40.0, 18.1),
+    "Our Model (as per Fig. 3)": (33.1, 38.4, 16.6),
+    "Our Model, adjust layers 6,7: 8192 units": (26.2, 40.0, 17.4),
+    "Our Model, adjust layers 3,4,5: 512,1024,512 maps": (35.7, 37.5, 16.0),
+    "Our Model, adjust layers 6,7: 8192 units and layers 3,4,5: 512,1024,512 maps": (40.0, 37.3, 15.5),
+}
+KRIZHEVSKY, OURS = "Our replication of Krizhevsky et al., 1 convnet", "Our Model (as per Fig. 3)"
+
+# conv3-5 widths of the paper's widened row over its base: 384,384,256 -> 512,1024,512
+WIDEN = (512 / 384, 1024 / 384, 512 / 256)
+
+
+def _widen(w: Sequence[int]) -> tuple[int, ...]:
+    return (w[0], w[1], *(round(x * r) for x, r in zip(w[2:], WIDEN)))
+
+
+# variant -> (paper row, its base row, model options from the base spec's widths and fc)
+VARIANTS: dict[str, tuple[str, str, Callable[[Any], dict[str, Any]]]] = {
+    "full": (OURS, OURS, lambda s: {}),
+    "no_conv34": ("Removed layers 3,4", KRIZHEVSKY, lambda s: {"remove": ["conv3", "conv4"]}),
+    "no_fc7": ("Removed layer 7", KRIZHEVSKY, lambda s: {"remove": ["fc7"]}),
+    "no_fc67": ("Removed layers 6,7", KRIZHEVSKY, lambda s: {"remove": ["fc6", "fc7"]}),
+    "no_conv34_fc67": ("Removed layers 3,4,6,7", KRIZHEVSKY,
+                       lambda s: {"remove": ["conv3", "conv4", "fc6", "fc7"]}),
+    "fc_half": ("Adjust layers 6,7: 2048 units", KRIZHEVSKY, lambda s: {"fc": [f // 2 for f in s.fc]}),
+    "fc_double": ("Our Model, adjust layers 6,7: 8192 units", OURS, lambda s: {"fc": [f * 2 for f in s.fc]}),
+    "wide_conv345": ("Our Model, adjust layers 3,4,5: 512,1024,512 maps", OURS,
+                     lambda s: {"widths": list(_widen(s.widths))}),
+    "wide_conv345_fc_double": ("Our Model, adjust layers 6,7: 8192 units and layers 3,4,5: 512,1024,512 maps",
+                               OURS, lambda s: {"widths": list(_widen(s.widths)), "fc": [f * 2 for f in s.fc]}),
+}
+
+
+@dataclass
+class AblationRow:
+    variant: str
+    model_options: dict[str, Any]
+    params: int
+    train_top1_err: float
+    val_top1_err: float
+    val_top5_err: float
+    paper_row: str
+    paper: tuple[float, float, float]  # train top-1, val top-1, val top-5 (%)
+    paper_base: tuple[float, float, float]
+    run_dir: str
+
+
+@dataclass
+class AblationResult:
+    """Paper Table 3 on the base config: one row per variant."""
+
+    base: dict[str, Any]
+    rows: list[AblationRow]
+
+    def row(self, variant: str) -> AblationRow:
+        for r in self.rows:
+            if r.variant == variant:
+                return r
+        raise unknown("variant", variant, [r.variant for r in self.rows])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"base": self.base, "train_error": "final model, eval mode, whole training set",
+                "source": "paper Table 3, ImageNet 2012 validation set",
+                "rows": [r.__dict__ for r in self.rows]}
+
+
+def variant_config(base_cfg: TrainConfig, variant: str) -> TrainConfig:
+    """The base config with the variant's model options (same data, budget and seed)."""
+    from .models import create_model
+
+    if variant not in VARIANTS:
+        raise unknown("variant", variant, list(VARIANTS))
+    spec = getattr(create_model(base_cfg.model, num_classes=2, **base_cfg.model_options), "spec", None)
+    if spec is None:
+        raise ConvscopeError(f"model {base_cfg.model!r} is not a ZF-style net; Table 3's variants need one "
+                             "of zfnet, alexnet, zfnet_small, alexnet_small")
+    if spec.remove and variant != "full":
+        raise ConvscopeError(f"the base model already removes {list(spec.remove)}; ablate from the full model")
+    options = {**base_cfg.model_options, **VARIANTS[variant][2](spec)}
+    return replace(base_cfg, model_options=options)
+
+
+def ablate(base_cfg: TrainConfig, out_dir: str | os.PathLike, variants: Sequence[str] | None = None,
+           progress: bool | None = None) -> AblationResult:
+    """Paper Table 3: train every variant of ``base_cfg`` into ``out_dir/<variant>`` (resuming, or loading a
+    finished one) and measure its train and validation errors. The data are loaded once and shared."""
+    variants = list(variants) if variants is not None else list(VARIANTS)
+    if not variants:
+        raise ConvscopeError("no variants to train")
+    configs = {v: variant_config(base_cfg, v) for v in variants}  # every bad name fails before any training
+    base_cfg.validate()
+    splits = training.load_data(base_cfg)
+    out_dir = Path(out_dir)
+    rows = []
+    for v in variants:
+        result = training.train(configs[v], out_dir / v, splits=splits, progress=progress)
+        fit = training.evaluate(result.model, splits.train)
+        last = result.metrics[-1]
+        paper_row, base_row, _ = VARIANTS[v]
+        rows.append(AblationRow(v, configs[v].model_options, sum(p.numel() for p in result.model.parameters()),
+                                fit["top1_err"], last["val_top1_err"], last["val_top5_err"], paper_row,
+                                PAPER_TABLE3[paper_row], PAPER_TABLE3[base_row], str(out_dir / v)))
+    return AblationResult(base_cfg.to_dict(), rows)
+
+
+def ablation_table(result: AblationResult) -> str:
+    """Table 3 as text: ours (errors %) beside the paper's row and the paper's base for that row."""
+    lines = ["| variant | params | train top-1 | val top-1 | val top-5 | paper row | paper train / val top-1 / "
+             "val top-5 | paper base |", "|---|---|---|---|---|---|---|---|"]
+    for r in result.rows:
+        paper = " / ".join(f"{x:.1f}" for x in r.paper)
+        base = " / ".join(f"{x:.1f}" for x in r.paper_base)
+        lines.append(f"| {r.variant} | {r.params / 1e6:.2f} M | {100 * r.train_top1_err:.1f} | "
+                     f"{100 * r.val_top1_err:.1f} | {100 * r.val_top5_err:.1f} | {r.paper_row} | {paper} | {base} |")
+    b = result.base
+    lines.append(f"\nerrors in %; {b['model']} on {b['data']}, {b['epochs']} epochs, seed {b['seed']}; train error: "
+                 "final model in eval mode on the whole training set. Paper: Table 3, ImageNet 2012 val.")
+    return "\n".join(lines) + "\n"
+
+
+def ablation_figure(result: AblationResult):
+    """Bars of train and val top-1 error per variant, with the paper's val top-1 of the matching row."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    x = np.arange(len(result.rows))
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(x)), 4))
+    ax.bar(x - 0.27, [100 * r.train_top1_err for r in result.rows], 0.27, label="train top-1 (ours)")
+    ax.bar(x, [100 * r.val_top1_err for r in result.rows], 0.27, label="val top-1 (ours)")
+    ax.bar(x + 0.27, [r.paper[1] for r in result.rows], 0.27, label="val top-1 (paper, ImageNet)", alpha=0.6)
+    ax.set_xticks(x, [r.variant for r in result.rows], rotation=30, ha="right")
+    ax.set_ylabel("top-1 error (%)")
+    ax.set_title("Table 3: ablation")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def write_ablation(result: AblationResult, directory: str | os.PathLike) -> list[Path]:
+    """``ablation.json``, ``ablation.md`` (the table) and ``ablation.png`` (bar chart) in ``directory``."""
+    directory = Path(directory)
+    return [artifacts.write_json(directory / "ablation.json", result.to_dict()),
+            artifacts.write_text(directory / "ablation.md", ablation_table(result)),
+            artifacts.save_figure(directory / "ablation.png", ablation_figure(result))]
+
+
+def ablate_run(base_cfg: TrainConfig, out_dir: str | os.PathLike, variants: Sequence[str] | None = None,
+               progress: bool | None = None) -> tuple[AblationResult, list[Path]]:
+    """CLI entry (``convscope ablate``): train the variants and write the table beside their runs."""
+    result = ablate(base_cfg, out_dir, variants, progress)
+    return result, write_ablation(result, out_dir)

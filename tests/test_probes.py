@@ -1,0 +1,98 @@
+"""Per-layer linear probes (paper Table 7): per-class accuracy, pooled features from one forward pass, bad input,
+and accuracy rising with depth on the trained model."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import convscope as cs
+from convscope import probes
+from convscope.data import ImageSet
+from convscope.errors import ConvscopeError
+from convscope.probes import extract_features, mean_per_class_accuracy, probe_layers, sample_per_class
+
+
+def _images(labels, size=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.as_tensor(labels)
+    images = torch.randint(0, 256, (len(labels), 3, size, size), generator=g, dtype=torch.uint8)
+    return ImageSet(images, labels, [str(c) for c in range(int(labels.max()) + 1)])
+
+
+def test_mean_per_class_accuracy_averages_classes_not_examples():
+    # four of class 0 all right, one of class 1 wrong: plain accuracy 0.8, per class (1 + 0) / 2
+    pred = torch.tensor([0, 0, 0, 0, 0])
+    target = torch.tensor([0, 0, 0, 0, 1])
+    assert (pred == target).double().mean().item() == pytest.approx(0.8)
+    assert mean_per_class_accuracy(pred, target, 2) == pytest.approx(0.5)
+    # class 2 has no test examples: it is not averaged in (not counted as 0 or 1)
+    assert mean_per_class_accuracy(pred, target, 3) == pytest.approx(0.5)
+    # 1 of 3 right in class 0, 2 of 2 in class 1, 0 of 1 in class 2: (1/3 + 1 + 0) / 3; plain 3/6
+    pred = torch.tensor([0, 1, 1, 1, 1, 0])
+    target = torch.tensor([0, 0, 0, 1, 1, 2])
+    assert mean_per_class_accuracy(pred, target, 3) == pytest.approx((1 / 3 + 1 + 0) / 3)
+
+
+def test_sample_per_class_is_seeded_and_refuses_too_many():
+    labels = torch.tensor([0] * 5 + [1] * 8 + [2] * 6)
+    a, b = sample_per_class(labels, 4, seed=1), sample_per_class(labels, 4, seed=1)
+    assert torch.equal(a, b)
+    assert torch.bincount(labels[a]).tolist() == [4, 4, 4]
+    assert not torch.equal(a, sample_per_class(labels, 4, seed=2))
+    with pytest.raises(ConvscopeError, match="class 0 has 5 training examples, fewer than the 6"):
+        sample_per_class(labels, 6, seed=0)
+
+
+def test_features_are_pooled_layer_outputs_from_one_forward_per_batch(monkeypatch):
+    torch.manual_seed(0)
+    model = cs.create_model("zfnet_small", 3).eval()
+    data = _images([0, 1, 2, 0, 1])
+    calls = []
+    real = probes.run_to_all
+    monkeypatch.setattr(probes, "run_to_all", lambda *a, **k: calls.append(1) or real(*a, **k))
+    feats = extract_features(model, data, ["conv1", "conv5", "fc7"], pool="max", grid=2, batch_size=2)
+    assert len(calls) == 3  # batches of 2, 2, 1: every layer from the same pass
+    assert {k: tuple(v.shape) for k, v in feats.items()} == {"conv1": (5, 128), "conv5": (5, 256),
+                                                             "fc7": (5, 256)}
+    x = data.batch(torch.arange(5))[0]
+    relu1 = torch.relu(model.features.conv1(model.normalize(x)))
+    torch.testing.assert_close(feats["conv1"], F.adaptive_max_pool2d(relu1, 2).flatten(1))
+    with torch.no_grad():
+        fc7 = model.classifier[:-2](model.features(model.normalize(x)))  # up to relu7: no dropout in eval
+    torch.testing.assert_close(feats["fc7"], fc7)
+    avg = extract_features(model, data, ["conv1"], pool="avg", grid=3)["conv1"]
+    torch.testing.assert_close(avg, F.adaptive_avg_pool2d(relu1, 3).flatten(1))
+
+
+def test_bad_input_is_a_clear_error():
+    model = cs.create_model("zfnet_small", 2)
+    two = _images([0, 1] * 4)
+    with pytest.raises(ConvscopeError, match="unknown layer 'conv9'"):
+        probe_layers(model, two, two, layers=["conv9"])
+    one = ImageSet(two.images, torch.zeros(8, dtype=torch.long), ["only"])
+    with pytest.raises(ConvscopeError, match="at least two"):
+        probe_layers(model, one, one)
+    with pytest.raises(ConvscopeError, match="fewer than the 5 per class"):
+        probe_layers(model, two, two, n_per_class=5)
+    with pytest.raises(ConvscopeError, match="unknown pool"):
+        probe_layers(model, two, two, pool="median")
+
+
+@pytest.mark.slow
+def test_probe_accuracy_rises_with_depth(trained_run, tmp_path):
+    """Table 7: deeper layers' features are more discriminative. Measured (zfnet_small, 20 epochs on all 12
+    classes, 30 per class of val, 600 test images): softmax conv1 21 -> conv2 49 -> conv3 74 -> conv4 83 -> conv5 87
+    -> fc7 91 %; SVM 18 -> 40 -> 62 -> 75 -> 81 -> 90 %."""
+    from convscope.data.synthetic import load_synthetic
+
+    train, test = load_synthetic("val", n=360), load_synthetic("test", n=600)
+    result = probe_layers(trained_run.model, train, test, n_per_class=30, seed=0)
+    soft, svm = result.accuracy["softmax"], result.accuracy["svm"]
+    for acc in (soft, svm):
+        assert acc["conv1"] + 0.15 < acc["conv3"]
+        assert acc["conv3"] + 0.06 < acc["conv5"]
+        assert acc["conv5"] > 3 / 12  # far above chance (1/12)
+    assert soft["fc7"] > soft["conv1"] + 0.3
+    paths = probes.write_probes(result, tmp_path)
+    assert [p.name for p in paths] == ["probes.json", "probes.md", "probes.png"]
+    assert "| conv5 | 256 |" in (tmp_path / "probes.md").read_text()
