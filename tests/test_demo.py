@@ -16,12 +16,12 @@ def test_quick_demo_runs_every_step_and_resumes(tmp_path):
     r = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out)], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     timings = json.loads((out / "timings.json").read_text())
-    assert list(timings) == [
+    assert set(timings) == {
         "train zfnet_small", "train alexnet_small (Fig. 6)", "train zfnet_small without renormalisation (Fig. 6)",
         "scan and Fig. 2", "evolution (Fig. 4)", "filters (Fig. 6)", "occlusion (Fig. 7)", "invariance (Fig. 5)",
         "correspondence (Table 1)", "probes (Table 7)", "transfer to digits (Tables 4-5, Fig. 9)",
         "ablation (Table 3, small budget)", "report",
-    ]
+    }
     assert all(t >= 0 for t in timings.values())
     figures = out / "figures"
     for name in ("fig2_conv1.png", "fig2_conv5.png", "fig4_conv3.png", "fig6.png", "fig7.png", "fig5.png",

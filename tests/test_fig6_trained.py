@@ -1,0 +1,32 @@
+"""Fig. 6 on the embedded data: alexnet_small against zfnet_small at the same data and budget (10 epochs:
+zfnet_small's epoch-10 checkpoint of the trained run).
+
+Measured here (16 validation images): zfnet_small at epoch 10 puts 0.32 of its conv1 filter energy at mid
+frequencies, alexnet_small 0.28 (more at high: 0.62 vs 0.60); no filter is dead in either, so the paper's
+"dead filters" do not appear at this budget. Layer-2 projections: 0.58 of zfnet_small's energy lies above its
+sampling limit (1/4 cycle/px) against 0.87 of alexnet_small's above its own (1/8), the paper's aliasing.
+"""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from convscope.checkpoint import load_model
+from convscope.filters import compare
+from convscope.train import train
+
+pytestmark = pytest.mark.slow
+
+
+def test_alexnet_small_layer1_has_less_mid_frequency_energy_and_layer2_aliases_more(trained_run, request):
+    zf10 = load_model(trained_run.checkpoints[10])[0]
+    folder = request.config.cache.mkdir("convscope-trained")
+    alex = train(replace(trained_run.config, model="alexnet_small", epochs=10), folder / "alexnet_small-10",
+                 progress=False).model
+    images = trained_run.split("val").batch(torch.arange(16))[0]
+    d = compare({"zf": zf10, "alex": alex}, images)
+    zf_stats, alex_stats = d["zf"].stats, d["alex"].stats
+    assert alex_stats.dead_fraction >= zf_stats.dead_fraction
+    assert alex_stats.band_fractions["mid"] < zf_stats.band_fractions["mid"]
+    assert d["alex"].aliasing.fraction > d["zf"].aliasing.fraction + 0.15
