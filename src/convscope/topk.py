@@ -43,11 +43,13 @@ class TopK:
         return list(self.values)
 
 
-def _select(values: torch.Tensor, images: torch.Tensor, positions: torch.Tensor, k: int):
-    """The first k candidates per channel by (value descending, image index ascending)."""
-    by_index = images.argsort(dim=1, stable=True)
-    values, images = values.gather(1, by_index), images.gather(1, by_index)
-    positions = positions.gather(1, by_index[..., None].expand(-1, -1, 2))
+def _select(values: torch.Tensor, images: torch.Tensor, positions: torch.Tensor, k: int, by_index: bool = False):
+    """The first k candidates per channel by (value descending, image index ascending); ``by_index``: the
+    candidates already come in ascending image order (one batch), so one stable sort by value suffices."""
+    if not by_index:
+        order = images.argsort(dim=1, stable=True)
+        values, images = values.gather(1, order), images.gather(1, order)
+        positions = positions.gather(1, order[..., None].expand(-1, -1, 2))
     order = values.argsort(dim=1, descending=True, stable=True)[:, :k]
     return values.gather(1, order), images.gather(1, order), positions.gather(1, order[..., None].expand(-1, -1, 2))
 
@@ -81,7 +83,9 @@ def from_strongest(strongest_: dict[str, tuple[torch.Tensor, torch.Tensor]], ind
     out = empty(k, {})
     for name, (best, pos) in strongest_.items():
         c, n = best.shape[1], best.shape[0]
-        v, i, p = _select(best.T.contiguous(), index.long().expand(c, n).contiguous(), pos.transpose(0, 1), k)
+        index = index.long()
+        ascending = bool((index[1:] > index[:-1]).all())
+        v, i, p = _select(best.T.contiguous(), index.expand(c, n).contiguous(), pos.transpose(0, 1), k, ascending)
         out.values[name], out.images[name], out.positions[name] = _pad(v, i, p, k)
     out.seen = len(index)
     return out
