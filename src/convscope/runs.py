@@ -105,8 +105,7 @@ def evolution_run(run: Run, layers=None, units: int = 8, n_images: int = 2000, s
         raise ConvscopeError(f"the run {str(run.path)!r} saved no epoch checkpoints (epochs 1, 2, 5, 10, ...)")
     layers = list(layers or run.conv_layers())
     data = run.split("train")
-    g = torch.Generator().manual_seed(seed)
-    indices = torch.sort(torch.randperm(len(data), generator=g)[:n_images]).values
+    indices = select_units(len(data), n_images, seed)  # a seeded subset of training images
     models = {epoch: load_model(path)[0] for epoch, path in run.checkpoints.items()}
     chosen = {}
     for layer in layers:

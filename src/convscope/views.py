@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from . import artifacts
+from .data import seeded_subset
 from .deconvnet import Projector, eval_mode, input_channels, run_to
 from .errors import ConvscopeError
 from .imaging import make_grid, to_image, upscale
@@ -44,10 +45,7 @@ class UnitViews:
 
 def select_units(n_channels: int, n: int | None, seed: int = 0) -> torch.Tensor:
     """All units (``n`` None or >= ``n_channels``), or a seeded random subset of ``n``, in ascending order."""
-    if n is None or n >= n_channels:
-        return torch.arange(n_channels)
-    g = torch.Generator().manual_seed(seed)
-    return torch.sort(torch.randperm(n_channels, generator=g)[:n]).values
+    return torch.arange(n_channels) if n is None else seeded_subset(n_channels, n, seed)
 
 
 def _place(crop: torch.Tensor, box, image_hw, canvas_hw, fill: float) -> torch.Tensor:

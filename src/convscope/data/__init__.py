@@ -88,7 +88,7 @@ def load_splits(name: str = "synthetic", root: str | Path | None = None, size: i
             splits = Splits(train_full.subset(train), train_full.subset(val), test)
         if size and name == "cifar10" and size != splits.train.image_size:
             splits = Splits(*(resized(s, size) for s in (splits.train, splits.val, splits.test)))
-        splits = Splits(*(s if n is None else s.subset(_sample(len(s), n, seed))
+        splits = Splits(*(s if n is None else s.subset(seeded_subset(len(s), n, seed))
                           for s, n in ((splits.train, n_train), (splits.val, n_val), (splits.test, n_test))))
     for split in ("train", "val", "test"):
         if len(getattr(splits, split)) == 0:
@@ -96,8 +96,9 @@ def load_splits(name: str = "synthetic", root: str | Path | None = None, size: i
     return splits
 
 
-def _sample(total: int, n: int, seed: int) -> torch.Tensor:
-    """A seeded random subset of n indices, in order (sets on disk are often sorted by class)."""
+def seeded_subset(total: int, n: int, seed: int) -> torch.Tensor:
+    """A seeded random subset of ``n`` of ``range(total)`` (all of them when ``n >= total``), in ascending order
+    (sets on disk are often sorted by class, so the first n would not do)."""
     g = torch.Generator().manual_seed(seed)
     return torch.sort(torch.randperm(total, generator=g)[:n]).values
 
@@ -109,4 +110,5 @@ def resized(data: ImageSet, size: int) -> ImageSet:
     return ImageSet(images, data.labels, data.classes, None, data.name)
 
 
-__all__ = ["DATASETS", "GroundTruth", "ImageSet", "Splits", "list_datasets", "load_splits", "stratified_split"]
+__all__ = ["DATASETS", "GroundTruth", "ImageSet", "Splits", "list_datasets", "load_splits", "seeded_subset",
+           "stratified_split"]
