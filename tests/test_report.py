@@ -50,9 +50,8 @@ def make_fake_run(root: Path) -> Path:
         _png(fig / "evolution" / "conv5" / f"unit_{unit:04d}.png", (150, 30), (30, 160, 60))
     (fig / "fig4.json").write_text(json.dumps({"conv5": {"epochs": [1, 2, 3], "units": [2, 3]}}))
     _png(fig / "fig6.png", (100, 50), (90, 90, 90))
-    _png(root / "occlusion" / "occlusion.png", (100, 50), (250, 200, 0))
-    (root / "tables").mkdir()
-    (root / "tables" / "table1.txt").write_text("region | Delta conv5\nleft_eye | 0.0612 +- 0.0040\n")
+    _png(fig / "fig7.png", (100, 50), (250, 200, 0))
+    (fig / "table1.txt").write_text("region | Delta conv5\nleft_eye | 0.0612 +- 0.0040\n")
     _png(root / "probes" / "probes.png", (80, 60), (0, 0, 200))
     (root / "probes" / "probes.md").write_text("| layer | svm |\n|---|---|\n| conv1 | 41.5 |\n| conv5 | 77.7 |\n")
     return root
@@ -64,7 +63,8 @@ def fake_run(tmp_path):
 
 
 PRESENT = {"fig2", "fig4", "fig6", "fig7", "table1", "table7"}
-ABSENT = {"fig5": "convscope invariance", "table3": "convscope ablate", "transfer": "convscope transfer"}
+ABSENT = {"fig5": "convscope invariance {run}", "table3": "convscope ablate --model zfnet_small --out {run}/ablation",
+          "transfer": "convscope transfer {run}"}
 
 
 def test_report_shows_every_present_artifact_with_caption_and_paper_reference(fake_run):
@@ -95,7 +95,7 @@ def test_report_lists_missing_artifacts_with_their_commands(fake_run):
     missing = html.split('id="missing"')[1].split("</div>")[0]
     for key, command in ABSENT.items():
         entry = next(e for e in REGISTRY if e.key == key)
-        assert f"<code>{command} {fake_run}</code>" in missing
+        assert f"<code>{command.format(run=fake_run)}</code>" in missing
         assert f'id="{key}"' not in html
         assert entry.ref in missing
     for key in PRESENT:

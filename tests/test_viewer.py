@@ -69,7 +69,7 @@ def test_index_and_layer_pages(client):
     assert 'src="/files/figures/fig2_conv5.png"' in layer and 'src="/files/figures/fig4_conv5.png"' in layer
     assert links(layer) == {"next": "/layer/conv5/unit/2", "prev-layer": "/layer/conv1"}
     figures = client.get("/figures").text
-    assert 'src="/files/figures/fig6.png"' in figures and 'src="/files/occlusion/occlusion.png"' in figures
+    assert 'src="/files/figures/fig6.png"' in figures and 'src="/files/figures/fig7.png"' in figures
     assert "Fig. 7" in figures and "Occlusion sensitivity" in figures
 
 

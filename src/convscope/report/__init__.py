@@ -61,8 +61,9 @@ class Entry:
     texts: tuple[str, ...] = ()
 
 
-# The artifact registry: which files of a run are which figure of the paper, in the paper's order. Adjust the
-# globs here when an analysis writes elsewhere; the report and the viewer both read this list.
+# The artifact registry: which files of a run are which figure of the paper, in the paper's order (where the
+# run-level entry points of runs.py, ablation, probes and transfer write them); the report and the viewer both
+# read this list.
 REGISTRY: list[Entry] = [
     Entry("fig2", "Fig. 2", "Feature visualisation",
           "Per layer, a subset of feature maps; per map its top-9 activations over the validation set, each "
@@ -76,42 +77,36 @@ REGISTRY: list[Entry] = [
           "Distance between the feature vectors of original and transformed images at layer 1 and layer 7, and "
           "the probability of the true label, as the image is translated, scaled and rotated.",
           "convscope invariance {run}",
-          images=("figures/fig5*.png", "figures/invariance*.png", "invariance/*.png")),
+          images=("figures/fig5*.png",)),
     Entry("fig6", "Fig. 6", "Architecture diagnosis of layers 1 and 2",
           "Layer-1 filters with and without filter renormalisation, and with a large (11x11, stride 4) vs the "
           "paper's smaller (7x7, stride 2) first layer.",
           "convscope filters {run}",
-          images=("figures/fig6*.png", "figures/fig6/*.png", "filters/*.png"),
-          texts=("figures/fig6*.md", "filters/*.md")),
+          images=("figures/fig6.png",)),
     Entry("fig7", "Fig. 7", "Occlusion sensitivity",
           "A grey square slid over the image: (b) total activation of the strongest layer-5 map, (c) its "
           "projection, (d) probability of the correct class, (e) most probable class, per occluder position.",
           "convscope occlusion {run}",
-          images=("figures/fig7*.png", "figures/occlusion*.png", "occlusion/*.png")),
+          images=("figures/fig7.png",)),
     Entry("table1", "Table 1", "Correspondence of object parts",
           "The same part masked in 5 images of one class, or random regions: Delta, the mean sign change of the "
           "feature differences over image pairs. Lower than random means the parts are encoded consistently.",
           "convscope correspondence {run}",
-          images=("figures/table1*.png",),
-          texts=("tables/table1*.txt", "tables/table1*.md", "figures/table1*.txt", "tables/correspondence*.txt",
-                 "figures/correspondence*.txt", "correspondence/*.txt")),
+          texts=("figures/table1.txt",)),
     Entry("table3", "Table 3", "Ablation of the architecture",
           "The model retrained with layers removed or resized (errors in %): depth matters; wider middle "
           "convolutional layers help.",
-          "convscope ablate {run}",
-          images=("tables/table3*.png", "tables/ablation*.png", "ablation/*.png", "figures/ablation*.png"),
-          texts=("tables/table3*.md", "tables/ablation*.md", "ablation/*.md", "figures/ablation*.md")),
+          "convscope ablate --model zfnet_small --out {run}/ablation",
+          images=("ablation/ablation.png",), texts=("ablation/ablation.md",)),
     Entry("transfer", "Tables 4-5, Fig. 9", "Transfer to small data sets",
           "Layers 1-7 kept fixed and a new softmax trained on n examples per class, against the same net trained "
           "from scratch on those examples (mean per-class accuracy over folds).",
           "convscope transfer {run}",
-          images=("tables/transfer*.png", "figures/fig9*.png", "transfer/*.png", "transfer/*/*.png"),
-          texts=("tables/table4*.md", "tables/transfer*.md", "transfer/*.md", "transfer/*/*.md")),
+          images=("transfer/*/transfer.png",), texts=("transfer/*/transfer.md",)),
     Entry("table7", "Table 7", "Discriminative power of each layer",
           "A linear SVM and a softmax on the features of one layer at a time: accuracy rises with depth.",
           "convscope probe-layers {run}",
-          images=("tables/table7*.png", "tables/probes*.png", "probes/*.png", "figures/probes*.png"),
-          texts=("tables/table7*.md", "tables/probes*.md", "probes/*.md", "figures/probes*.md")),
+          images=("probes/probes.png",), texts=("probes/probes.md",)),
 ]
 
 
