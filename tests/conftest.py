@@ -13,7 +13,14 @@ TRAINED = dict(model="zfnet_small", data="synthetic", n_val=1000, n_test=1000)  
 
 
 @pytest.fixture(scope="session")
-def trained_run(request):
+def trained_folder(request, tmp_path_factory):
+    """pytest's cache folder (kept between local sessions), or a temporary one under ``-p no:cacheprovider``."""
+    cache = getattr(request.config, "cache", None)
+    return cache.mkdir("convscope-trained") if cache is not None else tmp_path_factory.mktemp("convscope-trained")
+
+
+@pytest.fixture(scope="session")
+def trained_run(trained_folder):
     import hashlib
     import json
 
@@ -21,9 +28,8 @@ def trained_run(request):
     from convscope.runs import open_run
     from convscope.train import train
 
-    folder = request.config.cache.mkdir("convscope-trained")
     key = hashlib.sha1(json.dumps(TRAINED, sort_keys=True).encode()).hexdigest()[:10]
-    run_dir = folder / f"zfnet_small-synthetic-{key}"
+    run_dir = trained_folder / f"zfnet_small-synthetic-{key}"
     train(TrainConfig(**TRAINED), run_dir, progress=False)
     return open_run(run_dir)
 

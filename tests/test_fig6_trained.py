@@ -19,10 +19,9 @@ from convscope.train import train
 pytestmark = pytest.mark.slow
 
 
-def test_alexnet_small_layer1_has_less_mid_frequency_energy_and_layer2_aliases_more(trained_run, request):
+def test_alexnet_small_layer1_has_less_mid_frequency_energy_and_layer2_aliases_more(trained_run, trained_folder):
     zf10 = load_model(trained_run.checkpoints[10])[0]
-    folder = request.config.cache.mkdir("convscope-trained")
-    alex = train(replace(trained_run.config, model="alexnet_small", epochs=10), folder / "alexnet_small-10",
+    alex = train(replace(trained_run.config, model="alexnet_small", epochs=10), trained_folder / "alexnet_small-10",
                  progress=False).model
     images = trained_run.split("val").batch(torch.arange(16))[0]
     d = compare({"zf": zf10, "alex": alex}, images)
