@@ -36,6 +36,10 @@ def test_merge_of_any_split_equals_the_single_pass(n, c, k, cuts, seed):
     bounds = sorted({0, n, *[x for x in cuts if x < n]})
     parts = [from_activations({"l": acts[a:b]}, torch.arange(a, b), k) for a, b in zip(bounds, bounds[1:])]
     merged = merge(parts[::-1])  # order of the partials must not matter either
+    perm = torch.randperm(n, generator=g)  # nor the order of the images inside a batch
+    shuffled = from_activations({"l": acts[perm]}, perm, k)
+    for field in ("values", "images", "positions"):
+        assert torch.equal(getattr(shuffled, field)["l"], getattr(whole, field)["l"])
     for field in ("values", "images", "positions"):
         assert torch.equal(getattr(merged, field)["l"], getattr(whole, field)["l"])
     assert merged.seen == whole.seen == n

@@ -43,13 +43,11 @@ class TopK:
         return list(self.values)
 
 
-def _select(values: torch.Tensor, images: torch.Tensor, positions: torch.Tensor, k: int, by_index: bool = False):
-    """The first k candidates per channel by (value descending, image index ascending); ``by_index``: the
-    candidates already come in ascending image order (one batch), so one stable sort by value suffices."""
-    if not by_index:
-        order = images.argsort(dim=1, stable=True)
-        values, images = values.gather(1, order), images.gather(1, order)
-        positions = positions.gather(1, order[..., None].expand(-1, -1, 2))
+def _select(values: torch.Tensor, images: torch.Tensor, positions: torch.Tensor, k: int):
+    """The first k candidates per channel by (value descending, image index ascending)."""
+    by_index = images.argsort(dim=1, stable=True)
+    values, images = values.gather(1, by_index), images.gather(1, by_index)
+    positions = positions.gather(1, by_index[..., None].expand(-1, -1, 2))
     order = values.argsort(dim=1, descending=True, stable=True)[:, :k]
     return values.gather(1, order), images.gather(1, order), positions.gather(1, order[..., None].expand(-1, -1, 2))
 
@@ -61,31 +59,41 @@ def empty(k: int, channels: dict[str, int]) -> TopK:
                 {n: torch.zeros((c, k, 2), dtype=torch.long) for n, c in channels.items()})
 
 
-def strongest(act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each image's strongest activation per channel and its (row, col): (N, C) values, (N, C, 2) positions.
-    The first maximum in row-major order wins a tie; fully connected layers (N, C) have position (0, 0)."""
+def batch_top(act: torch.Tensor, k: int, index: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One batch's k strongest images per channel, from its layer output (N, C, H, W) or (N, C): values (C, k'),
+    offsets into the batch (C, k') and positions (C, k', 2), k' = min(k, N). Each image counts with its strongest
+    activation, the first maximum in row-major order on a tie (fully connected layers: position (0, 0)); images
+    are ordered by value, then image index (``index``, the batch's data-set indices; default their offsets).
+    Only the k' winners' maps are searched for the position: the maximum of every map alone is several times
+    cheaper than its position."""
     act = act.detach().float()
     n, c = act.shape[:2]
-    best, where = act.reshape(n, c, -1).max(dim=2)
+    flat = act.reshape(n, c, -1)
+    by_index = torch.arange(n) if index is None else index.cpu().argsort(stable=True)
+    best = flat.amax(2).T[:, by_index.to(act.device)]  # (C, N), images in index order
+    order = best.argsort(dim=1, descending=True, stable=True)[:, :k]
+    values, offsets = best.gather(1, order), by_index.to(order.device)[order]
     if act.dim() == 4:
-        width = act.shape[-1]
-        return best.cpu(), torch.stack([where // width, where % width], dim=-1).cpu()
-    return best.cpu(), torch.zeros(n, c, 2, dtype=torch.long)
+        where = flat.transpose(0, 1)[torch.arange(c)[:, None], offsets].argmax(2)  # (C, k') first maximum
+        positions = torch.stack([where // act.shape[-1], where % act.shape[-1]], dim=-1)
+    else:
+        positions = torch.zeros(c, offsets.shape[1], 2, dtype=torch.long)
+    return values.cpu(), offsets.cpu(), positions.cpu()
 
 
 def from_activations(activations: dict[str, torch.Tensor], index: torch.Tensor, k: int) -> TopK:
     """The partial TopK of one batch from its layer outputs (N, C, H, W) or (N, C)."""
-    return from_strongest({name: strongest(act) for name, act in activations.items()}, index, k)
+    return from_batch_top({name: batch_top(act, k, index) for name, act in activations.items()}, index, k)
 
 
-def from_strongest(strongest_: dict[str, tuple[torch.Tensor, torch.Tensor]], index: torch.Tensor, k: int) -> TopK:
-    """The partial TopK of one batch from each image's strongest activations (see :func:`strongest`)."""
+def from_batch_top(tops: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]], index: torch.Tensor,
+                   k: int) -> TopK:
+    """The partial TopK of one batch from :func:`batch_top` of each layer; ``index``: the batch's image indices."""
     out = empty(k, {})
-    for name, (best, pos) in strongest_.items():
-        c, n = best.shape[1], best.shape[0]
-        index = index.long()
-        ascending = bool((index[1:] > index[:-1]).all())
-        v, i, p = _select(best.T.contiguous(), index.expand(c, n).contiguous(), pos.transpose(0, 1), k, ascending)
+    index = index.long()
+    for name, (values, offsets, positions) in tops.items():
+        v, i, p = _select(values, index[offsets], positions, k)
         out.values[name], out.images[name], out.positions[name] = _pad(v, i, p, k)
     out.seen = len(index)
     return out
@@ -119,11 +127,14 @@ def merge(parts: Iterable[TopK]) -> TopK:
     return out
 
 
-def _capture(model: nn.Module, modules: dict[str, nn.Module], x: torch.Tensor) -> dict:
-    """Each layer's per-image strongest activations, reduced as the forward pass produces them."""
+def _capture(model: nn.Module, modules: dict[str, nn.Module], x: torch.Tensor, k: int, index: torch.Tensor) -> dict:
+    """Each layer's :func:`batch_top`, reduced as the forward pass produces the layer."""
     from .deconvnet import run_to_all
 
-    return dict(zip(modules, run_to_all(model, list(modules.values()), x, keep=strongest)))
+    def keep(act: torch.Tensor):
+        return batch_top(act, k, index)
+
+    return dict(zip(modules, run_to_all(model, list(modules.values()), x, keep=keep)))
 
 
 def _check(data, layers: Sequence[str], k: int) -> None:
@@ -153,7 +164,7 @@ def scan_shard(model: nn.Module, data, indices: torch.Tensor | Sequence[int], la
                               desc="scan", unit="batch", leave=False):
                 idx = indices[start:start + batch_size]
                 x = _images(data, idx).to(device)
-                parts.append(from_strongest(_capture(model, modules, x), idx, k))
+                parts.append(from_batch_top(_capture(model, modules, x, k, idx), idx, k))
                 if len(parts) == 8:  # bounded memory: fold partials as we go
                     parts = [merge(parts)]
         result = merge(parts) if parts else _empty_for(model, modules, data, k)
@@ -171,8 +182,8 @@ def _images(data, idx: torch.Tensor) -> torch.Tensor:
 def _empty_for(model, modules, data, k) -> TopK:
     x = _images(data, torch.tensor([0]))
     with torch.inference_mode():
-        acts = _capture(model, modules, x.to(next(model.parameters()).device))
-    return empty(k, {n: best.shape[1] for n, (best, _) in acts.items()})
+        tops = _capture(model, modules, x.to(next(model.parameters()).device), k, torch.tensor([0]))
+    return empty(k, {n: values.shape[0] for n, (values, _, _) in tops.items()})
 
 
 def scan(model: nn.Module, data, layers: Sequence[str], k: int = 9, batch_size: int = 128,
