@@ -12,6 +12,18 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 TRAINED = dict(model="zfnet_small", data="synthetic", n_val=1000, n_test=1000)  # 30 epochs, ~92% test
 
 
+def random_imageset(labels, size=64, seed=0):
+    """Seeded random uint8 images with the given labels: data for tests that need only shapes and classes."""
+    import torch
+
+    from convscope.data import ImageSet
+
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.as_tensor(labels)
+    images = torch.randint(0, 256, (len(labels), 3, size, size), generator=g, dtype=torch.uint8)
+    return ImageSet(images, labels, [str(c) for c in range(int(labels.max()) + 1)])
+
+
 @pytest.fixture(scope="session")
 def trained_folder(request, tmp_path_factory):
     """pytest's cache folder (kept between local sessions), or a temporary one under ``-p no:cacheprovider``."""

@@ -4,19 +4,13 @@ and accuracy rising with depth on the trained model."""
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import random_imageset
 
 import convscope as cs
 from convscope import probes
 from convscope.data import ImageSet
 from convscope.errors import ConvscopeError
 from convscope.probes import extract_features, mean_per_class_accuracy, probe_layers, sample_per_class
-
-
-def _images(labels, size=64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.as_tensor(labels)
-    images = torch.randint(0, 256, (len(labels), 3, size, size), generator=g, dtype=torch.uint8)
-    return ImageSet(images, labels, [str(c) for c in range(int(labels.max()) + 1)])
 
 
 def test_mean_per_class_accuracy_averages_classes_not_examples():
@@ -46,7 +40,7 @@ def test_sample_per_class_is_seeded_and_refuses_too_many():
 def test_features_are_pooled_layer_outputs_from_one_forward_per_batch(monkeypatch):
     torch.manual_seed(0)
     model = cs.create_model("zfnet_small", 3).eval()
-    data = _images([0, 1, 2, 0, 1])
+    data = random_imageset([0, 1, 2, 0, 1])
     calls = []
     real = probes.run_to_all
     monkeypatch.setattr(probes, "run_to_all", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -66,7 +60,7 @@ def test_features_are_pooled_layer_outputs_from_one_forward_per_batch(monkeypatc
 
 def test_bad_input_is_a_clear_error():
     model = cs.create_model("zfnet_small", 2)
-    two = _images([0, 1] * 4)
+    two = random_imageset([0, 1] * 4)
     with pytest.raises(ConvscopeError, match="unknown layer 'conv9'"):
         probe_layers(model, two, two, layers=["conv9"])
     one = ImageSet(two.images, torch.zeros(8, dtype=torch.long), ["only"])

@@ -5,19 +5,13 @@ import os
 
 import pytest
 import torch
+from conftest import random_imageset
 
 import convscope as cs
 from convscope.config import TrainConfig
 from convscope.data import ImageSet
 from convscope.errors import ConvscopeError
 from convscope.transfer import TransferResult, fold_indices, transfer, write_transfer
-
-
-def _images(labels, size=64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.as_tensor(labels)
-    images = torch.randint(0, 256, (len(labels), 3, size, size), generator=g, dtype=torch.uint8)
-    return ImageSet(images, labels, [str(c) for c in range(int(labels.max()) + 1)])
 
 
 def test_folds_are_seeded_disjoint_and_n_per_class():
@@ -53,7 +47,7 @@ def test_folds_overlap_as_little_as_possible_when_a_class_is_small():
 
 def test_bad_input_is_a_clear_error():
     model = cs.create_model("zfnet_small", 4)
-    train, test = _images([0, 1, 2] * 4), _images([0, 1, 2] * 2, seed=1)
+    train, test = random_imageset([0, 1, 2] * 4), random_imageset([0, 1, 2] * 2, seed=1)
     with pytest.raises(ConvscopeError, match="unknown layer 'fc9'"):
         transfer(model, train, test, shots=(1,), folds=1, layer="fc9", scratch=False)
     with pytest.raises(ConvscopeError, match="class '0' has 4 training examples, fewer than the 5"):
@@ -68,7 +62,7 @@ def test_bad_input_is_a_clear_error():
 def test_fold_results_shape_and_files(tmp_path):
     torch.manual_seed(0)
     model = cs.create_model("zfnet_small", 4)
-    train, test = _images([0, 1, 2] * 6), _images([0, 1, 2] * 3, seed=1)
+    train, test = random_imageset([0, 1, 2] * 6), random_imageset([0, 1, 2] * 3, seed=1)
     cfg = TrainConfig(batch_size=8)
     result = transfer(model, train, test, shots=(1, 2), folds=2, seed=0, scratch_cfg=cfg, scratch_steps=2,
                       progress=False)
