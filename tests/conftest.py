@@ -10,6 +10,8 @@ import pytest
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 TRAINED = dict(model="zfnet_small", data="synthetic", n_val=1000, n_test=1000)  # 30 epochs, ~92% test
+SIX_CLASSES = dict(model="zfnet_small", data="synthetic", n_train=6000, n_val=600, n_test=600, epochs=15,
+                   batch_size=64)  # 87% test on its six classes
 
 
 def random_imageset(labels, size=64, seed=0):
@@ -31,8 +33,8 @@ def trained_folder(request, tmp_path_factory):
     return cache.mkdir("convscope-trained") if cache is not None else tmp_path_factory.mktemp("convscope-trained")
 
 
-@pytest.fixture(scope="session")
-def trained_run(trained_folder):
+def _trained(folder, name, options):
+    """A run trained once with ``options`` into ``folder`` (keyed by them) and opened; a finished one is loaded."""
     import hashlib
     import json
 
@@ -40,10 +42,24 @@ def trained_run(trained_folder):
     from convscope.runs import open_run
     from convscope.train import train
 
-    key = hashlib.sha1(json.dumps(TRAINED, sort_keys=True).encode()).hexdigest()[:10]
-    run_dir = trained_folder / f"zfnet_small-synthetic-{key}"
-    train(TrainConfig(**TRAINED), run_dir, progress=False)
+    key = hashlib.sha1(json.dumps(options, sort_keys=True).encode()).hexdigest()[:10]
+    run_dir = folder / f"{name}-{key}"
+    train(TrainConfig(**options), run_dir, progress=False)
     return open_run(run_dir)
+
+
+@pytest.fixture(scope="session")
+def trained_run(trained_folder):
+    return _trained(trained_folder, "zfnet_small-synthetic", TRAINED)
+
+
+@pytest.fixture(scope="session")
+def six_class_run(trained_folder):
+    """zfnet_small pretrained on the first six synthetic classes only (under a minute): the other six are the
+    held-out target of the transfer experiments (paper Tables 4-5)."""
+    from convscope.data.synthetic import CLASSES
+
+    return _trained(trained_folder, "zfnet_small-six", SIX_CLASSES | {"classes": CLASSES[:6]})
 
 
 @pytest.fixture(scope="session")

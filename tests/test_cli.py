@@ -78,3 +78,21 @@ def test_preview_writes_a_grid_with_ground_truth(tmp_path):
     assert w > 4 * 64 and h > 64 and colours > 500  # four rendered scenes, enlarged, with labels drawn on
     r = _run("data", "preview", "--out", str(out), "--split", "holdout")
     assert r.exit_code == 2 and "valid splits: train, val, test" in r.output
+
+
+def test_transfer_wires_features_and_reports_bad_names(tmp_path):
+    run = tmp_path / "run"
+    assert _run("train", "--data", "digits", "--image-size", "64", "--n-train", "64", "--epochs", "1",
+                "--out", str(run)).exit_code == 0
+    r = _run("transfer", str(run), "--target", "digits", "--features", "fc7,fc9", "--shots", "1", "--folds", "1")
+    assert r.exit_code == 2 and "unknown layer 'fc9'" in r.output and "conv1" in r.output
+    r = _run("transfer", str(run), "--target", "heldout", "--shots", "1", "--folds", "1")
+    assert r.exit_code == 2 and "needs a run pretrained on the synthetic data set" in r.output
+    assert not (run / "transfer").exists()
+    r = _run("transfer", str(run), "--target", "digits", "--features", "conv3,all", "--shots", "1,2", "--folds",
+             "2", "--no-scratch")
+    assert r.exit_code == 0, r.output
+    saved = json.loads((run / "transfer" / "digits" / "transfer.json").read_text())
+    assert saved["features"]["conv3"] == ["conv3"] and len(saved["features"]["all"]) == 7
+    assert len(saved["pretrained"]["all"]["folds"]) == 2 and saved["scratch"] is None
+    assert "| frozen, softmax on conv3 | frozen, softmax on conv1..fc7 joined |" in r.output

@@ -1,8 +1,6 @@
 """Transfer to small data sets (paper Tables 4-5, Fig. 9): seeded disjoint folds, bad input, frozen pretrained
 features beating training from scratch at 5 examples per class on held-out classes, and transfer to digits."""
 
-import os
-
 import pytest
 import torch
 from conftest import random_imageset
@@ -48,8 +46,10 @@ def test_folds_overlap_as_little_as_possible_when_a_class_is_small():
 def test_bad_input_is_a_clear_error():
     model = cs.create_model("zfnet_small", 4)
     train, test = random_imageset([0, 1, 2] * 4), random_imageset([0, 1, 2] * 2, seed=1)
-    with pytest.raises(ConvscopeError, match="unknown layer 'fc9'"):
-        transfer(model, train, test, shots=(1,), folds=1, layer="fc9", scratch=False)
+    with pytest.raises(ConvscopeError, match="unknown layer 'fc9'.*or \"all\""):
+        transfer(model, train, test, shots=(1,), folds=1, features=("fc7", "fc9"), scratch=False)
+    with pytest.raises(ConvscopeError, match="no frozen features"):
+        transfer(model, train, test, shots=(1,), folds=1, features=(), scratch=False)
     with pytest.raises(ConvscopeError, match="class '0' has 4 training examples, fewer than the 5"):
         transfer(model, train, test, shots=(5,), folds=1, scratch=False)
     one = ImageSet(train.images, torch.zeros(12, dtype=torch.long), ["only"])
@@ -66,51 +66,50 @@ def test_fold_results_shape_and_files(tmp_path):
     cfg = TrainConfig(batch_size=8)
     result = transfer(model, train, test, shots=(1, 2), folds=2, seed=0, scratch_cfg=cfg, scratch_steps=2,
                       progress=False)
-    assert result.pretrained.shape == result.scratch.shape == (2, 2)
-    assert ((result.pretrained >= 0) & (result.pretrained <= 1)).all()
+    assert result.features == {"fc7": ["fc7"], "all": ["conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7"]}
+    assert result.pretrained["fc7"].shape == result.pretrained["all"].shape == result.scratch.shape == (2, 2)
+    assert all(((acc >= 0) & (acc <= 1)).all() for acc in result.pretrained.values())
     assert [len(f) for f in result.train_indices[2]] == [6, 6]
     mean, std = TransferResult.spread(torch.tensor([[0.5, 0.7, 0.6]], dtype=torch.float64))
     assert mean.item() == pytest.approx(0.6) and std.item() == pytest.approx(0.1)
     paths = write_transfer(result, tmp_path)
     assert [p.name for p in paths] == ["transfer.json", "transfer.md", "transfer.png"]
-    assert (tmp_path / "transfer.md").read_text().count("\n| ") == 2  # a row per n
+    table = (tmp_path / "transfer.md").read_text()
+    assert table.count("\n| ") == 2  # a row per n
+    assert "| frozen, softmax on fc7 | frozen, softmax on conv1..fc7 joined | from scratch |" in table
 
 
 @pytest.mark.slow
-def test_frozen_features_transfer_to_digits(trained_run):
-    """Tables 4-5 on a real small data set the net never saw (synthetic-pretrained fc7 + softmax, 5 digits per
-    class). Measured: 50-56 % (chance 10 %). Trained from scratch for 150 steps the same net reaches 71 %: digits
-    are far from the synthetic scenes, so here the frozen features do NOT beat scratch (see the report)."""
+def test_frozen_features_beat_scratch_on_digits(trained_run):
+    """Tables 4-5 on a real small data set the net never saw: 5 digits per class, 3 folds, frozen features of
+    the synthetic-pretrained net against the same net trained from scratch (the run's recipe, 300 steps; 600
+    steps give the same mean). Measured, per fold: all seven layers joined 77.8, 82.2, 78.4 %; from scratch
+    75.8, 77.0, 77.5 %; fc7 alone 56.3, 50.2, 52.9 % (chance 10 %). Digits are far from the synthetic scenes:
+    fc7 alone is too specialised to the pretraining classes, the earlier layers carry (conv3 alone: 79 %)."""
     from convscope.data.digits import load_digits
 
     train, test = load_digits("train", size=64), load_digits("test", size=64)
-    result = transfer(trained_run.model, train, test, shots=(1, 5), folds=3, seed=0, scratch=False,
-                      progress=False)
-    one, five = result.pretrained.mean(1).tolist()
-    assert five > 0.35
-    assert five > one + 0.08  # more examples per class help (Fig. 9)
+    result = transfer(trained_run.model, train, test, shots=(5,), folds=3, seed=0, scratch_cfg=trained_run.config,
+                      scratch_steps=300, progress=False)
+    joined, fc7, scratch = (result.pretrained["all"].mean().item(), result.pretrained["fc7"].mean().item(),
+                            result.scratch.mean().item())
+    assert joined > scratch + 0.015
+    assert joined > fc7 + 0.2
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("CONVSCOPE_LONG_TESTS"),
-                    reason="pretrains for 5-20 minutes; set CONVSCOPE_LONG_TESTS=1")
-def test_pretrained_features_beat_scratch_on_held_out_classes(tmp_path):
-    """Tables 4-5 on synthetic classes held out of pretraining: pretrain on six classes, transfer to the other
-    six at 5 per class. Measured with exactly this budget (/work/runs/zf6, 3 folds): 41.2 +- 2.4 % frozen fc7 +
-    softmax vs 18.7 +- 2.6 % from scratch (chance 16.7 %). Smaller pretraining budgets (600-1200 images,
-    4-20 epochs) leave the net near chance and its features no better than scratch, hence the long budget."""
+def test_frozen_features_beat_scratch_on_held_out_classes(six_class_run):
+    """Tables 4-5 on synthetic classes held out of pretraining: pretrained on six classes, transferred to the
+    other six at 5 per class, 3 folds. Measured: fc7 41.2 +- 2.4 %, all seven layers joined 42.6 +- 4.2 %, from
+    scratch (300 steps) 17.6 +- 0.5 % (chance 16.7 %). Fewer pretraining epochs weaken the features: at epoch 5
+    of this run (val error 56 %) fc7 gives 25 %, at epoch 10 (32 %) 36 %."""
     from convscope.data.synthetic import CLASSES
-    from convscope.runs import open_run
-    from convscope.train import train as run_train
     from convscope.transfer import load_target
 
-    cfg = TrainConfig(classes=CLASSES[:6], n_train=6000, n_val=600, n_test=600, epochs=15, batch_size=64)
-    run_train(cfg, tmp_path / "six", progress=False)
-    run = open_run(tmp_path / "six")
-    train, test = load_target("heldout", run=run)
+    train, test = load_target("heldout", run=six_class_run)
     assert train.classes == test.classes == CLASSES[6:]
-    result = transfer(run.model, train, test, shots=(5,), folds=3, seed=0, scratch_cfg=run.config,
-                      scratch_steps=150, progress=False)
-    pre, scr = result.pretrained.mean().item(), result.scratch.mean().item()
-    assert pre > scr + 0.12
-    assert pre > 0.3
+    result = transfer(six_class_run.model, train, test, shots=(5,), folds=3, seed=0,
+                      scratch_cfg=six_class_run.config, scratch_steps=300, progress=False)
+    scratch = result.scratch.mean().item()
+    for name in ("fc7", "all"):
+        assert result.pretrained[name].mean().item() > scratch + 0.15, name

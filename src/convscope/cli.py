@@ -318,11 +318,13 @@ def probe_layers(run: str, layers: str | None, target: str, data_root: str | Non
 @click.option("--data-root", default=None, type=click.Path(), help="ImageFolder tree (Caltech-101/256).")
 @click.option("--shots", default="1,2,5,10,15,30", show_default=True, help="Training images per class.")
 @click.option("--folds", default=5, show_default=True, help="Seeded folds per number of shots.")
-@click.option("--layer", default="fc7", show_default=True, help="Frozen features: the output of this layer.")
+@click.option("--features", default="fc7,all", show_default=True,
+              help="Frozen feature sets, comma-separated, each scored: a layer (fc7: the paper's) or all "
+                   "(conv1..fc7 joined).")
 @click.option("--scratch/--no-scratch", default=True, help="Also train the same net from scratch. [on]")
 @click.option("--scratch-steps", default=300, show_default=True, help="SGD steps of each from-scratch net.")
 @click.option("--seed", default=0, show_default=True)
-def transfer(run: str, target: str, data_root: str | None, shots: str, folds: int, layer: str, scratch: bool,
+def transfer(run: str, target: str, data_root: str | None, shots: str, folds: int, features: str, scratch: bool,
              scratch_steps: int, seed: int) -> None:
     """Tables 4-5, Fig. 9: the run's layers 1-7 frozen and a new softmax trained on n images per class of a
     target set, against the same net trained from scratch; mean per-class accuracy +- spread over folds."""
@@ -332,7 +334,8 @@ def transfer(run: str, target: str, data_root: str | None, shots: str, folds: in
         shot_list = [int(s) for s in shots.split(",") if s.strip()]
     except ValueError as e:
         raise ConvscopeError(f"--shots must be comma-separated integers, got {shots!r}") from e
+    feature_list = [f.strip() for f in features.split(",") if f.strip()]
     result, paths = transfer_run(run, target=target, data_root=data_root, shots=shot_list, folds=folds, seed=seed,
-                                 layer=layer, scratch=scratch, scratch_steps=scratch_steps)
+                                 features=feature_list, scratch=scratch, scratch_steps=scratch_steps)
     click.echo(transfer_table(result))
     click.echo("wrote " + ", ".join(str(p) for p in paths))

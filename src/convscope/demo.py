@@ -59,7 +59,7 @@ def steps(out: Path, quick: bool) -> list[tuple[str, Callable[[], object]]]:
         ("probes (Table 7)", lambda: probe_run(out, n_per_class=5 if quick else 30)),
         ("transfer to digits (Tables 4-5, Fig. 9)",
          lambda: transfer_run(out, target="digits", shots=(1, 5) if quick else (1, 5, 15), folds=2 if quick else 3,
-                              scratch_steps=30 if quick else 150)),
+                              scratch_steps=30 if quick else 300)),
         ("ablation (Table 3, small budget)",
          lambda: ablate_run(replace(base, n_train=300 if quick else 2000, epochs=1 if quick else 5),
                             out / "ablation", ABLATION_QUICK if quick else ABLATION)),
