@@ -10,8 +10,6 @@ import pytest
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 TRAINED = dict(model="zfnet_small", data="synthetic", n_val=1000, n_test=1000)  # 30 epochs, ~92% test
-SIX_CLASSES = dict(model="zfnet_small", data="synthetic", n_train=6000, n_val=600, n_test=600, epochs=15,
-                   batch_size=64)  # 87% test on its six classes
 
 
 def random_imageset(labels, size=64, seed=0):
@@ -55,11 +53,11 @@ def trained_run(trained_folder):
 
 @pytest.fixture(scope="session")
 def six_class_run(trained_folder):
-    """zfnet_small pretrained on the first six synthetic classes only (under a minute): the other six are the
+    """The demo's pretraining on the first six synthetic classes only (under a minute): the other six are the
     held-out target of the transfer experiments (paper Tables 4-5)."""
-    from convscope.data.synthetic import CLASSES
+    from convscope.demo import SIX
 
-    return _trained(trained_folder, "zfnet_small-six", SIX_CLASSES | {"classes": CLASSES[:6]})
+    return _trained(trained_folder, "zfnet_small-six", SIX.to_dict())
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,7 @@ def test_quick_demo_runs_every_step_and_resumes(tmp_path):
         "train zfnet_small", "train alexnet_small (Fig. 6)", "train zfnet_small without renormalisation (Fig. 6)",
         "scan and Fig. 2", "evolution (Fig. 4)", "filters (Fig. 6)", "occlusion (Fig. 7)", "invariance (Fig. 5)",
         "correspondence (Table 1)", "probes (Table 7)", "transfer to digits (Tables 4-5, Fig. 9)",
+        "pretrain zfnet_small on six classes (transfer)", "transfer to held-out classes (Tables 4-5, Fig. 9)",
         "ablation (Table 3, small budget)", "report",
     }
     assert all(t >= 0 for t in timings.values())
@@ -37,6 +38,9 @@ def test_quick_demo_runs_every_step_and_resumes(tmp_path):
     assert (out / "compare" / "alexnet_small" / "model.safetensors").is_file()
     probes = json.loads((out / "probes" / "probes.json").read_text())["accuracy"]
     assert sorted(probes) == ["softmax", "svm"] and all(0 <= v <= 1 for v in probes["svm"].values())
+    seen = json.loads((out / "compare" / "zfnet_small-six" / "config.json").read_text())["classes"]
+    heldout = json.loads((out / "transfer" / "heldout" / "transfer.json").read_text())["classes"]
+    assert len(seen) == len(heldout) == 6 and not set(seen) & set(heldout)
     assert (out / "transfer" / "digits").is_dir() and (out / "ablation" / "no_conv34" / "model.safetensors").is_file()
     assert json.loads((out / "compare" / "zfnet_small-norenorm" / "config.json").read_text())["renorm"] is False
     # a second run reuses the trained models instead of retraining them

@@ -3,8 +3,9 @@
 Steps (each timed into ``timings.json``): train zfnet_small with the paper's recipe; train the Fig. 6
 comparisons at the budget of zfnet_small's epoch-10 checkpoint (alexnet_small, and zfnet_small without filter
 renormalisation) under ``compare/``; then every analysis over the main run (probes, transfer to scikit-learn's
-digits, and a small ablation under ``ablation/`` included); then the report. Every step resumes
-or reuses what an interrupted demo left behind.
+digits, and a small ablation under ``ablation/`` included); transfer to the synthetic classes held out of a
+second pretraining on the other six (``compare/zfnet_small-six``); then the report. Every step resumes or
+reuses what an interrupted demo left behind.
 """
 
 from __future__ import annotations
@@ -16,11 +17,18 @@ from pathlib import Path
 
 from . import artifacts
 from .config import TrainConfig
+from .data.synthetic import CLASSES
 
 FULL = TrainConfig()
+# Pretraining for transfer to held-out classes (Tables 4-5 on the embedded data): the first six classes, the
+# other six the target. 87 % test on its six classes in under a minute; at 5 per class its fc7 features reach
+# 41 % on the held-out six against 18 % for the same net trained from scratch.
+SIX = TrainConfig(classes=CLASSES[:6], n_train=6000, n_val=600, n_test=600, epochs=15, batch_size=64)
 QUICK = TrainConfig(n_train=1200, n_val=240, n_test=240, epochs=2, batch_size=64)
-# Table 3 at a budget the demo can afford: the paper's key contrast (depth matters). Too small a budget to
-# reproduce it (the full net is still in its slow start): the demo shows the machinery, the note the numbers.
+# Table 3 at a budget the demo can afford: the variants of the paper's key contrast (depth matters). On the
+# embedded data it does not reproduce at any budget tried, up to the main run's (30 epochs, 10000 images:
+# val top-1 error full 7.9 %, no_conv34 7.2, no_fc67 3.1, no_conv34_fc67 4.3): twelve part-based classes do not
+# need the depth ImageNet does. The demo shows the machinery and the measured rows.
 ABLATION = ("full", "no_conv34", "no_fc67", "no_conv34_fc67")
 ABLATION_QUICK = ("full", "no_conv34")
 COMPARE_EPOCHS = 10  # the Fig. 6 runs stop here; zfnet_small's checkpoints/epoch_010 is their like-for-like
@@ -60,6 +68,12 @@ def steps(out: Path, quick: bool) -> list[tuple[str, Callable[[], object]]]:
         ("transfer to digits (Tables 4-5, Fig. 9)",
          lambda: transfer_run(out, target="digits", shots=(1, 5) if quick else (1, 5, 15), folds=2 if quick else 3,
                               scratch_steps=30 if quick else 300)),
+        ("pretrain zfnet_small on six classes (transfer)",
+         lambda: train(replace(QUICK, classes=SIX.classes) if quick else SIX, out / "compare" / "zfnet_small-six")),
+        ("transfer to held-out classes (Tables 4-5, Fig. 9)",
+         lambda: transfer_run(out / "compare" / "zfnet_small-six", target="heldout",
+                              shots=(1, 5) if quick else (1, 5, 15), folds=2 if quick else 3,
+                              scratch_steps=30 if quick else 300, out=out / "transfer" / "heldout")),
         ("ablation (Table 3, small budget)",
          lambda: ablate_run(replace(base, n_train=300 if quick else 2000, epochs=1 if quick else 5),
                             out / "ablation", ABLATION_QUICK if quick else ABLATION)),
