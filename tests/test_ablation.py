@@ -1,5 +1,7 @@
 """Architecture ablation (paper Table 3): the variants' configs, resuming an interrupted variant, not retraining a
-finished one, the written table, and depth mattering (removing conv3-4 and fc6-7 together costs most)."""
+finished one, and the written table. The paper's depth effect (removing conv3-4 and fc6-7 together costs far
+more than either alone) is not tested: on the embedded data it does not reproduce at any budget tried (see
+``convscope.demo``'s ABLATION comment for the numbers)."""
 
 import json
 
