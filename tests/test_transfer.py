@@ -9,6 +9,7 @@ import convscope as cs
 from convscope.config import TrainConfig
 from convscope.data import ImageSet
 from convscope.errors import ConvscopeError
+from convscope.probes import extract_features, fit_predict, mean_per_class_accuracy
 from convscope.transfer import TransferResult, fold_indices, transfer, write_transfer
 
 
@@ -70,6 +71,17 @@ def test_fold_results_shape_and_files(tmp_path):
     assert result.pretrained["fc7"].shape == result.pretrained["all"].shape == result.scratch.shape == (2, 2)
     assert all(((acc >= 0) & (acc <= 1)).all() for acc in result.pretrained.values())
     assert [len(f) for f in result.train_indices[2]] == [6, 6]
+    # "all" is the seven layers' pooled features joined: the softmax on them, fold by fold, by hand
+    layers = result.features["all"]
+    train_f, test_f = extract_features(model, train, layers), extract_features(model, test, layers)
+    joined_train = torch.cat([train_f[la] for la in layers], 1)
+    joined_test = torch.cat([test_f[la] for la in layers], 1)
+    assert joined_train.shape[1] == 32 * 4 + 64 * 4 + 96 * 4 + 96 * 4 + 64 * 4 + 256 + 256
+    for i, n in enumerate((1, 2)):
+        for f, idx in enumerate(result.train_indices[n]):
+            pred = fit_predict("softmax", joined_train[idx], train.labels[idx], joined_test)
+            expected = mean_per_class_accuracy(pred, test.labels, 3)
+            assert result.pretrained["all"][i, f].item() == pytest.approx(expected)
     mean, std = TransferResult.spread(torch.tensor([[0.5, 0.7, 0.6]], dtype=torch.float64))
     assert mean.item() == pytest.approx(0.6) and std.item() == pytest.approx(0.1)
     paths = write_transfer(result, tmp_path)
