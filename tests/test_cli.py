@@ -25,7 +25,7 @@ def test_unknown_model_and_data_names_list_the_valid_ones(tmp_path):
     assert r.exit_code == 2
     assert "unknown model 'resnet'; valid models: alexnet, alexnet_small, vgg16, zfnet, zfnet_small" in r.output
     r = _run("train", "--data", "imagenet", "--out", str(tmp_path / "r"))
-    assert r.exit_code == 2 and "valid data sets: synthetic, cifar10, digits, folder" in r.output
+    assert r.exit_code == 2 and "valid data sets: synthetic, pairs, cifar10, digits, folder" in r.output
     assert not (tmp_path / "r").exists()
 
 
@@ -96,3 +96,26 @@ def test_transfer_wires_features_and_reports_bad_names(tmp_path):
     assert saved["features"]["conv3"] == ["conv3"] and len(saved["features"]["all"]) == 7
     assert len(saved["pretrained"]["all"]["folds"]) == 2 and saved["scratch"] is None
     assert "| frozen, softmax on conv3 | frozen, softmax on conv1..fc7 joined |" in r.output
+
+
+def test_ablate_on_pairs_from_a_config_file_and_a_clear_error_without_it(tmp_path):
+    # the report's command for Table 3: a variant's saved config is the base config of the ablation
+    from convscope.demo import PAIRS
+
+    config = tmp_path / "pairs.json"
+    config.write_text(json.dumps({**PAIRS.to_dict(), "n_train": 16, "n_val": 8, "n_test": 8, "epochs": 1,
+                                  "batch_size": 8}))
+    r = _run("ablate", "--config", str(config), "--variants", "full,no_conv34_fc67", "--out", str(tmp_path / "a"))
+    assert r.exit_code == 0, r.output
+    assert "| no_conv34_fc67 |" in r.output and "71.1 / 71.3 / 50.1" in r.output
+    saved = json.loads((tmp_path / "a" / "full" / "config.json").read_text())
+    assert saved["data"] == "pairs" and saved["model_options"]["input_size"] == 128
+    r = _run("ablate", "--config", str(tmp_path / "a" / "full" / "config.json"), "--variants", "full",
+             "--out", str(tmp_path / "a"))
+    assert r.exit_code == 0, r.output  # the same run: loaded, not refused
+    # 128 px images into the 64 px net: what to pass instead, and nothing written
+    r = _run("train", "--data", "pairs", "--n-train", "8", "--out", str(tmp_path / "t"))
+    assert r.exit_code == 2
+    assert "takes 64 px images but the data set has 128 px" in r.output
+    assert 'model_options {"input_size": 128}' in r.output
+    assert not (tmp_path / "t" / "model.safetensors").exists()

@@ -21,7 +21,7 @@ def test_quick_demo_runs_every_step_and_resumes(tmp_path):
         "scan and Fig. 2", "evolution (Fig. 4)", "filters (Fig. 6)", "occlusion (Fig. 7)", "invariance (Fig. 5)",
         "correspondence (Table 1)", "probes (Table 7)", "transfer to digits (Tables 4-5, Fig. 9)",
         "pretrain zfnet_small on six classes (transfer)", "transfer to held-out classes (Tables 4-5, Fig. 9)",
-        "ablation (Table 3, small budget)", "report",
+        "ablation on pairs (Table 3)", "report",
     }
     assert all(t >= 0 for t in timings.values())
     figures = out / "figures"
@@ -42,6 +42,7 @@ def test_quick_demo_runs_every_step_and_resumes(tmp_path):
     heldout = json.loads((out / "transfer" / "heldout" / "transfer.json").read_text())["classes"]
     assert len(seen) == len(heldout) == 6 and not set(seen) & set(heldout)
     assert (out / "transfer" / "digits").is_dir() and (out / "ablation" / "no_conv34" / "model.safetensors").is_file()
+    assert json.loads((out / "ablation" / "no_conv34" / "config.json").read_text())["data"] == "pairs"
     assert json.loads((out / "compare" / "zfnet_small-norenorm" / "config.json").read_text())["renorm"] is False
     # a second run reuses the trained models instead of retraining them
     state = out / "state.pt"

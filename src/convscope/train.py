@@ -121,8 +121,10 @@ def build_model(cfg: TrainConfig, splits: Splits) -> nn.Module:
     if hasattr(model, "normalize"):
         mean, std = mean_and_std(splits.train.images)
         if mean.shape != model.normalize.mean.shape:
+            size = splits.train.image_size
             raise ConvscopeError(f"model {cfg.model!r} takes {model.input_size} px images but the data set has "
-                                 f"{splits.train.image_size} px; pass image_size={model.input_size}")
+                                 f"{size} px; pass image_size={model.input_size}, or build the net for these "
+                                 f'images with model_options {{"input_size": {size}}} (in a --config file)')
         model.normalize.mean.copy_(mean)
         model.normalize.std.copy_(std)
     return model

@@ -1,4 +1,5 @@
-"""Data sets: the embedded ``synthetic`` set (the default, with ground truth) and real data from disk.
+"""Data sets: the embedded ``synthetic`` set (the default, with ground truth), the embedded ``pairs`` set (a task
+that needs depth, for the Table 3 ablation) and real data from disk.
 
 ``load_splits(name, ...)`` returns train / val / test :class:`ImageSet` s for any registered data set. Sets that
 come with only two splits (CIFAR-10, digits) or none (an ImageFolder tree) are split further by a seeded,
@@ -15,7 +16,7 @@ import torch
 from ..errors import ConvscopeError, unknown
 from .base import GroundTruth, ImageSet
 
-DATASETS = ("synthetic", "cifar10", "digits", "folder")
+DATASETS = ("synthetic", "pairs", "cifar10", "digits", "folder")
 
 
 @dataclass
@@ -50,11 +51,13 @@ def load_splits(name: str = "synthetic", root: str | Path | None = None, size: i
                 n_test: int | None = None, classes: list[str] | None = None) -> Splits:
     """Load a data set's train, val and test sets. ``root`` is needed for cifar10 and folder.
 
-    ``size`` is the image side (default 64; CIFAR-10 is resized only when asked). ``n_*`` truncate a split
-    (synthetic: how many images to render). ``classes`` restricts the synthetic set to some classes.
+    ``size`` is the image side (default 64, pairs 128; CIFAR-10 is resized only when asked). ``n_*`` truncate a
+    split (synthetic and pairs: how many images to render). ``classes`` restricts the synthetic set to some classes.
     """
     if name not in DATASETS:
         raise unknown("data set", name, DATASETS)
+    if classes is not None and name != "synthetic":
+        raise ConvscopeError("classes= selects classes of the synthetic data set only")
     if name in ("cifar10", "folder"):
         if root is None:
             raise ConvscopeError(f"data set {name!r} needs a path: pass --data-root (or root=) to its folder")
@@ -66,9 +69,12 @@ def load_splits(name: str = "synthetic", root: str | Path | None = None, size: i
         size = size or 64
         splits = Splits(*(load_synthetic(split, n=n, size=size, seed=seed, classes=classes)
                           for split, n in (("train", n_train), ("val", n_val), ("test", n_test))))
+    elif name == "pairs":
+        from .pairs import DEFAULT_SIZE, load_pairs
+
+        splits = Splits(*(load_pairs(split, n=n, size=size or DEFAULT_SIZE, seed=seed)
+                          for split, n in (("train", n_train), ("val", n_val), ("test", n_test))))
     else:
-        if classes is not None:
-            raise ConvscopeError("classes= selects classes of the synthetic data set only")
         if name == "folder":
             from .folder import load_folder
 
