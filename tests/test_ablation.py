@@ -96,10 +96,11 @@ def test_interrupted_variant_resumes_and_finished_ones_are_not_retrained(tmp_pat
 
 @pytest.mark.slow
 def test_removing_conv3_4_and_fc6_7_together_costs_far_more_than_either_alone(trained_folder):
-    """The demo's ablation (zfnet_small at half width, 128 px, 2000 images, 20 epochs; about 40 s a variant),
-    kept in pytest's cache folder like the trained fixtures. Measured: val top-1 error 0.0 % without conv3-4,
-    0.0 % without fc6-7, 49 % without both (chance is 50 %), and the 4-layer net cannot fit its training set
-    either (train error about 47 %): no layer of it sees both discs (test_pairs.py)."""
+    """The demo's ablation (the named config "pairs": zfnet_small at half width, 128 px, 2000 images, 20 epochs;
+    about a minute a variant), kept in pytest's cache folder like the trained fixtures. Measured, train / val
+    top-1 error (%): no_conv34 0.0 / 0.2, no_fc67 0.0 / 0.0, no_conv34_fc67 41.6 / 54.2 (chance is 50): the
+    4-layer net cannot even fit its training set, as in the paper (71.1 / 71.3), since no layer of it sees both
+    discs (test_pairs.py). no_fc67 sits at chance for about 10 epochs before it combines them; 20 is twice that."""
     import hashlib
 
     from convscope.demo import PAIRS
@@ -110,5 +111,5 @@ def test_removing_conv3_4_and_fc6_7_together_costs_far_more_than_either_alone(tr
     val = {r.variant: r.val_top1_err for r in result.rows}
     train = {r.variant: r.train_top1_err for r in result.rows}
     assert val["no_conv34"] < 0.1 and val["no_fc67"] < 0.1
-    assert val["no_conv34_fc67"] > 0.4 and train["no_conv34_fc67"] > 0.35
+    assert val["no_conv34_fc67"] > 0.4 and train["no_conv34_fc67"] > 0.3
     assert val["no_conv34_fc67"] - max(val["no_conv34"], val["no_fc67"]) > 0.3

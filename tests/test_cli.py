@@ -98,22 +98,21 @@ def test_transfer_wires_features_and_reports_bad_names(tmp_path):
     assert "| frozen, softmax on conv3 | frozen, softmax on conv1..fc7 joined |" in r.output
 
 
-def test_ablate_on_pairs_from_a_config_file_and_a_clear_error_without_it(tmp_path):
-    # the report's command for Table 3: a variant's saved config is the base config of the ablation
-    from convscope.demo import PAIRS
-
-    config = tmp_path / "pairs.json"
-    config.write_text(json.dumps({**PAIRS.to_dict(), "n_train": 16, "n_val": 8, "n_test": 8, "epochs": 1,
-                                  "batch_size": 8}))
-    r = _run("ablate", "--config", str(config), "--variants", "full,no_conv34_fc67", "--out", str(tmp_path / "a"))
+def test_ablate_on_pairs_by_its_named_config_and_a_clear_error_without_it(tmp_path):
+    # the report's command for Table 3, at a tiny budget
+    r = _run("ablate", "--config", "pairs", "--n-train", "16", "--epochs", "1", "--batch-size", "8",
+             "--variants", "full,no_conv34_fc67", "--out", str(tmp_path / "a"))
     assert r.exit_code == 0, r.output
     assert "| no_conv34_fc67 |" in r.output and "71.1 / 71.3 / 50.1" in r.output
     saved = json.loads((tmp_path / "a" / "full" / "config.json").read_text())
-    assert saved["data"] == "pairs" and saved["model_options"]["input_size"] == 128
+    assert saved["data"] == "pairs" and saved["model_options"]["input_size"] == 128 and saved["patience"] == 6
+    # a variant's saved config is a config file too: the same run, loaded rather than refused
     r = _run("ablate", "--config", str(tmp_path / "a" / "full" / "config.json"), "--variants", "full",
              "--out", str(tmp_path / "a"))
-    assert r.exit_code == 0, r.output  # the same run: loaded, not refused
-    # 128 px images into the 64 px net: what to pass instead, and nothing written
+    assert r.exit_code == 0, r.output
+    r = _run("ablate", "--config", "pears", "--out", str(tmp_path / "b"))
+    assert r.exit_code == 2 and "config file 'pears' does not exist (named configs: pairs)" in r.output
+    # 128 px images into the 64 px net: what to pass instead, and no model written
     r = _run("train", "--data", "pairs", "--n-train", "8", "--out", str(tmp_path / "t"))
     assert r.exit_code == 2
     assert "takes 64 px images but the data set has 128 px" in r.output

@@ -63,7 +63,7 @@ def fake_run(tmp_path):
 
 
 PRESENT = {"fig2", "fig4", "fig6", "fig7", "table1", "table7"}
-ABSENT = {"fig5": "convscope invariance {run}", "table3": "convscope ablate --model zfnet_small --out {run}/ablation",
+ABSENT = {"fig5": "convscope invariance {run}", "table3": "convscope ablate --config pairs --out {run}/ablation",
           "transfer": "convscope transfer {run}"}
 
 

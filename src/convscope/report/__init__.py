@@ -100,7 +100,7 @@ REGISTRY: list[Entry] = [
           "either alone (71.3 % against 45.4 and 44.8 on ImageNet). On pairs the net without both is left at "
           "chance (50 %) while either removal alone costs nothing; on the twelve-class synthetic set, whose "
           "classes need no such depth, the contrast does not appear.",
-          "convscope ablate --config {run}/ablation/full/config.json --out {run}/ablation",
+          "convscope ablate --config pairs --out {run}/ablation",
           images=("ablation/ablation.png",), texts=("ablation/ablation.md",)),
     Entry("transfer", "Tables 4-5, Fig. 9", "Transfer to small data sets",
           "Layers 1-7 kept fixed and a new softmax trained on n examples per class, on fc7 as in the paper and "
