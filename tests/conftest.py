@@ -31,17 +31,21 @@ def trained_folder(request, tmp_path_factory):
     return cache.mkdir("convscope-trained") if cache is not None else tmp_path_factory.mktemp("convscope-trained")
 
 
-def _trained(folder, name, options):
-    """A run trained once with ``options`` into ``folder`` (keyed by them) and opened; a finished one is loaded."""
+def keyed(folder, name, options):
+    """``folder/name-KEY``, KEY a hash of ``options``: a cached result is reused only for the same settings."""
     import hashlib
     import json
 
+    return folder / f"{name}-{hashlib.sha1(json.dumps(options, sort_keys=True).encode()).hexdigest()[:10]}"
+
+
+def _trained(folder, name, options):
+    """A run trained once with ``options`` into ``folder`` (keyed by them) and opened; a finished one is loaded."""
     from convscope.config import TrainConfig
     from convscope.runs import open_run
     from convscope.train import train
 
-    key = hashlib.sha1(json.dumps(options, sort_keys=True).encode()).hexdigest()[:10]
-    run_dir = folder / f"{name}-{key}"
+    run_dir = keyed(folder, name, options)
     train(TrainConfig(**options), run_dir, progress=False)
     return open_run(run_dir)
 

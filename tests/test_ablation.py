@@ -101,13 +101,12 @@ def test_removing_conv3_4_and_fc6_7_together_costs_far_more_than_either_alone(tr
     top-1 error (%): no_conv34 0.0 / 0.2, no_fc67 0.0 / 0.0, no_conv34_fc67 41.6 / 54.2 (chance is 50): the
     4-layer net cannot even fit its training set, as in the paper (71.1 / 71.3), since no layer of it sees both
     discs (test_pairs.py). no_fc67 sits at chance for about 10 epochs before it combines them; 20 is twice that."""
-    import hashlib
+    from conftest import keyed
 
     from convscope.demo import PAIRS
 
-    key = hashlib.sha1(json.dumps(PAIRS.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
-    result = ablate(PAIRS, trained_folder / f"ablation-pairs-{key}", ["no_conv34", "no_fc67", "no_conv34_fc67"],
-                    progress=False)
+    result = ablate(PAIRS, keyed(trained_folder, "ablation-pairs", PAIRS.to_dict()),
+                    ["no_conv34", "no_fc67", "no_conv34_fc67"], progress=False)
     val = {r.variant: r.val_top1_err for r in result.rows}
     train = {r.variant: r.train_top1_err for r in result.rows}
     assert val["no_conv34"] < 0.1 and val["no_fc67"] < 0.1

@@ -62,7 +62,7 @@ def test_bad_input_is_refused_with_the_valid_choices():
     with pytest.raises(ConvscopeError, match="unknown split 'dev'.*train, val, test"):
         load_pairs("dev")
     with pytest.raises(ConvscopeError, match="size must be"):
-        load_pairs(size=8)
+        load_pairs(size=4)
     with pytest.raises(ConvscopeError, match="n must be"):
         load_pairs(n=-1)
     with pytest.raises(ConvscopeError, match="synthetic data set only"):

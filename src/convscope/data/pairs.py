@@ -30,14 +30,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from ..errors import ConvscopeError, unknown
+from ..errors import ConvscopeError
 from .base import GroundTruth, ImageSet
-from .synthetic import SUPERSAMPLE, _background, _box, _circle, _hsv_to_rgb, _to_canvas
+from .synthetic import SUPERSAMPLE, _background, _box, _check, _circle, _hsv_to_rgb, _to_canvas
 
 CLASSES = ["different", "same"]
 COLOURS = {"red": (220, 40, 40), "blue": (40, 60, 230)}
 PARTS = ["left_disc", "right_disc"]
-SPLITS = {"train": 0, "val": 1, "test": 2}
 DEFAULT_N = {"train": 2000, "val": 500, "test": 500}
 DEFAULT_SIZE = 128
 FIFTH = 0.19  # each disc lies in the outer 0.19 of the image side (with a 0.01 margin at the border)
@@ -82,19 +81,15 @@ def load_pairs(split: str = "train", n: int | None = None, size: int = DEFAULT_S
     """The ``pairs`` set, split ``train`` / ``val`` / ``test`` (default sizes 2000 / 500 / 500), classes
     ``different`` and ``same``. See the module doc for why it needs depth at 128 px (at 64 px it does not: a
     conv5 unit of the net without conv3-4 then sees both discs)."""
-    if split not in SPLITS:
-        raise unknown("split", split, list(SPLITS))
-    if not isinstance(size, int) or isinstance(size, bool) or size < 16:
-        raise ConvscopeError(f"size must be an integer of at least 16 pixels, got {size!r}")
+    split_id, _ = _check(split, size, seed, None)  # the synthetic set's checks: split, size, seed
     n = DEFAULT_N[split] if n is None else n
-    for name, v in (("n", n), ("seed", seed)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-            raise ConvscopeError(f"{name} must be a non-negative integer, got {v!r}")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise ConvscopeError(f"n must be a non-negative integer, got {n!r}")
     images = np.empty((n, 3, size, size), np.uint8)
     masks = np.empty((n, size, size), bool)
     centres = np.empty((n, len(PARTS), 2), np.float32)
     for i in range(n):
-        bg, discs = _scene(seed, SPLITS[split], i)
+        bg, discs = _scene(seed, split_id, i)
         image, masks[i] = _render(bg, discs, size)
         images[i] = image.transpose(2, 0, 1)
         centres[i] = [(x * size, y * size) for x, y, _, _ in discs]
