@@ -406,11 +406,18 @@ class Outer(nn.Module):
 @pytest.mark.parametrize("rule", ["deconvnet", "guided"])
 def test_unsupported_nonlinearity_names_the_module(rule):
     net = Outer()
-    with pytest.raises(cs.ConvscopeError, match=r"'silu'.*'block\.act'"):
-        Projector(net, rule).project(torch.rand(1, 3, 8, 8), "head", channel=0)
+    x = torch.rand(1, 3, 8, 8)
+    with pytest.raises(cs.ConvscopeError, match=r"'block\.act' \(SiLU, which calls silu\).*--nonlinearities gradient"):
+        Projector(net, rule).project(x, "head", channel=0)
+    # on request, the other nonlinearities pass by their gradient: equal to the gradient rule on this net,
+    # which has no ReLU
+    passed = Projector(net, rule, nonlinearities="gradient").project(x, "head", channel=0)
+    torch.testing.assert_close(passed, Projector(net, "gradient").project(x, "head", channel=0))
     net.block.act = nn.Identity()  # now the functional sigmoid in block's own forward is next
-    with pytest.raises(cs.ConvscopeError, match=r"'sigmoid'.*'block'"):
-        Projector(net, rule).project(torch.rand(1, 3, 8, 8), "head", channel=0)
+    with pytest.raises(cs.ConvscopeError, match=r"'block' \(Gated, which calls sigmoid\)"):
+        Projector(net, rule).project(x, "head", channel=0)
+    with pytest.raises(cs.ConvscopeError, match="unknown nonlinearities option 'ignore'"):
+        Projector(net, rule, nonlinearities="ignore")
 
 
 def snapshot(model: nn.Module):

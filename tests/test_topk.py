@@ -104,7 +104,7 @@ def test_distinct_images_per_unit_on_a_real_net():
         assert all(len(set(row.tolist())) == 9 for row in imgs)
         assert (t.values[layer][:, :-1] >= t.values[layer][:, 1:]).all()
     # the recorded value is the unit's activation at the recorded position (checked directly)
-    from convscope.deconvnet import run_to_all
+    from convscope.forward import run_to_all
     from convscope.layers import resolve_layer
 
     model.eval()

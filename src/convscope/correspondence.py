@@ -37,9 +37,9 @@ import torch
 from torch import nn
 
 from . import artifacts
-from .deconvnet import check_images, eval_mode, run_to_all
 from .errors import ConvscopeError, unknown
-from .layers import resolve_layer
+from .forward import check_images, eval_mode, run_to_all
+from .layers import site
 from .occlusion import as_fill, occlude
 
 RANDOM = "random"
@@ -145,7 +145,7 @@ def correspondence(
     if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= min(images.shape[-2:]):
         raise ConvscopeError(f"mask size must be an integer from 1 to {min(images.shape[-2:])} pixels, got {size!r}")
     layers = tuple(layers)
-    modules = [resolve_layer(model, layer)[1] for layer in layers]
+    modules = [site(model, layer) for layer in layers]
     fill = as_fill(fill, model, images)
     g = torch.Generator().manual_seed(seed)
     regions = (*parts, RANDOM)

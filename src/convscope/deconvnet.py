@@ -35,9 +35,10 @@ For the call the model is put in eval mode and restored afterwards. ReLUs are fo
 (``nn.ReLU``, also ``inplace=True``) and functional calls (``F.relu``, ``torch.relu``, ``Tensor.relu``,
 ``relu_``) are all rerouted, by a ``TorchFunctionMode`` active during the forward pass only, to one autograd
 function whose backward applies the rule. Other nonlinearities (sigmoid, tanh, GELU, SiLU, ELU, LeakyReLU,
-softplus, ...) have no deconvnet or guided rule: under those rules they raise :class:`ConvscopeError` naming
-the module that calls them, instead of silently falling back to the gradient. ``gradient`` accepts anything
-differentiable.
+ReLU6, softplus, ...) have no deconvnet or guided rule: under those rules they raise :class:`ConvscopeError`
+naming the module that calls them and its class, instead of silently falling back to the gradient, unless the
+caller asks for that fallback (``nonlinearities="gradient"``: what Captum does silently). ``gradient`` accepts
+anything differentiable.
 
 The forward pass stops at the probed layer. Only the gradient with respect to the input is computed (never
 weight gradients), hooks and modes are removed when the call ends, also when it raises, and the calls work
@@ -47,17 +48,19 @@ inside the caller's ``torch.no_grad()`` or ``torch.inference_mode()``: the engin
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .errors import ConvscopeError, unknown
-from .layers import resolve_layer
+from .forward import check_images, eval_mode, run_to
+from .layers import site
 
 RULES = ("deconvnet", "guided", "gradient")
 MODES = ("max", "map")
+NONLINEARITIES = ("error", "gradient")
 
 # Elementwise nonlinearities that only the plain gradient can pass (no rectification rule exists for them).
 _UNSUPPORTED = frozenset(
@@ -65,10 +68,6 @@ _UNSUPPORTED = frozenset(
     "hardtanh prelu rrelu logsigmoid log_sigmoid softsign tanhshrink threshold glu hardshrink softshrink "
     "softmax log_softmax".split()
 )
-
-
-class _Stop(Exception):
-    """Raised by a forward hook once the probed layer has produced its output: the rest is not needed."""
 
 
 class _RuledReLU(torch.autograd.Function):
@@ -156,11 +155,12 @@ def _fused_lrn(model: nn.Module) -> Iterator[None]:
 
 
 class _Reroute(TorchFunctionMode):
-    """During the forward: every ReLU call goes to :class:`_RuledReLU`; unsupported nonlinearities raise."""
+    """During the forward: every ReLU call goes to :class:`_RuledReLU`; another nonlinearity raises, or passes by
+    its gradient when ``nonlinearities="gradient"``."""
 
-    def __init__(self, rule: str, where: list[str]):
+    def __init__(self, rule: str, nonlinearities: str, where: list[tuple[str, nn.Module]]):
         super().__init__()
-        self.rule, self.where = rule, where
+        self.rule, self.nonlinearities, self.where = rule, nonlinearities, where
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -173,119 +173,53 @@ class _Reroute(TorchFunctionMode):
             return _LocalResponseNorm.apply(
                 args[0], bound["size"], bound.get("alpha", 1e-4), bound.get("beta", 0.75), bound.get("k", 1.0)
             )
-        if self.rule != "gradient" and name.rstrip("_") in _UNSUPPORTED:
-            module = self.where[-1] if self.where else "<unknown>"
+        if self.rule != "gradient" and self.nonlinearities == "error" and name.rstrip("_") in _UNSUPPORTED:
+            module, owner = self.where[-1] if self.where else ("", None)
+            kind = type(owner).__name__ if owner is not None else "?"
             raise ConvscopeError(
-                f"rule {self.rule!r} cannot pass the nonlinearity {name!r} "
-                f"in module {module or '<model>'!r}: "
-                "only ReLU has a deconvnet/guided rule; use rule='gradient' for this model"
+                f"rule {self.rule!r} has no rule for the nonlinearity of module {module or '<model>'!r} ({kind}, "
+                f"which calls {name}): only ReLU has a deconvnet or guided rule. Pass nonlinearities='gradient' "
+                "(--nonlinearities gradient) to let it pass by its plain gradient, as Captum does, or use "
+                "rule='gradient'"
             )
         return func(*args, **kwargs)
 
 
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode for the duration (dropout off, batch norm affine), then every module's own mode back."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
+def _track_modules(model: nn.Module, stack: ExitStack) -> list[tuple[str, nn.Module]]:
+    """Hooks that keep the qualified name and the module running now, to name it in errors."""
+    where: list[tuple[str, nn.Module]] = []
 
-
-def _track_modules(model: nn.Module, stack: ExitStack) -> list[str]:
-    """Hooks that keep the qualified name of the module running now, to name it in errors."""
-    where: list[str] = []
-
-    def enter(name: str):
-        return lambda *_: where.append(name)  # returns None: the module's input is left alone
+    def enter(name: str, module: nn.Module):
+        return lambda *_: where.append((name, module))  # returns None: the module's input is left alone
 
     def leave(*_) -> None:
         where.pop()
 
     for name, m in model.named_modules():
-        stack.enter_context(m.register_forward_pre_hook(enter(name)))
+        stack.enter_context(m.register_forward_pre_hook(enter(name, m)))
         stack.enter_context(m.register_forward_hook(leave, always_call=True))
     return where
 
 
-def run_to(model: nn.Module, module: nn.Module, x: torch.Tensor, mode: TorchFunctionMode | None = None):
-    """Run ``model(x)`` until ``module`` has produced its output and return that output (its first call).
-
-    ``mode`` is active during this forward pass only; the stopping hook is removed on return or raise.
-    """
-    return run_to_all(model, [module], x, mode)[0]
-
-
-def run_to_all(model: nn.Module, modules: Sequence[nn.Module], x: torch.Tensor,
-               mode: TorchFunctionMode | None = None, keep=None) -> list:
-    """Run ``model(x)`` until every module of ``modules`` has produced its output (its first call); return those
-    outputs in the order given. The rest of the network is not run.
-
-    ``keep(output)``, if given, is applied the moment each output appears and its result is kept instead: a
-    reduction there saves memory, and sees the value before a later in-place op (``ReLU(inplace=True)``) could
-    change it."""
-    captured: dict[int, torch.Tensor] = {}
-
-    def hook(i: int):
-        def capture(_module, _inputs, output):
-            if i not in captured:
-                if not isinstance(output, torch.Tensor):
-                    raise ConvscopeError(f"the probed layer returns {type(output).__name__}, not a tensor")
-                captured[i] = keep(output) if keep is not None else output
-            if len(captured) == len(modules):
-                raise _Stop
-
-        return capture
-
-    with ExitStack() as stack:
-        for i, m in enumerate(modules):
-            stack.enter_context(m.register_forward_hook(hook(i)))
-        stack.enter_context(mode if mode is not None else nullcontext())
-        try:
-            model(x)
-        except _Stop:
-            pass
-    if len(captured) < len(modules):
-        raise ConvscopeError("the forward pass never reached the probed layer")
-    return [captured[i] for i in range(len(modules))]
-
-
-def input_channels(model: nn.Module) -> int | None:
-    """Channels the first convolution expects, if the model has one."""
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            return m.in_channels
-    return None
-
-
-def check_images(model: nn.Module, images: torch.Tensor) -> None:
-    if not isinstance(images, torch.Tensor) or not images.is_floating_point():
-        kind = getattr(images, "dtype", type(images).__name__)
-        raise ConvscopeError(f"images must be a floating point tensor, got {kind}")
-    if images.dim() != 4:
-        raise ConvscopeError(f"images must be 4-D (N, C, H, W), got shape {tuple(images.shape)}")
-    channels = input_channels(model)
-    if channels is not None and images.shape[1] != channels:
-        raise ConvscopeError(f"the model expects {channels} input channels, images have {images.shape[1]}")
-    if not torch.isfinite(images).all():
-        raise ConvscopeError("images contain NaN or infinite values")
-
-
 class Projector:
-    """Project activations of any layer back to pixel space (paper section 2.1) with one of :data:`RULES`."""
+    """Project activations of any layer back to pixel space (paper section 2.1) with one of :data:`RULES`.
 
-    def __init__(self, model: nn.Module, rule: str = "deconvnet"):
+    ``nonlinearities``: what ``deconvnet`` and ``guided`` do with a nonlinearity other than ReLU (ReLU6,
+    LeakyReLU, SiLU, GELU, hardswish, ...), for which neither has a rule: ``"error"`` (default) raises naming
+    the module; ``"gradient"`` passes it by its plain gradient (what Captum does without saying so).
+    """
+
+    def __init__(self, model: nn.Module, rule: str = "deconvnet", nonlinearities: str = "error"):
         if rule not in RULES:
             raise unknown("rule", rule, RULES)
-        self.model, self.rule = model, rule
+        if nonlinearities not in NONLINEARITIES:
+            raise unknown("nonlinearities option", nonlinearities, NONLINEARITIES)
+        self.model, self.rule, self.nonlinearities = model, rule, nonlinearities
 
     @contextmanager
     def _forward(self, images: torch.Tensor, layer: str):
         """Yield ``(input leaf, probed output)`` with the graph between them built under the rule."""
-        _, module = resolve_layer(self.model, layer)
+        target = site(self.model, layer)
         check_images(self.model, images)
         with torch.inference_mode(False), torch.enable_grad(), eval_mode(self.model):
             # Channels-last: oneDNN's convolutions, above all the 3-channel input gradient of conv1, run
@@ -293,7 +227,7 @@ class Projector:
             x = images.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
             with ExitStack() as hooks, _fused_lrn(self.model):
                 where = _track_modules(self.model, hooks) if self.rule != "gradient" else []
-                out = run_to(self.model, module, x, _Reroute(self.rule, where))
+                out = run_to(self.model, target, x, _Reroute(self.rule, self.nonlinearities, where))
             if not out.requires_grad:
                 raise ConvscopeError(f"layer {layer!r} does not depend on the input")
             yield x, out
@@ -434,4 +368,4 @@ def _seed(act: torch.Tensor, channel, position: Sequence[int] | None, mode: str)
     return seed
 
 
-__all__ = ["MODES", "RULES", "Projector"]
+__all__ = ["MODES", "NONLINEARITIES", "RULES", "Projector"]

@@ -28,10 +28,11 @@ import torch
 from torch import nn
 
 from . import artifacts
-from .deconvnet import RULES, Projector, eval_mode, run_to
+from .deconvnet import RULES, Projector
 from .errors import ConvscopeError, unknown
+from .forward import eval_mode, run_to
 from .imaging import make_grid, to_image
-from .layers import resolve_layer
+from .layers import resolve_layer, site
 
 # Radial frequency bands in cycles/pixel: low [0, 1/6), mid [1/6, 1/3), high [1/3, sqrt(2)/2]. Thirds of the
 # Nyquist limit 1/2; "high" also takes the diagonal corners beyond 1/2.
@@ -208,7 +209,7 @@ def _inactive_fraction(model: nn.Module, conv: nn.Conv2d, layer: str | None, ima
     module = conv
     if layer is not None:
         try:
-            module = resolve_layer(model, layer)[1]
+            module = site(model, layer)
         except ConvscopeError:
             module = conv
     with torch.no_grad(), eval_mode(model):
@@ -367,9 +368,8 @@ def aliasing(
     if n_units < 1:
         raise ConvscopeError(f"n_units must be at least 1, got {n_units}")
     stride = _pair(first_stride) if first_stride is not None else first_conv_stride(model)
-    _, module = resolve_layer(model, layer)
     with torch.no_grad(), eval_mode(model):
-        act = run_to(model, module, images).detach()
+        act = run_to(model, site(model, layer), images).detach()
     if act.dim() != 4:
         raise ConvscopeError(f"layer {layer!r} outputs shape {tuple(act.shape)}, expected (N, C, H, W) maps")
     peak = act.flatten(2).amax(2)  # (N, C): each map's strongest activation per image

@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import artifacts
-from .deconvnet import check_images, eval_mode, run_to_all
 from .errors import ConvscopeError
-from .layers import resolve_layer
+from .forward import check_images, eval_mode, run_to_all
+from .layers import site
 from .occlusion import as_fill
 
 TRANSFORMS = ("translation", "scale", "rotation")
@@ -133,7 +133,7 @@ def invariance(
     layers = tuple(layers)
     if not layers:
         raise ConvscopeError("invariance needs at least one layer")
-    modules = [resolve_layer(model, layer)[1] for layer in layers]
+    modules = [site(model, layer) for layer in layers]
     h = images.shape[-2]
     half, step = round(h / 4), max(1, round(h / 32))
     steps = {

@@ -1,15 +1,38 @@
-"""Naming the layer to probe: a module name from ``model.named_modules()``, or a paper alias.
+"""Naming the layer to probe: a module name from ``model.named_modules()``, or a paper alias; and which layers
+an analysis uses by default.
 
 Built-in models carry ``paper_layers``, a mapping from the paper's names (conv1..conv5, fc6, fc7) to the module
 whose output is that layer's rectified output (PAPER.md section 1). Any other ``nn.Module`` is addressed by
-module names only.
+module names. A module that the forward pass calls more than once (torchvision's ResNet blocks call one ReLU
+twice) is probed at its first call; ``name#2`` names its second call, and so on (Captum's hooks see the last).
+
+Defaults for a model without the paper's names come from one forward pass (:func:`census`): the **stages**,
+the last module to finish at each spatial size of the feature maps (a ResNet's stem ReLU, ``layer1`` ..
+``layer4``; a VGG's last ReLU before each pool), and the **penultimate** module, the last one before the
+modules that produce the logits (a ResNet's ``avgpool``): the analogues of conv1..conv5 and fc7.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
 from torch import nn
 
-from .errors import unknown
+from .errors import ConvscopeError, unknown
+
+CALL = "#"
+PAPER_CONV = ("conv1", "conv2", "conv3", "conv4", "conv5")
+PAPER_LAYERS = (*PAPER_CONV, "fc6", "fc7")
+
+
+@dataclass(frozen=True)
+class Site:
+    """One place in the forward pass: the output of module ``name`` at its ``call``-th call (from 1)."""
+
+    name: str
+    module: nn.Module
+    call: int = 1
 
 
 def layer_names(model: nn.Module) -> list[str]:
@@ -18,10 +41,105 @@ def layer_names(model: nn.Module) -> list[str]:
     return aliases + [name for name, _ in model.named_modules() if name]
 
 
+def _split_call(layer: str) -> tuple[str, int]:
+    name, sep, call = layer.rpartition(CALL)
+    if sep and call.isdigit() and int(call) >= 1:
+        return name, int(call)
+    return layer, 1
+
+
 def resolve_layer(model: nn.Module, layer: str) -> tuple[str, nn.Module]:
-    """Return ``(module_name, module)`` for a paper alias or a module name; unknown names list the valid ones."""
-    name = getattr(model, "paper_layers", {}).get(layer, layer)
+    """Return ``(module_name, module)`` for a paper alias or a module name (a ``#k`` call suffix is allowed);
+    unknown names list the valid ones."""
+    s = site(model, layer)
+    return s.name, s.module
+
+
+def site(model: nn.Module, layer: str) -> Site:
+    """The :class:`Site` a layer name means: ``conv5`` (paper alias), ``features.11``, ``layer1.0.relu#2``."""
+    if not isinstance(layer, str):
+        raise ConvscopeError(f"a layer is named by a string, got {type(layer).__name__} {layer!r}")
+    base, call = _split_call(layer)
+    name = getattr(model, "paper_layers", {}).get(base, base)
     modules = dict(model.named_modules())
     if not name or name not in modules:
         raise unknown("layer", layer, layer_names(model))
-    return name, modules[name]
+    return Site(name, modules[name], call)
+
+
+@dataclass(frozen=True)
+class ModuleInfo:
+    """One module as one forward pass sees it: its output shape at its first call (None: not a tensor, or never
+    called), how many times it ran, and when its first call finished (``order``)."""
+
+    name: str
+    kind: str
+    shape: tuple[int, ...] | None
+    calls: int
+    order: int
+
+
+def census(model: nn.Module, input_size: int | tuple[int, int], channels: int | None = None) -> list[ModuleInfo]:
+    """Every named module (the model itself excluded) after one forward pass of a blank image, batch 1, in
+    ``named_modules`` order."""
+    from contextlib import ExitStack
+
+    from .forward import eval_mode, input_channels
+
+    h, w = (input_size, input_size) if isinstance(input_size, int) else input_size
+    param = next(model.parameters(), None)
+    like = {"dtype": param.dtype, "device": param.device} if param is not None else {}
+    x = torch.zeros(1, channels or input_channels(model) or 3, h, w, **like)
+    seen: dict[str, list] = {}
+    finished = [0]
+
+    def hook(name: str):
+        def record(_module, _inputs, output):
+            entry = seen.setdefault(name, [None, 0, finished[0]])
+            if entry[1] == 0:
+                entry[0] = tuple(output.shape) if isinstance(output, torch.Tensor) else None
+            entry[1] += 1
+            finished[0] += 1
+
+        return record
+
+    named = [(n, m) for n, m in model.named_modules() if n]
+    with ExitStack() as stack, torch.no_grad(), eval_mode(model):
+        for name, m in named:
+            stack.enter_context(m.register_forward_hook(hook(name)))
+        try:
+            model(x)
+        except Exception as e:
+            raise ConvscopeError(f"the model cannot take a {h}x{w} image ({type(e).__name__}: {e})") from e
+    return [ModuleInfo(n, type(m).__name__, *(seen[n] if n in seen else (None, 0, -1))) for n, m in named]
+
+
+def _by_order(infos: list[ModuleInfo]) -> list[ModuleInfo]:
+    return sorted((i for i in infos if i.calls == 1 and i.shape is not None), key=lambda i: i.order)
+
+
+def stages(infos: list[ModuleInfo]) -> list[str]:
+    """The last module (called once) to finish at each spatial size of the feature maps, larger than 1x1."""
+    last: dict[tuple[int, int], ModuleInfo] = {}
+    for info in _by_order(infos):
+        if len(info.shape) == 4 and info.shape[-1] * info.shape[-2] > 1:
+            last[info.shape[-2:]] = info  # dicts keep the order in which each size first appeared
+    return [info.name for info in last.values()]
+
+
+def penultimate(infos: list[ModuleInfo], logits_shape: tuple[int, ...]) -> str | None:
+    """The last module (called once) to finish before the modules whose output has the logits' shape."""
+    ordered = _by_order(infos)
+    while ordered and ordered[-1].shape == tuple(logits_shape):
+        ordered.pop()
+    return ordered[-1].name if ordered else None
+
+
+def candidates(infos: list[ModuleInfo], n: int = 12) -> str:
+    """Some probeable module names (4-D outputs, called once), for an error that asks for ``--layers``."""
+    names = [i.name for i in _by_order(infos) if len(i.shape) == 4]
+    return ", ".join(names[:n]) + (", ..." if len(names) > n else "")
+
+
+__all__ = ["CALL", "PAPER_CONV", "PAPER_LAYERS", "ModuleInfo", "Site", "census", "layer_names", "penultimate",
+           "resolve_layer", "site", "stages"]

@@ -27,9 +27,10 @@ import torch
 from torch import nn
 
 from . import artifacts
-from .deconvnet import Projector, check_images, eval_mode, run_to_all
+from .deconvnet import Projector
 from .errors import ConvscopeError
-from .layers import resolve_layer
+from .forward import check_images, eval_mode, run_to_all
+from .layers import site
 
 
 @dataclass
@@ -144,7 +145,7 @@ def occlusion(
     image = image.detach()
     positions = square_positions(image.shape[-2], image.shape[-1], size, stride)
     fill = as_fill(fill, model, image)
-    _, module = resolve_layer(model, layer)
+    module = site(model, layer)
 
     # The model itself as the last module: run_to_all then returns the layer's output and the logits of one
     # forward pass.

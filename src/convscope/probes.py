@@ -32,9 +32,9 @@ from torch import nn
 
 from . import artifacts
 from .data import ImageSet
-from .deconvnet import eval_mode, run_to_all
 from .errors import ConvscopeError, unknown
-from .layers import resolve_layer
+from .forward import eval_mode, run_to_all
+from .layers import site
 
 PAPER_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7")
 POOLS = ("max", "avg")
@@ -100,7 +100,7 @@ def extract_features(model: nn.Module, data: ImageSet, layers: Sequence[str], po
         raise unknown("pool", pool, POOLS)
     if not isinstance(grid, int) or grid < 1:
         raise ConvscopeError(f"grid must be a positive integer, got {grid!r}")
-    modules = [resolve_layer(model, layer)[1] for layer in layers]
+    modules = [site(model, layer) for layer in layers]
     size = getattr(model, "input_size", None)
     if size is not None and len(data) and data.image_size != size:
         raise ConvscopeError(f"the model takes {size} px images but the data set {data.name!r} has "

@@ -24,9 +24,9 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .deconvnet import eval_mode, input_channels, run_to
 from .errors import ConvscopeError
-from .layers import resolve_layer
+from .forward import eval_mode, input_channels, run_to
+from .layers import site
 
 
 @dataclass(frozen=True)
@@ -193,7 +193,7 @@ def receptive_field(
     if size is None:
         raise ConvscopeError("the model has no input_size attribute: pass input_size=(height, width)")
     h, w = _pair(size, None)
-    _, module = resolve_layer(model, layer)
+    module = site(model, layer)
     param = next(model.parameters(), None)
     like = {"dtype": param.dtype, "device": param.device} if param is not None else {}
     x = torch.zeros(1, input_channels(model) or 3, h, w, **like)

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from . import artifacts
 from .errors import ConvscopeError
-from .layers import resolve_layer
+from .layers import site
 
 
 @dataclass
@@ -129,7 +129,7 @@ def merge(parts: Iterable[TopK]) -> TopK:
 
 def _capture(model: nn.Module, modules: dict[str, nn.Module], x: torch.Tensor, k: int, index: torch.Tensor) -> dict:
     """Each layer's :func:`batch_top`, reduced as the forward pass produces the layer."""
-    from .deconvnet import run_to_all
+    from .forward import run_to_all
 
     def keep(act: torch.Tensor):
         return batch_top(act, k, index)
@@ -152,7 +152,7 @@ def scan_shard(model: nn.Module, data, indices: torch.Tensor | Sequence[int], la
                batch_size: int = 128, progress: bool | None = False) -> TopK:
     """Scan the images ``indices`` of ``data`` (an ImageSet or any data set of (image, label)): a partial TopK."""
     indices = torch.as_tensor(indices, dtype=torch.long)
-    modules = {layer: resolve_layer(model, layer)[1] for layer in layers}
+    modules = {layer: site(model, layer) for layer in layers}
     device = next(model.parameters()).device
     parts: list[TopK] = []
     result = None

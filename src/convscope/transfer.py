@@ -48,8 +48,8 @@ from . import artifacts
 from .config import TrainConfig
 from .data import ImageSet, stratified_split
 from .data.transforms import mean_and_std, random_crop_flip
-from .deconvnet import eval_mode
 from .errors import ConvscopeError, unknown
+from .forward import eval_mode
 from .layers import resolve_layer
 from .probes import check_target, default_layers, extract_features, fit_predict, mean_per_class_accuracy
 from .train import renormalize_filters_

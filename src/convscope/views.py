@@ -21,10 +21,11 @@ from torch import nn
 
 from . import artifacts
 from .data import seeded_subset
-from .deconvnet import Projector, eval_mode, input_channels, run_to
+from .deconvnet import Projector
 from .errors import ConvscopeError
+from .forward import eval_mode, input_channels, run_to
 from .imaging import make_grid, to_image, upscale
-from .layers import resolve_layer
+from .layers import site
 from .receptive_field import receptive_field
 from .topk import TopK
 
@@ -66,7 +67,7 @@ def field_size(model: nn.Module, layer: str, image_hw: tuple[int, int]) -> tuple
     param = next(model.parameters())
     x = torch.zeros(1, input_channels(model) or 3, *big, dtype=param.dtype, device=param.device)
     with torch.no_grad(), eval_mode(model):
-        h, w = run_to(model, resolve_layer(model, layer)[1], x).shape[-2:]
+        h, w = run_to(model, site(model, layer), x).shape[-2:]
     box = receptive_field(model, layer, (h // 2, w // 2), input_size=big)
     return min(box.y1 - box.y0, image_hw[0]), min(box.x1 - box.x0, image_hw[1])
 
@@ -83,7 +84,7 @@ def unit_views(model: nn.Module, data, topk: TopK, layer: str, units=None, rule:
         raise ConvscopeError("the scan saw fewer images than k: scan more images")
     x0 = data.batch(images_idx[:1, 0])[0]
     with torch.no_grad(), eval_mode(model):
-        act = run_to(model, resolve_layer(model, layer)[1], x0)
+        act = run_to(model, site(model, layer), x0)
         if act.dim() != 4:
             raise ConvscopeError(f"layer {layer!r} has no spatial map, so its units have no image patches: "
                                  "Fig. 2 needs a convolutional layer (use Projector.project for fc units)")

@@ -46,60 +46,142 @@ def stratified_split(labels: torch.Tensor, fractions: tuple[float, ...], seed: i
     return [torch.sort(torch.cat(p)).values for p in parts]
 
 
+SPLITS = ("train", "val", "test")
+ALL = "all"  # every image of the data set, one index space: a folder in file order, else train, val, test
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Everything that defines a data set's splits; :meth:`load` reads one split without reading the others.
+
+    ``size`` is the image side (default 64, pairs 128, digits 32; CIFAR-10 is resized only when asked). ``n_*``
+    truncate a split (synthetic and pairs: how many images to render; others a seeded subset). ``classes``
+    restricts the synthetic set to some classes. Sets that come with two splits (CIFAR-10, digits) or none (an
+    ImageFolder tree) are split further by a seeded, per-class (stratified) draw: folder 70/15/15, the training
+    split of the others 90/10 into train and val.
+    """
+
+    name: str = "synthetic"
+    root: str | None = None
+    size: int | None = None
+    seed: int = 0
+    n_train: int | None = None
+    n_val: int | None = None
+    n_test: int | None = None
+    classes: tuple[str, ...] | None = None
+
+    def check(self) -> None:
+        if self.name not in DATASETS:
+            raise unknown("data set", self.name, DATASETS)
+        if self.classes is not None and self.name != "synthetic":
+            raise ConvscopeError("classes= selects classes of the synthetic data set only")
+        if self.name in ("cifar10", "folder"):
+            if self.root is None:
+                raise ConvscopeError(f"data set {self.name!r} needs a path: pass --data-root (or root=) to its folder")
+            if not Path(self.root).exists():
+                raise ConvscopeError(f"data path {str(self.root)!r} does not exist")
+
+    @property
+    def image_size(self) -> int | None:
+        """The side the images will have (None: CIFAR-10 at its own 32 px)."""
+        return self.size or {"synthetic": 64, "pairs": 128, "digits": 32, "folder": 64}.get(self.name)
+
+    def load(self, split: str) -> ImageSet:
+        """One split (``train``, ``val``, ``test``, or ``all``); an empty one is an error."""
+        if split not in (*SPLITS, ALL):
+            raise unknown("split", split, (*SPLITS, ALL))
+        self.check()
+        data = self._all() if split == ALL else self._truncate(self._split(split), split)
+        if len(data) == 0:
+            raise ConvscopeError(f"the {split} split of data set {self.name!r} is empty")
+        return data
+
+    def class_names(self) -> list[str]:
+        """The data set's class names, read as cheaply as the format allows (a folder: its sub-folders)."""
+        self.check()
+        if self.name == "folder":
+            from .folder import scan_folder
+
+            return scan_folder(self.root)[0]
+        if self.name == "synthetic":
+            from .synthetic import CLASSES
+
+            return list(self.classes or CLASSES)
+        return self.load("test").classes
+
+    def _n(self, split: str) -> int | None:
+        return {"train": self.n_train, "val": self.n_val, "test": self.n_test}[split]
+
+    def _split(self, split: str) -> ImageSet:
+        size = self.image_size
+        if self.name == "synthetic":
+            from .synthetic import load_synthetic
+
+            classes = list(self.classes) if self.classes is not None else None
+            return load_synthetic(split, n=self._n(split), size=size, seed=self.seed, classes=classes)
+        if self.name == "pairs":
+            from .pairs import load_pairs
+
+            return load_pairs(split, n=self._n(split), size=size, seed=self.seed)
+        if self.name == "folder":
+            from .folder import load_folder, scan_folder
+
+            _, samples = scan_folder(self.root)
+            labels = torch.tensor([label for _, label in samples])
+            parts = dict(zip(SPLITS, stratified_split(labels, (0.7, 0.15), self.seed)))
+            return load_folder(self.root, size=size, index=parts[split])
+        source = "test" if split == "test" else "train"
+        if self.name == "cifar10":
+            from .cifar10 import load_cifar10
+
+            full = load_cifar10(self.root, source)
+            if self.size and self.size != full.image_size:
+                full = resized(full, self.size)
+        else:
+            from .digits import load_digits
+
+            full = load_digits(source, size=size, seed=self.seed)
+        if split == "test":
+            return full
+        train, val = stratified_split(full.labels, (0.9,), self.seed)
+        return full.subset(train if split == "train" else val)
+
+    def _truncate(self, data: ImageSet, split: str) -> ImageSet:
+        n = self._n(split)
+        if n is None or self.name in ("synthetic", "pairs"):  # the generated sets render exactly n
+            return data
+        return data.subset(seeded_subset(len(data), n, self.seed))
+
+    def _all(self) -> ImageSet:
+        if self.name == "folder":
+            from .folder import load_folder
+
+            return load_folder(self.root, size=self.image_size)
+        return concat([self.load(split) for split in SPLITS])
+
+
 def load_splits(name: str = "synthetic", root: str | Path | None = None, size: int | None = None,
                 seed: int = 0, n_train: int | None = None, n_val: int | None = None,
                 n_test: int | None = None, classes: list[str] | None = None) -> Splits:
-    """Load a data set's train, val and test sets. ``root`` is needed for cifar10 and folder.
+    """Load a data set's train, val and test sets (see :class:`DataSpec`). ``root`` is needed for cifar10 and
+    folder."""
+    spec = DataSpec(name, None if root is None else str(root), size, seed, n_train, n_val, n_test,
+                    None if classes is None else tuple(classes))
+    spec.check()
+    return Splits(*(spec.load(split) for split in SPLITS))
 
-    ``size`` is the image side (default 64, pairs 128; CIFAR-10 is resized only when asked). ``n_*`` truncate a
-    split (synthetic and pairs: how many images to render). ``classes`` restricts the synthetic set to some classes.
-    """
-    if name not in DATASETS:
-        raise unknown("data set", name, DATASETS)
-    if classes is not None and name != "synthetic":
-        raise ConvscopeError("classes= selects classes of the synthetic data set only")
-    if name in ("cifar10", "folder"):
-        if root is None:
-            raise ConvscopeError(f"data set {name!r} needs a path: pass --data-root (or root=) to its folder")
-        if not Path(root).exists():
-            raise ConvscopeError(f"data path {str(root)!r} does not exist")
-    if name == "synthetic":
-        from .synthetic import load_synthetic
 
-        size = size or 64
-        splits = Splits(*(load_synthetic(split, n=n, size=size, seed=seed, classes=classes)
-                          for split, n in (("train", n_train), ("val", n_val), ("test", n_test))))
-    elif name == "pairs":
-        from .pairs import DEFAULT_SIZE, load_pairs
-
-        splits = Splits(*(load_pairs(split, n=n, size=size or DEFAULT_SIZE, seed=seed)
-                          for split, n in (("train", n_train), ("val", n_val), ("test", n_test))))
-    else:
-        if name == "folder":
-            from .folder import load_folder
-
-            full = load_folder(root, size=size or 64)
-            train, val, test = stratified_split(full.labels, (0.7, 0.15), seed)
-            splits = Splits(full.subset(train), full.subset(val), full.subset(test))
-        else:
-            if name == "cifar10":
-                from .cifar10 import load_cifar10
-
-                train_full, test = load_cifar10(root, "train"), load_cifar10(root, "test")
-            else:
-                from .digits import load_digits
-
-                train_full, test = (load_digits(s, size=size or 32, seed=seed) for s in ("train", "test"))
-            train, val = stratified_split(train_full.labels, (0.9,), seed)
-            splits = Splits(train_full.subset(train), train_full.subset(val), test)
-        if size and name == "cifar10" and size != splits.train.image_size:
-            splits = Splits(*(resized(s, size) for s in (splits.train, splits.val, splits.test)))
-        splits = Splits(*(s if n is None else s.subset(seeded_subset(len(s), n, seed))
-                          for s, n in ((splits.train, n_train), (splits.val, n_val), (splits.test, n_test))))
-    for split in ("train", "val", "test"):
-        if len(getattr(splits, split)) == 0:
-            raise ConvscopeError(f"the {split} split of data set {name!r} is empty")
-    return splits
+def concat(sets: list[ImageSet]) -> ImageSet:
+    """Image sets of one size and one class list, one after another (ground truth and sources kept if all
+    have them)."""
+    first = sets[0]
+    truth = None
+    if all(s.truth is not None for s in sets):
+        truth = GroundTruth(torch.cat([s.truth.boxes for s in sets]), torch.cat([s.truth.masks for s in sets]),
+                            {k: torch.cat([s.truth.parts[k] for s in sets]) for k in first.truth.parts})
+    sources = sum((s.sources for s in sets), []) if all(s.sources is not None for s in sets) else None
+    return ImageSet(torch.cat([s.images for s in sets]), torch.cat([s.labels for s in sets]), first.classes, truth,
+                    first.name, sources)
 
 
 def seeded_subset(total: int, n: int, seed: int) -> torch.Tensor:
@@ -113,8 +195,8 @@ def resized(data: ImageSet, size: int) -> ImageSet:
     from .transforms import resize
 
     images = resize(data.images.float(), size).round().clamp(0, 255).to(torch.uint8)
-    return ImageSet(images, data.labels, data.classes, None, data.name)
+    return ImageSet(images, data.labels, data.classes, None, data.name, data.sources)
 
 
-__all__ = ["DATASETS", "GroundTruth", "ImageSet", "Splits", "list_datasets", "load_splits", "seeded_subset",
-           "stratified_split"]
+__all__ = ["ALL", "DATASETS", "SPLITS", "DataSpec", "GroundTruth", "ImageSet", "Splits", "concat", "list_datasets",
+           "load_splits", "seeded_subset", "stratified_split"]

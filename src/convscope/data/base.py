@@ -30,16 +30,19 @@ class GroundTruth:
 
 
 class ImageSet(Dataset):
-    """Images held in memory as uint8 (N, 3, H, W), labels int64 (N,), class names, optional ground truth."""
+    """Images held in memory as uint8 (N, 3, H, W), labels int64 (N,), class names, optional ground truth, and
+    optionally where each image came from (``sources``: file paths of an ImageFolder tree)."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, classes: list[str],
-                 truth: GroundTruth | None = None, name: str = ""):
+                 truth: GroundTruth | None = None, name: str = "", sources: list[str] | None = None):
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be uint8 (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
         if labels.shape != (images.shape[0],):
             raise ValueError(f"labels must be ({images.shape[0]},), got {tuple(labels.shape)}")
         self.images, self.labels, self.classes = images, labels.long(), list(classes)
-        self.truth, self.name = truth, name
+        if sources is not None and len(sources) != images.shape[0]:
+            raise ValueError(f"sources must name {images.shape[0]} images, got {len(sources)}")
+        self.truth, self.name, self.sources = truth, name, sources
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -54,7 +57,8 @@ class ImageSet(Dataset):
     def subset(self, index) -> ImageSet:
         index = torch.as_tensor(index, dtype=torch.long)
         truth = self.truth.subset(index) if self.truth is not None else None
-        return ImageSet(self.images[index], self.labels[index], self.classes, truth, self.name)
+        sources = [self.sources[i] for i in index.tolist()] if self.sources is not None else None
+        return ImageSet(self.images[index], self.labels[index], self.classes, truth, self.name, sources)
 
     @property
     def image_size(self) -> int:

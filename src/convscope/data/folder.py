@@ -80,15 +80,18 @@ def _check_size(size: int) -> None:
         raise ConvscopeError(f"image size must be a positive int, got {size!r}")
 
 
-def load_folder(root: str | Path, size: int = 64) -> ImageSet:
-    """An ImageFolder tree decoded into memory as an :class:`ImageSet` of uint8 (N, 3, size, size).
+def load_folder(root: str | Path, size: int = 64, index=None) -> ImageSet:
+    """An ImageFolder tree decoded into memory as an :class:`ImageSet` of uint8 (N, 3, size, size), each image's
+    file path in ``sources``; ``index`` decodes only those files of :func:`scan_folder`'s list.
 
     Files Pillow cannot decode are skipped and reported in a single warning (how many, and the first few).
     """
     _check_size(size)
     classes, samples = scan_folder(root)
+    if index is not None:
+        samples = [samples[i] for i in torch.as_tensor(index, dtype=torch.long).tolist()]
     images = torch.empty((len(samples), 3, size, size), dtype=torch.uint8)
-    labels, bad = [], []
+    labels, sources, bad = [], [], []
     for path, label in samples:
         try:
             images[len(labels)] = read_image(path, size)
@@ -96,6 +99,9 @@ def load_folder(root: str | Path, size: int = 64) -> ImageSet:
             bad.append(f"{path} ({type(e).__name__}: {e})")
             continue
         labels.append(label)
+        sources.append(str(path))
+    if not samples:
+        return ImageSet(images, torch.zeros(0, dtype=torch.long), classes, name=Path(root).name, sources=[])
     if not labels:
         raise ConvscopeError(f"none of the {len(samples)} image files under {root} could be read, e.g. {bad[0]}")
     if bad:
@@ -103,7 +109,7 @@ def load_folder(root: str | Path, size: int = 64) -> ImageSet:
         warnings.warn(f"skipped {len(bad)} unreadable image file(s) of {len(samples)} under {root}: {shown}",
                       stacklevel=2)
     return ImageSet(images[: len(labels)].clone(), torch.tensor(labels, dtype=torch.long), classes,
-                    name=Path(root).name)
+                    name=Path(root).name, sources=sources)
 
 
 class FolderDataset(Dataset):

@@ -1,0 +1,108 @@
+"""Running a model up to the layers an analysis probes, and putting back what a run touches.
+
+:func:`run_to_all` runs ``model(x)`` until every probed module has produced its output (at the call asked for:
+see :class:`convscope.layers.Site`) and stops there: the rest of the network is not run. :func:`eval_mode`
+switches a model to eval mode for the duration and then gives every module its own flag back (a user
+fine-tuning with frozen batch norm keeps it frozen).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager, nullcontext
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from .errors import ConvscopeError
+
+
+class _Stop(Exception):
+    """Raised by a forward hook once the probed layers have produced their outputs: the rest is not needed."""
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode for the duration (dropout off, batch norm affine), then every module's own mode back."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def run_to(model: nn.Module, target, x: torch.Tensor, mode: TorchFunctionMode | None = None):
+    """Run ``model(x)`` until ``target`` (a module, or a :class:`~convscope.layers.Site`) has produced its output
+    and return that output. ``mode`` is active during this forward pass only; hooks are removed on return or
+    raise."""
+    return run_to_all(model, [target], x, mode)[0]
+
+
+def run_to_all(model: nn.Module, targets: Sequence, x: torch.Tensor, mode: TorchFunctionMode | None = None,
+               keep=None) -> list:
+    """Run ``model(x)`` until every target (a module: its first call; or a ``Site``: its ``call``-th call) has
+    produced its output; return those outputs in the order given. The rest of the network is not run.
+
+    ``keep(output)``, if given, is applied the moment each output appears and its result is kept instead: a
+    reduction there saves memory, and sees the value before a later in-place op (``ReLU(inplace=True)``) could
+    change it."""
+    sites = [(getattr(t, "module", t), getattr(t, "call", 1)) for t in targets]
+    captured: dict[int, torch.Tensor] = {}
+    calls = [0] * len(sites)
+
+    def hook(i: int):
+        def capture(_module, _inputs, output):
+            calls[i] += 1
+            if calls[i] == sites[i][1] and i not in captured:
+                if not isinstance(output, torch.Tensor):
+                    raise ConvscopeError(f"the probed layer returns {type(output).__name__}, not a tensor")
+                captured[i] = keep(output) if keep is not None else output
+            if len(captured) == len(sites):
+                raise _Stop
+
+        return capture
+
+    with ExitStack() as stack:
+        for i, (m, _) in enumerate(sites):
+            stack.enter_context(m.register_forward_hook(hook(i)))
+        stack.enter_context(mode if mode is not None else nullcontext())
+        try:
+            model(x)
+        except _Stop:
+            pass
+    if len(captured) < len(sites):
+        i = next(i for i in range(len(sites)) if i not in captured)
+        name = getattr(targets[i], "name", type(sites[i][0]).__name__)
+        if calls[i]:
+            raise ConvscopeError(f"layer {name!r} ran {calls[i]} time(s) in the forward pass, fewer than the call "
+                                 f"{sites[i][1]} asked for")
+        raise ConvscopeError(f"the forward pass never reached the probed layer {name!r}")
+    return [captured[i] for i in range(len(sites))]
+
+
+def input_channels(model: nn.Module) -> int | None:
+    """Channels the first convolution expects, if the model has one."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            return m.in_channels
+    return None
+
+
+def check_images(model: nn.Module, images: torch.Tensor) -> None:
+    """A batch the model can take: a finite float (N, C, H, W) tensor with the model's input channels."""
+    if not isinstance(images, torch.Tensor) or not images.is_floating_point():
+        kind = getattr(images, "dtype", type(images).__name__)
+        raise ConvscopeError(f"images must be a floating point tensor, got {kind}")
+    if images.dim() != 4:
+        raise ConvscopeError(f"images must be 4-D (N, C, H, W), got shape {tuple(images.shape)}")
+    channels = input_channels(model)
+    if channels is not None and images.shape[1] != channels:
+        raise ConvscopeError(f"the model expects {channels} input channels, images have {images.shape[1]}")
+    if not torch.isfinite(images).all():
+        raise ConvscopeError("images contain NaN or infinite values")
+
+
+__all__ = ["check_images", "eval_mode", "input_channels", "run_to", "run_to_all"]

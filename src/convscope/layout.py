@@ -1,0 +1,195 @@
+"""The run directory's layout: the one place that knows where every file of a run lives.
+
+A run is a trained run (``config.json``, written by ``convscope train``) or an attached one (``attach.json``,
+written by ``convscope attach`` for the user's own model). Both hold the analyses' files in the same places::
+
+    config.json | attach.json     what the run is (training config, or model spec + weights + data)
+    metrics.json  state.pt  model.safetensors  test.json  checkpoints/epoch_NNN.safetensors   (training)
+    scan/topk.safetensors  scan/state.pt                  Fig. 2's data-set scan and its resume state
+    figures/<key>.png|json|txt                            one figure or table of the paper (fig5, fig7, table1)
+    figures/<key>_<layer>.png                             one layer's panel (fig2_conv5, fig4_conv5)
+    figures/units/<layer>/unit_NNNN.png                   one unit's top-k projections beside its patches
+    figures/evolution/<layer>/unit_NNNN.png               one unit's strongest activation at every epoch
+    probes/  transfer/<target>/  ablation/  compare/<run>/
+    timings.json  report.html
+
+Nothing else in convscope spells a file name of a run: writers, the report and the viewer ask the layout.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+CONFIG, ATTACH = "config.json", "attach.json"
+
+
+def natural_key(text: str) -> list:
+    """Sort key that puts conv2 before conv10."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
+
+
+class Layout:
+    """Paths of one run directory (nothing is created or read here; see :mod:`convscope.artifacts` for writes)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"Layout({str(self.root)!r})"
+
+    # --- what the run is
+    @property
+    def config(self) -> Path:
+        return self.root / CONFIG
+
+    @property
+    def attach(self) -> Path:
+        return self.root / ATTACH
+
+    def is_run(self) -> bool:
+        return self.config.is_file() or self.attach.is_file()
+
+    # --- training
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.json"
+
+    @property
+    def state(self) -> Path:
+        return self.root / "state.pt"
+
+    @property
+    def final(self) -> Path:
+        return self.root / "model.safetensors"
+
+    @property
+    def test(self) -> Path:
+        return self.root / "test.json"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    def checkpoint(self, epoch: int) -> Path:
+        return self.checkpoints / f"epoch_{epoch:03d}.safetensors"
+
+    def saved_epochs(self) -> dict[int, Path]:
+        """Epoch -> weights file of every epoch checkpoint the run saved."""
+        out = {}
+        for f in sorted(self.checkpoints.glob("epoch_*.safetensors")):
+            try:
+                out[int(f.stem.split("_")[1])] = f
+            except ValueError:
+                continue
+        return out
+
+    # --- analyses
+    @property
+    def scan(self) -> Path:
+        return self.root / "scan"
+
+    @property
+    def topk(self) -> Path:
+        return self.scan / "topk.safetensors"
+
+    @property
+    def scan_state(self) -> Path:
+        return self.scan / "state.pt"
+
+    @property
+    def figures(self) -> Path:
+        return self.root / "figures"
+
+    def figure(self, name: str, suffix: str = ".png") -> Path:
+        """``figures/<name><suffix>``: one figure or table of the paper (``figure("fig7", ".json")``)."""
+        return self.figures / f"{name}{suffix}"
+
+    def layer_figure(self, name: str, layer: str) -> Path:
+        """``figures/<name>_<layer>.png``: one layer's panel of a per-layer figure (Fig. 2, Fig. 4)."""
+        return self.figures / f"{name}_{layer}.png"
+
+    def layer_figures(self, name: str) -> dict[str, Path]:
+        """layer -> panel of every layer that has one, layers in natural order."""
+        prefix = f"{name}_"
+        found = {p.stem[len(prefix):]: p for p in self.figures.glob(f"{prefix}*.png") if not p.name.startswith(".")}
+        return {layer: found[layer] for layer in sorted(found, key=natural_key)}
+
+    @property
+    def units(self) -> Path:
+        return self.figures / "units"
+
+    @property
+    def evolution(self) -> Path:
+        return self.figures / "evolution"
+
+    def unit(self, layer: str, unit: int) -> Path:
+        """One unit's Fig. 2 tile."""
+        return self.units / layer / f"unit_{unit:04d}.png"
+
+    def evolution_strip(self, layer: str, unit: int) -> Path:
+        """One unit's Fig. 4 strip of epochs."""
+        return self.evolution / layer / f"unit_{unit:04d}.png"
+
+    @staticmethod
+    def unit_files(folder: Path) -> dict[str, dict[int, Path]]:
+        """layer -> unit -> file, for ``folder/<layer>/unit_NNNN.png`` (``units`` or ``evolution``)."""
+        out: dict[str, dict[int, Path]] = {}
+        if folder.is_dir():
+            for layer_dir in folder.iterdir():
+                if not layer_dir.is_dir():
+                    continue
+                for f in layer_dir.glob("unit_*.png"):
+                    try:
+                        out.setdefault(layer_dir.name, {})[int(f.stem.split("_", 1)[1])] = f
+                    except ValueError:
+                        continue
+        return out
+
+    @property
+    def probes(self) -> Path:
+        return self.root / "probes"
+
+    def probe(self, suffix: str) -> Path:
+        return self.probes / f"probes{suffix}"
+
+    def transfer(self, target: str, suffix: str) -> Path:
+        return self.root / "transfer" / target / f"transfer{suffix}"
+
+    def transfers(self, suffix: str) -> list[Path]:
+        """Every target's ``transfer<suffix>``, targets in natural order."""
+        found = (self.root / "transfer").glob(f"*/transfer{suffix}")
+        return sorted(found, key=lambda p: natural_key(p.as_posix()))
+
+    @property
+    def ablation(self) -> Path:
+        return self.root / "ablation"
+
+    def ablation_file(self, suffix: str) -> Path:
+        return self.ablation / f"ablation{suffix}"
+
+    @property
+    def compare(self) -> Path:
+        return self.root / "compare"
+
+    def compared_runs(self) -> list[Path]:
+        """The runs under ``compare/`` (the demo's Fig. 6 comparisons), in name order."""
+        if not self.compare.is_dir():
+            return []
+        return sorted(p for p in self.compare.iterdir() if Layout(p).is_run())
+
+    # --- the report
+    @property
+    def timings(self) -> Path:
+        return self.root / "timings.json"
+
+    @property
+    def curve(self) -> Path:
+        return self.figure("training_curve")
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.html"
+
+
+__all__ = ["Layout", "natural_key"]
