@@ -42,7 +42,7 @@ def keyed(folder, name, options):
 def _trained(folder, name, options):
     """A run trained once with ``options`` into ``folder`` (keyed by them) and opened; a finished one is loaded."""
     from convscope.config import TrainConfig
-    from convscope.runs import open_run
+    from convscope.run import open_run
     from convscope.train import train
 
     run_dir = keyed(folder, name, options)

@@ -24,6 +24,7 @@ from convscope.correspondence import (
 )
 from convscope.data.synthetic import load_synthetic
 from convscope.errors import ConvscopeError
+from convscope.layout import Layout
 
 
 class PixelNet(nn.Module):
@@ -131,7 +132,8 @@ def test_write_correspondence(tmp_path):
     data = parts_data(4, [(3, 3), (12, 12), (3, 12), (12, 3)])
     r = correspondence(PixelNet(), data, parts=["spot"], layers=["pixels", "out"], size=4, n_images=4, draws=2,
                        fill=0.5)
-    js, txt = write_correspondence(r, tmp_path)
+    js, txt = write_correspondence(r, Layout(tmp_path), "table1")
+    assert js == tmp_path / "figures" / "table1.json" and txt == tmp_path / "figures" / "table1.txt"
     saved = json.loads(js.read_text())
     assert saved["mean"]["spot"]["pixels"] == pytest.approx(0.125)
     assert saved["values"][RANDOM]["out"] == r.values[RANDOM]["out"].tolist()

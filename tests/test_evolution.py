@@ -1,11 +1,13 @@
 """Fig. 4: each unit's strongest training activation at every saved epoch, projected."""
 
+import numpy as np
 import pytest
 import torch
 
 import convscope as cs
 from convscope.data import ImageSet
-from convscope.evolution import evolution, evolution_grid, save_evolution
+from convscope.evolution import EvolutionResult, evolution, evolution_grid, write_evolution
+from convscope.layout import Layout
 from convscope.topk import scan
 
 
@@ -32,15 +34,22 @@ def test_evolution_tracks_the_strongest_activation_at_each_epoch(tmp_path):
     row, col = 1, 2  # unit 9 at epoch 5
     tile = grid[2 + row * 66:2 + row * 66 + 64, 2 + col * 66:2 + col * 66 + 64]
     assert (tile == cs.to_image(ev["conv5"].projections[col, row])).all()
-    paths = save_evolution(tmp_path, ev)
-    names = sorted(p.relative_to(tmp_path).as_posix() for p in paths)
+    layout = Layout(tmp_path)
+    paths = write_evolution(EvolutionResult(ev, "deconvnet", "error"), layout)
+    names = sorted(p.relative_to(tmp_path / "figures").as_posix() for p in paths)
     assert names[-3:] == ["fig4.json", "fig4_conv1.png", "fig4_conv5.png"]
     assert names[:5] == ["evolution/conv1/unit_0000.png", "evolution/conv1/unit_0005.png",
                          "evolution/conv5/unit_0002.png", "evolution/conv5/unit_0009.png",
                          "evolution/conv5/unit_0030.png"]
-    save_evolution(tmp_path, {"conv1": ev["conv1"]})  # a later call for one layer keeps the others' numbers
+    from PIL import Image
+
+    assert (np.asarray(Image.open(layout.layer_figure("fig4", "conv5"))) == grid).all()
+    # a later call for one layer keeps the others' numbers
+    write_evolution(EvolutionResult({"conv1": ev["conv1"]}, "deconvnet", "error"), layout)
     import json
 
-    assert sorted(json.loads((tmp_path / "fig4.json").read_text())) == ["conv1", "conv5"]
+    saved = json.loads(layout.figure("fig4", ".json").read_text())
+    assert sorted(saved) == ["conv1", "conv5"]
+    assert saved["conv5"]["images"] == ev["conv5"].images.tolist() and saved["conv5"]["epochs"] == [1, 2, 5]
     with pytest.raises(cs.ConvscopeError, match="no checkpoints"):
         evolution({}, data, units)

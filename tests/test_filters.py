@@ -283,6 +283,9 @@ def test_compare_figure_and_save(tmp_path):
     assert len(fig.axes) == 2 * 2 + 2
     paths = save_diagnosis(tmp_path, out, fig)
     assert sorted(p.name for p in paths) == ["conv1_0.png", "conv1_1.png", "fig6.json", "fig6.png"]
+    from PIL import Image
+
+    assert (np.asarray(Image.open(tmp_path / "conv1_1.png")) == out["alex"].grid).all()
     assert (tmp_path / "fig6.png").read_bytes()[:4] == b"\x89PNG"
     saved = json.loads((tmp_path / "fig6.json").read_text())
     assert saved["alex"]["kernel"] == [11, 11] and saved["zf"]["dominance"] == pytest.approx(out["zf"].stats.dominance)

@@ -13,6 +13,7 @@ from torch import nn
 from convscope.data.synthetic import load_synthetic
 from convscope.errors import ConvscopeError
 from convscope.invariance import invariance, synthetic_renderer, warp, write_invariance
+from convscope.layout import Layout
 
 
 def test_warp_is_exact_on_the_pixel_grid():
@@ -101,7 +102,9 @@ def test_write_invariance(tmp_path):
     x = torch.rand(3, 3, 8, 8)
     r = invariance(model, x, [0, 1, 2], layers=["pixels", "head"], translations=[0, 2], scales=[1, 1.5],
                    rotations=[0, 45])
-    png, js = write_invariance(r, tmp_path, classes=["a", "b", "c"])
+    r.classes = ["a", "b", "c"]
+    png, js = write_invariance(r, Layout(tmp_path), "fig5")
+    assert png == tmp_path / "figures" / "fig5.png" and js == tmp_path / "figures" / "fig5.json"
     assert Image.open(png).size[0] > 500
     data = json.loads(js.read_text())
     assert data["labels"] == ["a", "b", "c"] and data["layers"] == ["pixels", "head"]

@@ -14,7 +14,16 @@ from torch import nn
 
 import convscope as cs
 from convscope.errors import ConvscopeError
-from convscope.occlusion import box_hit, default_fill, occlude, occlusion, square_positions, write_occlusion
+from convscope.layout import Layout
+from convscope.occlusion import (
+    OcclusionResults,
+    box_hit,
+    default_fill,
+    occlude,
+    occlusion,
+    square_positions,
+    write_occlusion,
+)
 
 captum_attr = pytest.importorskip("captum.attr")
 
@@ -122,10 +131,12 @@ def test_batch_size_does_not_matter():
 
 def test_write_occlusion(tmp_path):
     r = occlusion(RegionNet(), region_image(), 0, layer="relu", size=2, stride=2, fill=0.0)
-    png, js = write_occlusion([r, r], tmp_path, classes=["red", "other"])
+    png, js = write_occlusion(OcclusionResults([r, r], ["red", "other"], ["true", "predicted"]), Layout(tmp_path))
+    assert png == tmp_path / "figures" / "fig7.png"
     assert Image.open(png).size[0] > 500
     data = json.loads(js.read_text())["images"][0]
     assert data["label"] == "red" and data["top_class"][1][1] == "other" and data["top_class"][0][0] == "red"
+    assert data["label_source"] == "true" and json.loads(js.read_text())["images"][1]["label_source"] == "predicted"
     assert data["prob"][1][1] == pytest.approx(1 / (1 + math.exp(2)), abs=1e-6)
     assert data["most_sensitive"] == [2, 2]
 

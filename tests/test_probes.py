@@ -1,6 +1,8 @@
 """Per-layer linear probes (paper Table 7): per-class accuracy, pooled features from one forward pass, bad input,
 and accuracy rising with depth on the trained model."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +12,7 @@ import convscope as cs
 from convscope import probes
 from convscope.data import ImageSet
 from convscope.errors import ConvscopeError
+from convscope.layout import Layout
 from convscope.probes import extract_features, mean_per_class_accuracy, probe_layers, sample_per_class
 
 
@@ -87,6 +90,8 @@ def test_probe_accuracy_rises_with_depth(trained_run, tmp_path):
         assert acc["conv3"] + 0.06 < acc["conv5"]
         assert acc["conv5"] > 3 / 12  # far above chance (1/12)
     assert soft["fc7"] > soft["conv1"] + 0.3
-    paths = probes.write_probes(result, tmp_path)
-    assert [p.name for p in paths] == ["probes.json", "probes.md", "probes.png"]
-    assert "| conv5 | 256 |" in (tmp_path / "probes.md").read_text()
+    paths = probes.write_probes(result, Layout(tmp_path))
+    assert [p.relative_to(tmp_path).as_posix() for p in paths] == ["probes/probes.json", "probes/probes.md",
+                                                                   "probes/probes.png"]
+    assert "| conv5 | 256 |" in (tmp_path / "probes" / "probes.md").read_text()
+    assert json.loads(paths[0].read_text())["accuracy"]["svm"]["conv5"] == pytest.approx(svm["conv5"])

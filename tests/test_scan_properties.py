@@ -13,9 +13,10 @@ import torch
 from PIL import Image
 
 import convscope as cs
-from convscope.runs import open_run, scan_run
+from convscope.analyses import get
+from convscope.run import open_run
 from convscope.topk import load_topk, scan
-from convscope.views import class_agreement, mask_energy
+from convscope.units import class_agreement, mask_energy
 
 pytestmark = pytest.mark.slow
 
@@ -48,7 +49,7 @@ def test_projection_energy_lies_on_the_object(trained_run, val_scan):
 def test_scan_command_writes_the_figures(trained_run, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(trained_run.path, run_dir, ignore=shutil.ignore_patterns("scan", "figures"))
-    paths = scan_run(open_run(run_dir), ["conv2", "conv5"], k=9, split="test", units=4, progress=False)
+    _, paths = get("scan").run(open_run(run_dir), layers=["conv2", "conv5"], k=9, split="test", units=4)
     names = sorted(p.relative_to(run_dir).as_posix() for p in paths)
     assert names[:2] == ["figures/fig2_conv2.png", "figures/fig2_conv5.png"]
     assert len([n for n in names if n.startswith("figures/units/conv5/")]) == 4

@@ -14,7 +14,8 @@ import torch
 import convscope as cs
 from convscope.checkpoint import load_model, read_weights
 from convscope.config import TrainConfig
-from convscope.train import epoch_checkpoint, renormalize_filters_, train
+from convscope.layout import Layout
+from convscope.train import renormalize_filters_, train
 
 # digits (scikit-learn's, bundled) at 64 px: real data, small and fast
 TINY = dict(data="digits", image_size=64, n_train=384, n_val=64, n_test=128, batch_size=32, epochs=3)
@@ -101,8 +102,8 @@ def test_run_directory_holds_checkpoints_metrics_and_reloads(tmp_path):
     assert all(0 <= m["val_top1_err"] <= 1 and m["val_top5_err"] <= m["val_top1_err"] for m in metrics)
     assert metrics[0]["lr"] == 0.01
     # paper epochs within the run: 1 and 2; plus the final weights
-    assert epoch_checkpoint(run, 1).is_file() and epoch_checkpoint(run, 2).is_file()
-    assert not epoch_checkpoint(run, 3).exists()
+    assert Layout(run).checkpoint(1).is_file() and Layout(run).checkpoint(2).is_file()
+    assert not Layout(run).checkpoint(3).exists()
     model, info = load_model(run / "model.safetensors")
     assert info["epoch"] == 3 and info["classes"] == [str(i) for i in range(10)]
     assert info["config"]["model"] == "zfnet_small"

@@ -1,6 +1,8 @@
 """Transfer to small data sets (paper Tables 4-5, Fig. 9): seeded disjoint folds, bad input, frozen pretrained
 features beating training from scratch at 5 examples per class on held-out classes, and transfer to digits."""
 
+import json
+
 import pytest
 import torch
 from conftest import random_imageset
@@ -9,6 +11,7 @@ import convscope as cs
 from convscope.config import TrainConfig
 from convscope.data import ImageSet
 from convscope.errors import ConvscopeError
+from convscope.layout import Layout
 from convscope.probes import extract_features, fit_predict, mean_per_class_accuracy
 from convscope.transfer import TransferResult, fold_indices, transfer, write_transfer
 
@@ -84,9 +87,13 @@ def test_fold_results_shape_and_files(tmp_path):
             assert result.pretrained["all"][i, f].item() == pytest.approx(expected)
     mean, std = TransferResult.spread(torch.tensor([[0.5, 0.7, 0.6]], dtype=torch.float64))
     assert mean.item() == pytest.approx(0.6) and std.item() == pytest.approx(0.1)
-    paths = write_transfer(result, tmp_path)
-    assert [p.name for p in paths] == ["transfer.json", "transfer.md", "transfer.png"]
-    table = (tmp_path / "transfer.md").read_text()
+    result.target = "toy"
+    paths = write_transfer(result, Layout(tmp_path))
+    assert [p.relative_to(tmp_path).as_posix() for p in paths] == ["transfer/toy/transfer.json",
+                                                                   "transfer/toy/transfer.md",
+                                                                   "transfer/toy/transfer.png"]
+    assert json.loads(paths[0].read_text())["pretrained"]["all"]["folds"] == result.pretrained["all"].tolist()
+    table = paths[1].read_text()
     assert table.count("\n| ") == 2  # a row per n
     assert "| frozen, softmax on fc7 | frozen, softmax on conv1..fc7 joined | from scratch |" in table
 
@@ -117,7 +124,7 @@ def test_frozen_features_beat_scratch_on_held_out_classes(six_class_run):
     scratch (300 steps) 17.6 +- 0.5 % (chance 16.7 %). Fewer pretraining epochs weaken the features: at epoch 5
     of this run (val error 56 %) fc7 gives 25 %, at epoch 10 (32 %) 36 %."""
     from convscope.data.synthetic import CLASSES
-    from convscope.transfer import load_target
+    from convscope.targets import load_target
 
     train, test = load_target("heldout", run=six_class_run)
     assert train.classes == test.classes == CLASSES[6:]

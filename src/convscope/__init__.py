@@ -6,10 +6,11 @@ from .imaging import make_grid, to_image
 from .layers import layer_names, resolve_layer
 from .models import create_model, list_models
 from .receptive_field import Box, receptive_field
+from .run import Run, attach, open_run
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "RULES", "Box", "ConvscopeError", "Projector", "__version__", "create_model", "layer_names", "list_models",
-    "make_grid", "receptive_field", "resolve_layer", "to_image",
+    "RULES", "Box", "ConvscopeError", "Projector", "Run", "__version__", "attach", "create_model", "layer_names",
+    "list_models", "make_grid", "open_run", "receptive_field", "resolve_layer", "to_image",
 ]

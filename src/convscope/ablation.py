@@ -41,6 +41,7 @@ from . import artifacts
 from . import train as training
 from .config import TrainConfig
 from .errors import ConvscopeError, unknown
+from .layout import Layout
 
 # From the paper's Table 3 (ImageNet 2012 validation set): train top-1, val top-1, val top-5 error (%).
 PAPER_TABLE3: dict[str, tuple[float, float, float]] = {
@@ -172,14 +173,12 @@ def ablation_table(result: AblationResult) -> str:
 
 def ablation_figure(result: AblationResult):
     """Bars of train and val top-1 error per variant, with the paper's val top-1 of the matching row."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.figure import Figure
 
     x = np.arange(len(result.rows))
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(x)), 4))
+    fig = Figure(figsize=(max(6, 1.1 * len(x)), 4))
+    ax = fig.subplots()
     ax.bar(x - 0.27, [100 * r.train_top1_err for r in result.rows], 0.27, label="train top-1 (ours)")
     ax.bar(x, [100 * r.val_top1_err for r in result.rows], 0.27, label="val top-1 (ours)")
     ax.bar(x + 0.27, [r.paper[1] for r in result.rows], 0.27, label="val top-1 (paper, ImageNet)", alpha=0.6)
@@ -188,15 +187,16 @@ def ablation_figure(result: AblationResult):
     ax.set_title("Table 3: ablation")
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
     return fig
 
 
 def write_ablation(result: AblationResult, directory: str | os.PathLike) -> list[Path]:
-    """``ablation.json``, ``ablation.md`` (the table) and ``ablation.png`` (bar chart) in ``directory``."""
-    directory = Path(directory)
-    return [artifacts.write_json(directory / "ablation.json", result.to_dict()),
-            artifacts.write_text(directory / "ablation.md", ablation_table(result)),
-            artifacts.save_figure(directory / "ablation.png", ablation_figure(result))]
+    """``ablation.json``, ``ablation.md`` (the table) and ``ablation.png`` (bar chart) in ``directory``, the folder
+    of the variant runs."""
+    return [artifacts.write_json(Layout.ablation_table(directory, ".json"), result.to_dict()),
+            artifacts.write_text(Layout.ablation_table(directory, ".md"), ablation_table(result)),
+            artifacts.save_figure(Layout.ablation_table(directory, ".png"), ablation_figure(result))]
 
 
 def ablate_run(base_cfg: TrainConfig, out_dir: str | os.PathLike, variants: Sequence[str] | None = None,

@@ -85,12 +85,15 @@ def save_image(path: str | os.PathLike, image, format: str = "PNG") -> Path:
 
 
 def save_figure(path: str | os.PathLike, fig, dpi: int = 100) -> Path:
-    """Save a matplotlib figure as PNG atomically and close it."""
-    import matplotlib.pyplot as plt
-
+    """Save a matplotlib figure as PNG atomically. convscope draws on bare ``Figure`` objects (no pyplot, so no
+    GUI backend is touched and nothing is left open); a pyplot figure is closed after saving."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
+    manager = getattr(fig.canvas, "manager", None)
+    if manager is not None:  # made by pyplot: let pyplot forget it
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
     return write_bytes(path, buf.getvalue())
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -13,11 +14,17 @@ from .errors import ConvscopeError
 
 class _Group(click.Group):
     def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except ConvscopeError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(2)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            try:
+                return super().invoke(ctx)
+            except ConvscopeError as e:
+                click.echo(f"error: {e}", err=True)
+                sys.exit(2)
+            finally:
+                for w in caught:
+                    if issubclass(w.category, UserWarning):
+                        click.echo(f"note: {w.message}", err=True)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -131,122 +138,211 @@ def demo(out: str, quick: bool) -> None:
     click.echo(f"report: {(path / 'report.html').resolve()}   viewer: convscope serve {out}")
 
 
-def _layers(value: str | None) -> list[str] | None:
+def _names(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
 _run_arg = click.argument("run", type=click.Path(file_okay=False))
-_layers_opt = click.option("--layers", default=None,
-                           help="Comma-separated layer names (paper names or module names). [conv1..conv5]")
-_rule_opt = click.option("--rule", default="deconvnet", show_default=True,
-                         help="Projection rule: deconvnet (the paper), guided, gradient.")
+
+
+# ------------------------------------------------------------------------------ the analyses, from the registry
+
+
+def _option(param, analysis) -> click.Option:
+    """A click option for one keyword of an analysis's ``compute``, typed by its annotation."""
+    flag = analysis.flags.get(param.name, "--" + param.name.replace("_", "-"))
+    kind, default = str(param.annotation), param.default
+    help_ = analysis.help.get(param.name, "")
+    if "bool" in kind:
+        return click.Option([f"{flag}/--no-{flag[2:]}", param.name], default=default, show_default=True, help=help_)
+    if "tuple[str" in kind:
+        return click.Option([flag, param.name], multiple=True, default=default, help=help_)
+    if "[int" in kind:
+        def ints(ctx, p, value):
+            try:
+                return [int(v) for v in value.split(",") if v.strip()] if value else None
+            except ValueError:
+                raise click.BadParameter(f"expected comma-separated whole numbers, got {value!r}") from None
+
+        shown = ",".join(map(str, default)) if default is not None else None
+        return click.Option([flag, param.name], default=shown, callback=ints, show_default=True, help=help_)
+    if "list[str" in kind:
+        shown = ",".join(default) if default is not None else None
+        return click.Option([flag, param.name], default=shown, callback=lambda c, p, v: _names(v),
+                            show_default=shown is not None, help=help_)
+    typ = float if kind.startswith("float") else int if kind.startswith("int") else str
+    return click.Option([flag, param.name], type=typ, default=default, show_default=default is not None, help=help_)
+
+
+def _analysis_command(analysis) -> click.Command:
+    def callback(run: str, **options) -> None:
+        from .run import open_run
+
+        r = open_run(run)
+        result, paths = analysis.run(r, **options)
+        if analysis.summary is not None:
+            click.echo(analysis.summary(result))
+        click.echo(f"wrote {len(paths)} files: " + ", ".join(str(p) for p in paths[:8])
+                   + (", ..." if len(paths) > 8 else ""))
+
+    text = f"{analysis.ref}: {analysis.title}. {analysis.caption}"
+    return click.Command(analysis.name, callback=callback, help=text, short_help=f"{analysis.ref}: {analysis.title}",
+                         params=[click.Argument(["run"], type=click.Path(file_okay=False)),
+                                 *(_option(p, analysis) for p in analysis.options())])
+
+
+def _register_analyses() -> None:
+    from .analyses import REGISTRY
+
+    for analysis in REGISTRY:
+        if analysis.compute is not None:
+            main.add_command(_analysis_command(analysis))
+
+
+# ------------------------------------------------------------------------------------- the user's own model
+
+
+@main.command()
+@click.option("--model", "spec", required=True,
+              help="A built-in model (convscope models), package.module:callable, or path/to/file.py:callable "
+                   "returning an nn.Module.")
+@click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE",
+              help="A keyword argument of the callable (repeatable); the value is read as JSON where it parses.")
+@click.option("--weights", type=click.Path(dir_okay=False), default=None,
+              help="safetensors or a PyTorch state dict (.pt/.pth; loaded with weights_only=True); also under "
+                   "'state_dict' or 'model', with DataParallel's 'module.' prefix.")
+@click.option("--data", "data_name", default="folder", show_default=True,
+              help="Data set (see `convscope data list`).")
+@click.option("--data-root", type=click.Path(), default=None, help="Folder of the folder or cifar10 data.")
+@click.option("--image-size", type=int, default=None,
+              help="Image side the images are read at. [the model's input_size; 224 for a folder]")
+@click.option("--normalize", default=None,
+              help="What the model does to images in [0, 1]: imagenet, none, or "
+                   "MEAN_R,MEAN_G,MEAN_B,STD_R,STD_G,STD_B.")
+@click.option("--classes", "classes_file", type=click.Path(dir_okay=False), default=None,
+              help="Names of the model's outputs: a JSON list or one per line. [the data's classes when as many]")
+@click.option("--nonlinearities", default="error", show_default=True,
+              help="deconvnet and guided have rules for ReLU only; 'gradient' passes ReLU6, SiLU, GELU, ... by "
+                   "their gradient (as Captum does), and says so on every figure.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the train/val/test split of the data.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory to make.")
+def attach(spec: str, model_args: tuple[str, ...], weights: str | None, data_name: str, data_root: str | None,
+           image_size: int | None, normalize: str | None, classes_file: str | None, nonlinearities: str, seed: int,
+           out: str) -> None:
+    """Make a run of your own trained model and images, which every analysis command, the report and the viewer
+    then take like a trained run. Nothing is written unless the model builds, the weights fit it completely and
+    it takes the images."""
+    from .run import attach as attach_run
+    from .usermodel import parse_model_args
+
+    run = attach_run(spec, data_name, out, data_root=data_root, image_size=image_size, weights=weights,
+                     model_args=parse_model_args(model_args), normalize=normalize, classes=classes_file,
+                     nonlinearities=nonlinearities, seed=seed)
+    click.echo(f"attached {spec} ({len(run.classes)} outputs) on {data_name} at {run.image_size} px: {run.path}")
+    click.echo(f"next: convscope layers {out}; convscope scan {out}; convscope report {out}")
+
+
+@main.command()
+@click.argument("run", required=False, type=click.Path(file_okay=False))
+@click.option("--model", "spec", default=None, help="A model spec instead of a run (as `convscope attach`).")
+@click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE", help="A keyword argument of --model.")
+@click.option("--image-size", type=int, default=None, help="Image side. [the run's; the model's input_size; 224]")
+def layers(run: str | None, spec: str | None, model_args: tuple[str, ...], image_size: int | None) -> None:
+    """Every module of the model with its output shape, receptive field and stride at the image size, marking
+    what an analysis can probe (maps: Fig. 2, occlusion, project; vectors: probes, invariance), the layers the
+    analyses use by default (*), and modules the forward pass runs more than once (name#k picks a call)."""
+    from .layers import census
+    from .receptive_field import geometry
+
+    if (run is None) == (spec is None):
+        raise ConvscopeError("give a run directory or --model SPEC (not both)")
+    if run is not None:
+        from .run import open_run
+
+        r = open_run(run)
+        model, size = r.model, image_size or r.image_size
+        defaults = set(r.feature_layers())
+        aliases = {v: k for k, v in getattr(model, "paper_layers", {}).items()}
+    else:
+        from .usermodel import build_model, parse_model_args
+
+        model = build_model(spec, parse_model_args(model_args))
+        size = image_size or getattr(model, "input_size", None) or 224
+        defaults, aliases = set(), {v: k for k, v in getattr(model, "paper_layers", {}).items()}
+    infos = census(model, size)
+    shapes = geometry(model, [i.name for i in infos if i.calls >= 1 and i.shape is not None], size)
+    rows = [("module", "type", "output", "field", "stride", "probe")]
+    for i in infos:
+        probe = {4: "maps", 2: "vector"}.get(len(i.shape), "") if i.shape is not None else "not run"
+        if i.calls > 1:
+            probe += f", runs {i.calls}x: {i.name} = first call, {i.name}#2 ..."
+        name = i.name + (f" ({aliases[i.name]})" if i.name in aliases else "")
+        name = ("* " if i.name in defaults or aliases.get(i.name) in defaults else "  ") + name
+        g = shapes.get(i.name)
+        rows.append((name, i.kind, "x".join(map(str, i.shape[1:])) if i.shape else "-",
+                     str(g[0]) if g else "-", str(g[1]) if g else "-", probe))
+    widths = [max(len(r[c]) for r in rows) for c in range(5)]
+    for r in rows:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths)) + "  " + r[5])
+    click.echo(f"\nat {size} px; * the layers the analyses use by default; field and stride in pixels")
 
 
 @main.command()
 @_run_arg
-@_layers_opt
-@click.option("--k", default=9, show_default=True, help="Strongest activations kept per feature map.")
-@click.option("--split", default="val", show_default=True, help="Data split to scan (train, val, test).")
-@click.option("--units", default=16, show_default=True, help="Units per layer to draw (a seeded subset); 0 = all.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the unit subset.")
-@_rule_opt
-def scan(run: str, layers: str | None, k: int, split: str, units: int, seed: int, rule: str) -> None:
-    """Fig. 2: the top-k activations of every feature map over a data split, projected beside their patches.
+@click.option("--image", "images", multiple=True, required=True, type=click.Path(dir_okay=False),
+              help="An image file (repeatable); read at the run's image size (short side scaled, centre crop).")
+@click.option("--layer", default=None, help="Layer whose maps are projected. [conv5, or the model's last stage]")
+@click.option("--channels", default=None,
+              help="Maps to project in every image: all, or comma-separated numbers. [each image's strongest map]")
+@click.option("--rule", default="deconvnet", show_default=True, help="deconvnet (the paper), guided, gradient.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG to write (its numbers beside it "
+              "as .json).")
+def project(run: str, images: tuple[str, ...], layer: str | None, channels: str | None, rule: str, out: str) -> None:
+    """Project maps of one layer in your images back to pixels (paper section 2.1), each from its strongest
+    activation, with the image patch under it (its receptive field)."""
+    import torch
 
-    Resumes an interrupted scan. Writes RUN/scan/topk.safetensors and RUN/figures/fig2_<layer>.png."""
-    from .runs import open_run, scan_run
+    from .data.folder import read_image
+    from .run import open_run
+    from .units import project_images, write_sheet
 
-    paths = scan_run(open_run(run), _layers(layers), k=k, split=split, units=units or None, seed=seed, rule=rule)
-    click.echo(f"wrote {len(paths)} files; layer grids: " + ", ".join(str(p) for p in paths if "fig2_" in p.name))
-
-
-@main.command()
-@_run_arg
-@_layers_opt
-@click.option("--units", default=8, show_default=True, help="Units per layer (a seeded subset).")
-@click.option("--n-images", default=2000, show_default=True, help="Training images searched at each epoch.")
-@click.option("--seed", default=0, show_default=True)
-@_rule_opt
-def evolution(run: str, layers: str | None, units: int, n_images: int, seed: int, rule: str) -> None:
-    """Fig. 4: each unit's strongest activation at every saved epoch, projected (units down, epochs across)."""
-    from .runs import evolution_run, open_run
-
-    paths = evolution_run(open_run(run), _layers(layers), units=units, n_images=n_images, seed=seed, rule=rule)
-    click.echo("wrote " + ", ".join(str(p) for p in paths))
-
-
-_split_opt = click.option("--split", default="test", show_default=True, help="Data split (train, val, test).")
-_n_opt = click.option("--n", "n", default=5, show_default=True, help="How many images (the first of the split).")
-
-
-@main.command()
-@_run_arg
-@_n_opt
-@_split_opt
-@click.option("--layer", default="conv5", show_default=True, help="Layer whose strongest map is tracked (b, c).")
-@click.option("--size", type=int, default=None, help="Side of the grey square in pixels. [3/16 of the image]")
-@click.option("--stride", type=int, default=None, help="Step between squares in pixels. [1/16 of the image]")
-@click.option("--batch-size", default=64, show_default=True, help="Occluded images per forward pass.")
-def occlusion(run: str, n: int, split: str, layer: str, size: int | None, stride: int | None,
-              batch_size: int) -> None:
-    """Fig. 7: slide a grey square over each image; per position the layer's strongest map's total activation,
-    its projection, p(correct class) and the most probable class. Writes RUN/figures/fig7.png and .json."""
-    from .runs import occlusion_run, open_run
-
-    paths = occlusion_run(open_run(run), n=n, split=split, layer=layer, size=size, stride=stride,
-                          batch_size=batch_size)
-    click.echo("wrote " + ", ".join(str(p) for p in paths))
+    r = open_run(run)
+    layer = r.check_layers([layer])[0] if layer else r.map_layers()[-1]
+    batch = []
+    for path in images:
+        try:
+            batch.append(read_image(path, r.image_size).float() / 255.0)
+        except (OSError, ValueError, SyntaxError) as e:
+            raise ConvscopeError(f"cannot read image {path!r} ({type(e).__name__}: {e})") from None
+    chans = None
+    if channels is not None and channels.strip() == "all":
+        chans = range(r.channels(layer))
+    elif channels is not None:
+        try:
+            chans = [int(c) for c in channels.split(",") if c.strip()]
+        except ValueError:
+            raise ConvscopeError(f"--channels takes all or comma-separated numbers, got {channels!r}") from None
+    sheet = project_images(r.model, torch.stack(batch), layer, chans, rule=rule, nonlinearities=r.nonlinearities,
+                           names=[Path(p).name for p in images])
+    paths = write_sheet(sheet, out)
+    click.echo(f"projected {sheet.channels.shape[1]} map(s) of {layer} in {len(images)} image(s); wrote "
+               + ", ".join(map(str, paths)))
 
 
 @main.command()
-@_run_arg
-@_n_opt
-@_split_opt
-@click.option("--mode", default="warp", show_default=True,
-              help="warp: translate, scale and rotate the image (the paper); render: re-render the embedded "
-                   "data's object with the pose changed (no border artefacts).")
-def invariance(run: str, n: int, split: str, mode: str) -> None:
-    """Fig. 5: distance of layer 1 and layer 7 features from the original under vertical translation, scale and
-    rotation, and p(true class). Writes RUN/figures/fig5.png (fig5_render.png) and .json."""
-    from .runs import invariance_run, open_run
+@_train_options
+@click.option("--variants", default=None,
+              help="Comma-separated Table 3 variants (full, no_conv34, no_fc7, no_fc67, no_conv34_fc67, fc_half, "
+                   "fc_double, wide_conv345, wide_conv345_fc_double). [all]")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Folder of the variant runs (each resumable; a finished one is not retrained).")
+def ablate(out: str, variants: str | None, **kw) -> None:
+    """Table 3: train the variants of a model (layers removed or resized) with the same data, budget and seed,
+    and write a table of train and validation errors beside the paper's."""
+    from .ablation import ablate_run, ablation_table
 
-    paths = invariance_run(open_run(run), n=n, split=split, mode=mode)
-    click.echo("wrote " + ", ".join(str(p) for p in paths))
-
-
-@main.command()
-@_run_arg
-@click.option("--class", "class_name", default="face", show_default=True, help="Class of the embedded data.")
-@click.option("--parts", default=None, help="Comma-separated part names. [left_eye,right_eye,nose]")
-@_split_opt
-@click.option("--draws", default=10, show_default=True, help="Random draws of images and regions.")
-@click.option("--size", type=int, default=None, help="Side of the masking square. [1/8 of the image]")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--parts-json", type=click.Path(dir_okay=False), default=None,
-              help='Your own images and parts: {"images": ["a.png", ...], "parts": {"left_eye": [[x, y], ...]}}.')
-def correspondence(run: str, class_name: str, parts: str | None, split: str, draws: int, size: int | None,
-                   seed: int, parts_json: str | None) -> None:
-    """Table 1: how consistently masking the same part changes the features of 5 images (Delta at conv5 and
-    fc7), against random regions. Writes RUN/figures/table1.json and .txt."""
-    from .runs import correspondence_run, open_run
-
-    paths = correspondence_run(open_run(run), class_name=class_name, parts=_layers(parts), split=split, draws=draws,
-                               seed=seed, size=size, parts_json=parts_json)
-    click.echo("wrote " + ", ".join(str(p) for p in paths))
-    click.echo(paths[-1].read_text())
-
-
-@main.command()
-@_run_arg
-@click.option("--compare", "others", multiple=True, type=click.Path(file_okay=False),
-              help="Another run to set beside this one (repeatable); the demo's RUN/compare/ runs come by default.")
-@click.option("--n-images", default=16, show_default=True, help="Validation images for the layer-2 projections.")
-def filters(run: str, others: tuple[str, ...], n_images: int) -> None:
-    """Fig. 6: conv1 filters as image grids, and per run the dead-filter fraction, low/mid/high frequency
-    energy, dominance (max/median filter RMS) and aliasing of layer-2 projections. Writes RUN/figures/fig6.*"""
-    from .runs import filters_run, open_run
-
-    paths = filters_run(open_run(run), others, n_images=n_images)
+    result, paths = ablate_run(_resolve(**kw), out, _names(variants))
+    click.echo(ablation_table(result))
     click.echo("wrote " + ", ".join(str(p) for p in paths))
 
 
@@ -273,70 +369,4 @@ def serve(run: str, host: str, port: int) -> None:
     run_viewer(run, host=host, port=port)
 
 
-@main.command()
-@_train_options
-@click.option("--variants", default=None,
-              help="Comma-separated Table 3 variants (full, no_conv34, no_fc7, no_fc67, no_conv34_fc67, fc_half, "
-                   "fc_double, wide_conv345, wide_conv345_fc_double). [all]")
-@click.option("--out", required=True, type=click.Path(file_okay=False),
-              help="Folder of the variant runs (each resumable; a finished one is not retrained).")
-def ablate(out: str, variants: str | None, **kw) -> None:
-    """Table 3: train the variants of a model (layers removed or resized) with the same data, budget and seed,
-    and write a table of train and validation errors beside the paper's."""
-    from .ablation import ablate_run, ablation_table
-
-    result, paths = ablate_run(_resolve(**kw), out, _layers(variants))
-    click.echo(ablation_table(result))
-    click.echo("wrote " + ", ".join(str(p) for p in paths))
-
-
-@main.command("probe-layers")
-@_run_arg
-@_layers_opt
-@click.option("--target", default="run", show_default=True,
-              help="Target set: run (its own splits), heldout, digits, folder (with --data-root).")
-@click.option("--data-root", default=None, type=click.Path(), help="ImageFolder tree for --target folder.")
-@click.option("--n-per-class", default=30, show_default=True, help="Training examples per class.")
-@click.option("--pool", default="max", show_default=True, help="Pooling of conv maps to a fixed grid: max or avg.")
-@click.option("--grid", default=2, show_default=True, help="Side of that grid.")
-@click.option("--seed", default=0, show_default=True)
-def probe_layers(run: str, layers: str | None, target: str, data_root: str | None, n_per_class: int, pool: str,
-                 grid: int, seed: int) -> None:
-    """Table 7: a linear SVM and a softmax on the features of each layer (conv1..conv5, fc6, fc7); mean
-    per-class accuracy per layer. Writes RUN/probes/."""
-    from .probes import probe_run, probe_table
-
-    result, paths = probe_run(run, _layers(layers), n_per_class=n_per_class, target=target, data_root=data_root,
-                              seed=seed, pool=pool, grid=grid)
-    click.echo(probe_table(result))
-    click.echo("wrote " + ", ".join(str(p) for p in paths))
-
-
-@main.command()
-@_run_arg
-@click.option("--target", default="heldout", show_default=True,
-              help="heldout (synthetic classes the run did not see), digits, folder (with --data-root).")
-@click.option("--data-root", default=None, type=click.Path(), help="ImageFolder tree (Caltech-101/256).")
-@click.option("--shots", default="1,2,5,10,15,30", show_default=True, help="Training images per class.")
-@click.option("--folds", default=5, show_default=True, help="Seeded folds per number of shots.")
-@click.option("--features", default="fc7,all", show_default=True,
-              help="Frozen feature sets, comma-separated, each scored: a layer (fc7: the paper's) or all "
-                   "(conv1..fc7 joined).")
-@click.option("--scratch/--no-scratch", default=True, help="Also train the same net from scratch. [on]")
-@click.option("--scratch-steps", default=300, show_default=True, help="SGD steps of each from-scratch net.")
-@click.option("--seed", default=0, show_default=True)
-def transfer(run: str, target: str, data_root: str | None, shots: str, folds: int, features: str, scratch: bool,
-             scratch_steps: int, seed: int) -> None:
-    """Tables 4-5, Fig. 9: the run's layers 1-7 frozen and a new softmax trained on n images per class of a
-    target set, against the same net trained from scratch; mean per-class accuracy +- spread over folds."""
-    from .transfer import transfer_run, transfer_table
-
-    try:
-        shot_list = [int(s) for s in shots.split(",") if s.strip()]
-    except ValueError as e:
-        raise ConvscopeError(f"--shots must be comma-separated integers, got {shots!r}") from e
-    feature_list = [f.strip() for f in features.split(",") if f.strip()]
-    result, paths = transfer_run(run, target=target, data_root=data_root, shots=shot_list, folds=folds, seed=seed,
-                                 features=feature_list, scratch=scratch, scratch_steps=scratch_steps)
-    click.echo(transfer_table(result))
-    click.echo("wrote " + ", ".join(str(p) for p in paths))
+_register_analyses()

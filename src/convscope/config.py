@@ -64,6 +64,13 @@ class TrainConfig:
         cfg.validate()
         return cfg
 
+    def data_spec(self):
+        """The run's data set (:class:`convscope.data.DataSpec`)."""
+        from .data import DataSpec
+
+        return DataSpec(self.data, self.data_root, self.image_size, self.seed, self.n_train, self.n_val, self.n_test,
+                        None if self.classes is None else tuple(self.classes))
+
     def validate(self) -> None:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:

@@ -32,6 +32,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -40,7 +41,11 @@ from . import artifacts
 from .errors import ConvscopeError, unknown
 from .forward import check_images, eval_mode, run_to_all
 from .layers import site
+from .layout import Layout
 from .occlusion import as_fill, occlude
+
+if TYPE_CHECKING:
+    from .run import Run
 
 RANDOM = "random"
 FACE_PARTS = ("left_eye", "right_eye", "nose")
@@ -252,10 +257,8 @@ def format_table(result: CorrespondenceResult) -> str:
     return "\n".join(lines + ["", note]) + "\n"
 
 
-def write_correspondence(result: CorrespondenceResult, directory: str | os.PathLike,
-                         name: str = "correspondence") -> list[Path]:
-    """Write Table 1 as ``<name>.json`` (every draw, mean, std) and ``<name>.txt`` (the table) in ``directory``."""
-    directory = Path(directory)
+def write_correspondence(result: CorrespondenceResult, layout: Layout, name: str = "table1") -> list[Path]:
+    """Write Table 1 as ``<name>.json`` (every draw, mean, std) and ``<name>.txt`` (the table) into the run."""
     data = {
         "table": "Zeiler & Fergus Table 1", "layers": list(result.layers), "regions": list(result.regions),
         "size": result.size, "n_images": result.n_images, "draws": result.draws, "seed": result.seed,
@@ -263,9 +266,26 @@ def write_correspondence(result: CorrespondenceResult, directory: str | os.PathL
         "mean": result.mean, "std": result.std,
         "values": {r: {k: v.tolist() for k, v in d.items()} for r, d in result.values.items()},
     }
-    return [artifacts.write_json(directory / f"{name}.json", data),
-            artifacts.write_text(directory / f"{name}.txt", format_table(result))]
+    return [artifacts.write_json(layout.figure(name, ".json"), data),
+            artifacts.write_text(layout.figure(name, ".txt"), format_table(result))]
 
 
-__all__ = ["FACE_PARTS", "RANDOM", "CorrespondenceResult", "PartImages", "class_parts", "correspondence",
+def compute(run: Run, class_name: str = "face", parts: list[str] | None = None, split: str | None = None,
+            draws: int = 10, size: int | None = None, seed: int = 0, parts_json: str | None = None
+            ) -> CorrespondenceResult:
+    """Table 1: Delta for masked parts and random regions at layer 5 and layer 7 (conv5 and fc7, or the model's
+    last stage and penultimate module), on 5 images of one class of the embedded data (their ground-truth part
+    locations), or on the user's images and parts (``parts_json``)."""
+    if parts_json is not None:
+        images = load_parts_json(parts_json, size=run.image_size)
+        parts = parts or list(images.parts)
+    else:
+        images = class_parts(run.split(split or run.default_split("test")), class_name)
+        parts = parts or list(FACE_PARTS)
+    paper = getattr(run.model, "paper_layers", {})
+    layers = ("conv5", "fc7") if {"conv5", "fc7"} <= set(paper) else (run.map_layers()[-1], run.vector_layer())
+    return correspondence(run.model, images, parts=parts, layers=layers, draws=draws, seed=seed, size=size)
+
+
+__all__ = ["FACE_PARTS", "RANDOM", "CorrespondenceResult", "PartImages", "class_parts", "compute", "correspondence",
            "delta", "format_table", "load_parts_json", "mask_squares", "write_correspondence"]

@@ -18,6 +18,7 @@ from pathlib import Path
 from . import artifacts
 from .config import PRESETS, TrainConfig
 from .data.synthetic import CLASSES
+from .layout import Layout
 
 FULL = TrainConfig()
 # Pretraining for transfer to held-out classes (Tables 4-5 on the embedded data): the first six classes, the
@@ -39,19 +40,25 @@ COMPARE_EPOCHS = 10  # the Fig. 6 runs stop here; zfnet_small's checkpoints/epoc
 
 def steps(out: Path, quick: bool) -> list[tuple[str, Callable[[], object]]]:
     """The demo's steps in order: (name, thunk)."""
-    from . import runs
+    from . import analyses
     from .ablation import ablate_run
-    from .probes import probe_run
     from .report import build_report
+    from .run import open_run
     from .train import train
-    from .transfer import transfer_run
+    from .transfer import write_transfer
 
     base = QUICK if quick else FULL
     compare = replace(base, epochs=min(base.epochs, COMPARE_EPOCHS))
     n = 2 if quick else 5
+    shots, folds, scratch_steps = ((1, 5), 2, 30) if quick else ((1, 5, 15), 3, 300)
 
-    def run() -> runs.Run:
-        return runs.open_run(out)
+    def analysis(name: str, **options):
+        return lambda: analyses.get(name).run(open_run(out), **options)
+
+    def heldout():
+        result = analyses.get("transfer").compute(open_run(out / "compare" / "zfnet_small-six"), target="heldout",
+                                                  shots=shots, folds=folds, scratch_steps=scratch_steps)
+        return write_transfer(result, Layout(out))  # shown in the main run's report
 
     return [
         ("train zfnet_small", lambda: train(base, out)),
@@ -59,27 +66,21 @@ def steps(out: Path, quick: bool) -> list[tuple[str, Callable[[], object]]]:
                                                         out / "compare" / "alexnet_small")),
         ("train zfnet_small without renormalisation (Fig. 6)",
          lambda: train(replace(compare, renorm=False), out / "compare" / "zfnet_small-norenorm")),
-        ("scan and Fig. 2", lambda: runs.scan_run(run(), units=4 if quick else 16)),
-        ("evolution (Fig. 4)", lambda: runs.evolution_run(run(), units=4 if quick else 8,
-                                                          n_images=500 if quick else 2000)),
-        ("filters (Fig. 6)", lambda: runs.filters_run(run())),
-        ("occlusion (Fig. 7)", lambda: runs.occlusion_run(run(), n=n)),
-        ("invariance (Fig. 5)", lambda: (runs.invariance_run(run(), n=n),
-                                         runs.invariance_run(run(), n=n, mode="render"))),
-        ("correspondence (Table 1)", lambda: runs.correspondence_run(run(), draws=2 if quick else 10)),
-        ("probes (Table 7)", lambda: probe_run(out, n_per_class=5 if quick else 30)),
+        ("scan and Fig. 2", analysis("scan", units=4 if quick else 16)),
+        ("evolution (Fig. 4)", analysis("evolution", units=4 if quick else 8, n_images=500 if quick else 2000)),
+        ("filters (Fig. 6)", analysis("filters")),
+        ("occlusion (Fig. 7)", analysis("occlusion", n=n)),
+        ("invariance (Fig. 5)", lambda: (analysis("invariance", n=n)(), analysis("invariance", n=n, mode="render")())),
+        ("correspondence (Table 1)", analysis("correspondence", draws=2 if quick else 10)),
+        ("probes (Table 7)", analysis("probe-layers", n_per_class=5 if quick else 30)),
         ("transfer to digits (Tables 4-5, Fig. 9)",
-         lambda: transfer_run(out, target="digits", shots=(1, 5) if quick else (1, 5, 15), folds=2 if quick else 3,
-                              scratch_steps=30 if quick else 300)),
+         analysis("transfer", target="digits", shots=shots, folds=folds, scratch_steps=scratch_steps)),
         ("pretrain zfnet_small on six classes (transfer)",
          lambda: train(replace(QUICK, classes=SIX.classes) if quick else SIX, out / "compare" / "zfnet_small-six")),
-        ("transfer to held-out classes (Tables 4-5, Fig. 9)",
-         lambda: transfer_run(out / "compare" / "zfnet_small-six", target="heldout",
-                              shots=(1, 5) if quick else (1, 5, 15), folds=2 if quick else 3,
-                              scratch_steps=30 if quick else 300, out=out / "transfer" / "heldout")),
+        ("transfer to held-out classes (Tables 4-5, Fig. 9)", heldout),
         ("ablation on pairs (Table 3)",
          lambda: ablate_run(replace(PAIRS, n_train=200, n_val=100, n_test=100, epochs=1) if quick else PAIRS,
-                            out / "ablation", ABLATION_QUICK if quick else ABLATION)),
+                            Layout(out).ablation, ABLATION_QUICK if quick else ABLATION)),
         ("report", lambda: build_report(out)),
     ]
 
@@ -95,5 +96,5 @@ def run_demo(out: str | Path, quick: bool = False, echo: Callable[[str], None] =
         step()
         timings[name] = round(time.perf_counter() - t0, 2)
         echo(f"[demo] {name}: {timings[name]:.0f} s")
-        artifacts.write_json(out / "timings.json", timings)
+        artifacts.write_json(Layout(out).timings, timings)
     return out

@@ -2,23 +2,35 @@
 activation over the training examples (the paper uses all of them; convscope a seeded subset of ``n`` images
 for speed) at each saved epoch (1, 2, 5, 10, 20, 30, 40, 64), projected to pixels and cropped to the receptive
 field. Lower layers settle in a few epochs, upper ones only much later.
+
+Over a run (:func:`compute`) the epochs are the run's own checkpoints (``convscope train`` keeps the paper's
+epochs), or a folder of state dicts named by epoch (``checkpoints=``: the user's own training, attached).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
 from . import artifacts
-from .errors import ConvscopeError
-from .imaging import make_grid, to_image, upscale
+from .deconvnet import RULES
+from .errors import ConvscopeError, unknown
+from .imaging import caption, make_grid, to_image, upscale
+from .layout import Layout
 from .topk import scan_shard
-from .views import unit_views
+from .units import gradient_note, select_units, unit_views
+
+if TYPE_CHECKING:
+    from .run import Run
+
+WEIGHTS = (".safetensors", ".pt", ".pth", ".bin")
 
 
 @dataclass
@@ -35,7 +47,7 @@ class Evolution:
 
 
 def evolution(models: dict[int, nn.Module], data, units: dict[str, torch.Tensor], indices=None,
-              rule: str = "deconvnet", batch_size: int = 128) -> dict[str, Evolution]:
+              rule: str = "deconvnet", batch_size: int = 128, nonlinearities: str = "error") -> dict[str, Evolution]:
     """Fig. 4 for ``units`` (layer -> unit indices) over ``models`` (epoch -> model at that epoch), scanning
     the images ``indices`` of ``data`` (default all)."""
     if not models:
@@ -47,7 +59,7 @@ def evolution(models: dict[int, nn.Module], data, units: dict[str, torch.Tensor]
         model = models[epoch]
         top = scan_shard(model, data, indices, list(units), k=1, batch_size=batch_size)
         for layer, u in units.items():
-            per_layer[layer].append(unit_views(model, data, top, layer, u, rule=rule))
+            per_layer[layer].append(unit_views(model, data, top, layer, u, rule=rule, nonlinearities=nonlinearities))
     out = {}
     for layer, views in per_layer.items():
         out[layer] = Evolution(layer, epochs, torch.as_tensor(units[layer]),
@@ -64,19 +76,72 @@ def evolution_grid(ev: Evolution, min_side: int = 32) -> np.ndarray:
     return make_grid([upscale(t, min_side) for t in tiles], nrow=e, pad=2)
 
 
-def save_evolution(out_dir: str | Path, evolutions: dict[str, Evolution]) -> list[Path]:
-    """Write ``fig4_<layer>.png`` per layer, ``evolution/<layer>/unit_NNNN.png`` (one strip of epochs per unit)
-    and ``fig4.json`` (epochs, units, images, values)."""
-    out_dir = Path(out_dir)
+@dataclass
+class EvolutionResult:
+    """Fig. 4 over a run: one :class:`Evolution` per layer."""
+
+    layers: dict[str, Evolution]
+    rule: str
+    nonlinearities: str
+
+
+def checkpoints_in(folder: str | Path) -> dict[int, Path]:
+    """Epoch -> state dict file of a folder of weights files, the epoch being the last number in each name."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise ConvscopeError(f"checkpoint folder {str(folder)!r} {what}")
+    found: dict[int, Path] = {}
+    for f in sorted(folder.iterdir()):
+        numbers = re.findall(r"\d+", f.stem)
+        if f.suffix not in WEIGHTS or not numbers or f.name.startswith("."):
+            continue
+        epoch = int(numbers[-1])
+        if epoch in found:
+            raise ConvscopeError(f"two checkpoints of epoch {epoch} in {str(folder)!r}: {found[epoch].name}, {f.name}")
+        found[epoch] = f
+    if not found:
+        raise ConvscopeError(f"no weights files ({', '.join(WEIGHTS)}) with an epoch number in their names in "
+                             f"{str(folder)!r}")
+    return dict(sorted(found.items()))
+
+
+def compute(run: Run, layers: list[str] | None = None, units: int = 8, n_images: int = 2000, seed: int = 0,
+            rule: str = "deconvnet", checkpoints: str | None = None) -> EvolutionResult:
+    """Fig. 4: ``units`` seeded units per layer, their strongest activation over ``n_images`` seeded training
+    images at every saved epoch (the run's checkpoints, or the state dicts in the folder ``checkpoints``)."""
+    if rule not in RULES:
+        raise unknown("rule", rule, RULES)
+    for name, value in (("units", units), ("n_images", n_images)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConvscopeError(f"{name} must be a positive whole number, got {value!r}")
+    files = checkpoints_in(checkpoints) if checkpoints is not None else run.checkpoints
+    if not files:
+        raise ConvscopeError(f"the run {str(run.path)!r} has no epoch checkpoints: Fig. 4 needs the weights at several "
+                             "epochs of training. Pass --checkpoints DIR, a folder of state dicts named by epoch "
+                             "(epoch_1.pth, epoch_5.pth, ...)")
+    layers = run.check_layers(list(layers)) if layers else run.map_layers()
+    data = run.split(run.default_split("train"))
+    indices = select_units(len(data), n_images, seed)  # a seeded subset of training images
+    models = {epoch: run.model_at(path) for epoch, path in files.items()}
+    chosen = {layer: select_units(run.channels(layer), units, seed) for layer in layers}
+    result = evolution(models, data, chosen, indices, rule=rule, nonlinearities=run.nonlinearities)
+    return EvolutionResult(result, rule, run.nonlinearities)
+
+
+def write_evolution(result: EvolutionResult, layout: Layout) -> list[Path]:
+    """Write ``fig4_<layer>.png`` per layer, one strip of epochs per unit, and ``fig4.json`` (epochs, units,
+    images, values; other layers' entries already there are kept)."""
+    note = gradient_note(result.rule, result.nonlinearities)
     paths = []
-    for layer, ev in evolutions.items():
-        paths.append(artifacts.save_image(out_dir / f"fig4_{layer}.png", evolution_grid(ev)))
+    for layer, ev in result.layers.items():
+        paths.append(artifacts.save_image(layout.layer_figure("fig4", layer), caption(evolution_grid(ev), note)))
         for u, unit in enumerate(ev.units.tolist()):  # one strip per unit, for the viewer's unit pages
             strip = make_grid([upscale(t, 32) for t in to_image(ev.projections[:, u])], nrow=len(ev.epochs), pad=2)
-            paths.append(artifacts.save_image(out_dir / "evolution" / layer / f"unit_{unit:04d}.png", strip))
-    summary_path = out_dir / "fig4.json"
+            paths.append(artifacts.save_image(layout.evolution_strip(layer, unit), caption(strip, note)))
+    summary_path = layout.figure("fig4", ".json")
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}  # other layers' stay
     summary.update({layer: {"epochs": ev.epochs, "units": ev.units.tolist(), "images": ev.images.tolist(),
-                            "values": ev.values.tolist()} for layer, ev in evolutions.items()})
+                            "values": ev.values.tolist()} for layer, ev in result.layers.items()})
     paths.append(artifacts.write_json(summary_path, summary))
     return paths

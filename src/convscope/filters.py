@@ -12,7 +12,9 @@ The paper looks at pictures and says three things; this module measures each:
   are clean -> :func:`aliasing`, the share of layer-2 projection energy above the first layer's sampling limit.
 
 Computation and writing are separate: :func:`filter_stats`, :func:`aliasing`, :func:`diagnose`, :func:`compare`
-and :func:`figure` compute; :func:`save_diagnosis` writes, through :mod:`convscope.artifacts`.
+and :func:`figure` compute; :func:`save_diagnosis` writes, through :mod:`convscope.artifacts`. Over a run,
+:func:`compute` diagnoses the run's model beside the runs it is compared with (layer 1 is the first
+convolution, whatever its name) and :func:`write_filters` writes Fig. 6.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -33,6 +35,10 @@ from .errors import ConvscopeError, unknown
 from .forward import eval_mode, run_to
 from .imaging import make_grid, to_image
 from .layers import resolve_layer, site
+from .layout import Layout
+
+if TYPE_CHECKING:
+    from .run import Run
 
 # Radial frequency bands in cycles/pixel: low [0, 1/6), mid [1/6, 1/3), high [1/3, sqrt(2)/2]. Thirds of the
 # Nyquist limit 1/2; "high" also takes the diagonal corners beyond 1/2.
@@ -343,6 +349,7 @@ def aliasing(
     rule: str = "deconvnet",
     window: str | None = None,
     strides: Sequence[int] = (2, 4),
+    nonlinearities: str = "error",
 ) -> Aliasing:
     """How much of the layer-2 projections lies above the first layer's sampling limit: paper Fig. 6 (d, e).
 
@@ -378,7 +385,7 @@ def aliasing(
     channels = [int(c) for c in order[: min(n_units, len(order))] if best[c] > 0]
     if not channels:
         raise ConvscopeError(f"no map of layer {layer!r} is active on these images: nothing to project")
-    projector = Projector(model, rule)
+    projector = Projector(model, rule, nonlinearities)
     projections, strengths = [], []
     for c in channels:
         active = torch.nonzero(peak[:, c] > 0).flatten()
@@ -415,11 +422,11 @@ class Diagnosis:
 
 def diagnose(model: nn.Module, images: torch.Tensor, layer1: str | None = "conv1", layer2: str = "conv2",
              n_units: int = 16, dead_threshold: float = 0.05, rule: str = "deconvnet",
-             normalize: str = "global") -> Diagnosis:
+             normalize: str = "global", nonlinearities: str = "error") -> Diagnosis:
     """Everything Fig. 6 shows about one model, on ``images`` (N, C, H, W floats in the model's input range)."""
     return Diagnosis(
         stats=filter_stats(model, layer1, dead_threshold=dead_threshold, images=images),
-        aliasing=aliasing(model, images, layer2, n_units=n_units, rule=rule),
+        aliasing=aliasing(model, images, layer2, n_units=n_units, rule=rule, nonlinearities=nonlinearities),
         grid=filter_grid(model, layer1, normalize=normalize),
     )
 
@@ -456,21 +463,19 @@ def crop_examples(examples: torch.Tensor, margin: int = 2) -> torch.Tensor:
     return torch.stack(crops) if n else x
 
 
-def figure(diagnoses: Mapping[str, Diagnosis], title: str = "Fig. 6: architecture diagnosis of layers 1 and 2"):
+def figure(diagnoses: Mapping[str, Diagnosis], title: str = "Fig. 6: architecture diagnosis of layers 1 and 2",
+           note: str | None = None):
     """A matplotlib Figure (Agg) of paper Fig. 6: per model (a column), the layer-1 filters scaled together, so
     that a dominating filter (6a) and dead ones (6b) show, above the projections of the 9 strongest layer-2
     activations cropped to their support (6d, 6e); below, a bar chart of the fractions and a table of all the
     numbers."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     if not diagnoses:
         raise ConvscopeError("figure needs at least one diagnosis")
     names = list(diagnoses)
     n = len(names)
-    fig = plt.figure(figsize=(max(4.0 * n, 9.0), 11.5))
+    fig = Figure(figsize=(max(4.0 * n, 9.0), 11.5))
     gs = fig.add_gridspec(4, n, height_ratios=[2.3, 3.0, 2.6, 0.9], hspace=0.32, wspace=0.08)
     for i, name in enumerate(names):
         d = diagnoses[name]
@@ -516,7 +521,7 @@ def figure(diagnoses: Mapping[str, Diagnosis], title: str = "Fig. 6: architectur
     table.auto_set_font_size(False)
     table.set_fontsize(8)
     table.auto_set_column_width(list(range(len(cols))))
-    fig.suptitle(title, fontsize=12, y=0.995)
+    fig.suptitle(title + (f"\n{note}" if note else ""), fontsize=12, y=0.995)
     return fig
 
 
@@ -525,20 +530,70 @@ def _json_safe(v):
     return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
-def save_diagnosis(out_dir: str | Path, diagnoses: Mapping[str, Diagnosis], fig=None) -> list[Path]:
-    """Write Fig. 6 into ``out_dir``: ``fig6.png`` (``fig`` or a fresh :func:`figure`), ``fig6.json`` (the
+def save_diagnosis(out_dir: str | Path, diagnoses: Mapping[str, Diagnosis], fig=None, name: str = "fig6"
+                   ) -> list[Path]:
+    """Write Fig. 6 into ``out_dir``: ``<name>.png`` (``fig`` or a fresh :func:`figure`), ``<name>.json`` (the
     numbers of every model) and ``conv1_<i>.png`` (each model's filter grid, in the order given)."""
     out = Path(out_dir)
-    numbers = {name: {k: _json_safe(v) for k, v in d.summary().items()} for name, d in diagnoses.items()}
-    written = [artifacts.write_json(out / "fig6.json", numbers)]
+    numbers = {label: {k: _json_safe(v) for k, v in d.summary().items()} for label, d in diagnoses.items()}
+    written = [artifacts.write_json(out / f"{name}.json", numbers)]
     for i, d in enumerate(diagnoses.values()):
         written.append(artifacts.save_image(out / f"conv1_{i}.png", d.grid))
-    written.append(artifacts.save_figure(out / "fig6.png", fig if fig is not None else figure(diagnoses)))
+    written.append(artifacts.save_figure(out / f"{name}.png", fig if fig is not None else figure(diagnoses)))
     return written
+
+
+# ------------------------------------------------------------------------------------------------- a run
+
+
+@dataclass
+class FiltersResult:
+    """Fig. 6 over a run: the :class:`Diagnosis` of the run's model and of the runs set beside it, by label."""
+
+    diagnoses: dict[str, Diagnosis]
+    note: str | None = None
+
+
+def _layer2(run) -> str:
+    """The layer whose projections show layer 1's aliasing: conv2, or the model's second stage."""
+    if "conv2" in getattr(run.model, "paper_layers", {}):
+        return "conv2"
+    maps = run.map_layers()
+    return maps[1] if len(maps) > 1 else maps[0]
+
+
+def compute(run: Run, others: tuple[str, ...] = (), n_images: int = 16) -> FiltersResult:
+    """Fig. 6: layer-1 filter grids and the numbers behind the paper's words (dead filters, frequency bands,
+    dominance, layer-2 aliasing) for this run and the runs set beside it: ``others`` (run directories) and the
+    demo's ``compare/`` runs. A compared run of fewer epochs is matched by this run's checkpoint at that epoch,
+    so the comparison is like for like."""
+    from .run import open_run
+    from .units import gradient_note
+
+    if isinstance(n_images, bool) or not isinstance(n_images, int) or n_images < 1:
+        raise ConvscopeError(f"n_images must be a positive whole number, got {n_images!r}")
+    runs = [open_run(p) for p in [*others, *run.layout.compared_runs()]]
+    images = run.split(run.default_split("val"))
+    images = images.batch(torch.arange(min(n_images, len(images))))[0]
+    models = {run.name: (run.model, run)}
+    for other in runs:
+        epochs = other.config.epochs if other.config is not None else None
+        if run.config is not None and epochs is not None and epochs < run.config.epochs and epochs in run.checkpoints:
+            models[f"{run.name} (epoch {epochs})"] = (run.model_at(run.checkpoints[epochs]), run)
+        models[other.name] = (other.model, other)
+    diagnoses = {label: diagnose(model, images, layer1="conv1" if "conv1" in getattr(model, "paper_layers", {})
+                                 else None, layer2=_layer2(owner), nonlinearities=owner.nonlinearities)
+                 for label, (model, owner) in models.items()}
+    return FiltersResult(diagnoses, gradient_note("deconvnet", run.nonlinearities))
+
+
+def write_filters(result: FiltersResult, layout: Layout, name: str = "fig6") -> list[Path]:
+    """Fig. 6 into the run's figures: ``<name>.png``, ``<name>.json`` and each model's filter grid."""
+    return save_diagnosis(layout.figures, result.diagnoses, figure(result.diagnoses, note=result.note), name=name)
 
 
 __all__ = [
     "BANDS", "BAND_EDGES", "Aliasing", "Diagnosis", "FilterStats", "alias_fraction", "aliasing", "band_energy",
     "compare", "conv_module", "crop_examples", "dc_fraction", "diagnose", "figure", "filter_grid", "filter_rms",
-    "filter_stats", "first_conv_stride", "save_diagnosis",
+    "filter_stats", "first_conv_stride", "save_diagnosis", "write_filters",
 ]

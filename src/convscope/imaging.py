@@ -71,4 +71,19 @@ def upscale(tile: np.ndarray, min_side: int) -> np.ndarray:
                                                    Image.Resampling.NEAREST))
 
 
-__all__ = ["make_grid", "upscale", "pil_to_tensor", "tensor_to_pil", "to_image"]
+def caption(picture: np.ndarray, text: str | None) -> np.ndarray:
+    """A uint8 (H, W, 3) picture with ``text`` in a white band below it, wrapped to its width (None: the picture
+    as it is): for what a figure must say about how it was made."""
+    if not text:
+        return picture
+    import textwrap
+
+    from PIL import ImageDraw
+
+    lines = textwrap.wrap(text, width=max(8, picture.shape[1] // 6))  # Pillow's default font: about 6 px a letter
+    band = Image.new("RGB", (picture.shape[1], 12 * len(lines) + 4), (255, 255, 255))
+    ImageDraw.Draw(band).multiline_text((2, 2), "\n".join(lines), fill=(90, 0, 0), spacing=1)
+    return np.concatenate([picture, np.asarray(band)], axis=0)
+
+
+__all__ = ["caption", "make_grid", "upscale", "pil_to_tensor", "tensor_to_pil", "to_image"]

@@ -25,20 +25,24 @@ quarter of the image), in steps of H/32.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import artifacts
-from .errors import ConvscopeError
+from .errors import ConvscopeError, unknown
 from .forward import check_images, eval_mode, run_to_all
 from .layers import site
+from .layout import Layout
 from .occlusion import as_fill
+
+if TYPE_CHECKING:
+    from .run import Run
 
 TRANSFORMS = ("translation", "scale", "rotation")
 
@@ -61,12 +65,13 @@ class InvarianceCurves:
 
 @dataclass
 class InvarianceResult:
-    """Paper Fig. 5: the three transforms' curves for the same images."""
+    """Paper Fig. 5: the three transforms' curves for the same images (``classes``: the model's class names)."""
 
     layers: tuple[str, ...]
     labels: torch.Tensor  # (N,)
     mode: str  # "warp" or "render"
     curves: dict[str, InvarianceCurves]
+    classes: list[str] | None = None
 
 
 def warp(images: torch.Tensor, dx: float = 0.0, dy: float = 0.0, scale: float = 1.0, rotation: float = 0.0,
@@ -237,11 +242,12 @@ def invariance_figure(result: InvarianceResult, classes: Sequence[str] | None = 
     return fig
 
 
-def write_invariance(result: InvarianceResult, directory: str | os.PathLike, classes: Sequence[str] | None = None,
-                     name: str = "invariance") -> list[Path]:
-    """Write Fig. 5 (``<name>.png``, relative distances) and every number (``<name>.json``) into ``directory``."""
-    directory = Path(directory)
-    png = artifacts.save_figure(directory / f"{name}.png", invariance_figure(result, classes))
+def write_invariance(result: InvarianceResult, layout: Layout, name: str = "fig5") -> list[Path]:
+    """Write Fig. 5 (``<name>.png``, relative distances; ``<name>_render`` for re-rendered poses) and every number
+    (``.json``) into the run's figures."""
+    name = name if result.mode == "warp" else f"{name}_render"
+    classes = result.classes
+    png = artifacts.save_figure(layout.figure(name), invariance_figure(result, classes))
     labels = [classes[k] if classes is not None and k < len(classes) else k for k in result.labels.tolist()]
     data = {
         "figure": "Zeiler & Fergus Fig. 5", "mode": result.mode, "layers": list(result.layers), "labels": labels,
@@ -251,8 +257,36 @@ def write_invariance(result: InvarianceResult, directory: str | os.PathLike, cla
                        "raw_distance": {k: v.tolist() for k, v in c.raw_distance.items()}}
                    for t, c in result.curves.items()},
     }
-    return [png, artifacts.write_json(directory / f"{name}.json", data)]
+    return [png, artifacts.write_json(layout.figure(name, ".json"), data)]
 
 
-__all__ = ["TRANSFORMS", "InvarianceCurves", "InvarianceResult", "invariance", "invariance_figure",
+def compute(run: Run, n: int = 5, split: str | None = None, mode: str = "warp") -> InvarianceResult:
+    """Fig. 5 for the first ``n`` images of ``split`` at layer 1 and layer 7 (conv1 and fc7, or the model's
+    first stage and penultimate module): ``mode="warp"`` transforms the image (the paper), ``"render"``
+    re-renders the embedded data's object with the pose changed (no border artefacts)."""
+    if mode not in ("warp", "render"):
+        raise unknown("invariance mode", mode, ("warp", "render"))
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConvscopeError(f"n must be a positive whole number of images, got {n!r}")
+    split = split or run.default_split("test")
+    render = None
+    if mode == "render" and (run.data is None or run.data.name != "synthetic" or split == "all"):
+        what = "an 'all' split" if split == "all" else f"data {getattr(run.data, 'name', 'in memory')!r}"
+        raise ConvscopeError("mode 'render' re-renders the embedded synthetic data's objects (train, val or test); "
+                             f"this run has {what}: use mode 'warp'")
+    data = run.split(split)
+    idx = torch.arange(min(n, len(data)))
+    x = data.batch(idx)[0]
+    labels, _ = run.targets(data, idx)
+    if mode == "render":
+        render = synthetic_renderer(split, idx.tolist(), size=x.shape[-1], seed=run.data.seed,
+                                    classes=list(run.data.classes) if run.data.classes else None)
+    paper = getattr(run.model, "paper_layers", {})
+    layers = ("conv1", "fc7") if {"conv1", "fc7"} <= set(paper) else (run.map_layers()[0], run.vector_layer())
+    result = invariance(run.model, x, labels, layers=layers, render=render)
+    result.classes = list(run.classes)
+    return result
+
+
+__all__ = ["TRANSFORMS", "InvarianceCurves", "InvarianceResult", "compute", "invariance", "invariance_figure",
            "synthetic_renderer", "warp", "write_invariance"]

@@ -18,10 +18,10 @@ when it has one (built-in models, trained), otherwise the mean colour of the ima
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -31,6 +31,10 @@ from .deconvnet import Projector
 from .errors import ConvscopeError
 from .forward import check_images, eval_mode, run_to_all
 from .layers import site
+from .layout import Layout
+
+if TYPE_CHECKING:
+    from .run import Run
 
 
 @dataclass
@@ -127,6 +131,7 @@ def occlusion(
     fill=None,
     batch_size: int = 64,
     rule: str = "deconvnet",
+    nonlinearities: str = "error",
 ) -> OcclusionResult:
     """Occlusion sensitivity of one image (paper Fig. 7): all panels (b)-(e) from the same forward passes.
 
@@ -169,7 +174,7 @@ def occlusion(
             d.append(p[:, label])
             e.append(p.argmax(-1))
     grid = positions.shape[:2]
-    projection = Projector(model, rule).project(image.unsqueeze(0), layer, channel=channel)[0]
+    projection = Projector(model, rule, nonlinearities).project(image.unsqueeze(0), layer, channel=channel)[0]
     return OcclusionResult(
         image=image, label=int(label), layer=layer, channel=channel, size=size, stride=stride, fill=fill,
         positions=positions, activation=torch.cat(b).view(grid), projection=projection,
@@ -198,7 +203,8 @@ def _upsample(values: torch.Tensor, result: OcclusionResult) -> torch.Tensor:
     return values[iy][:, ix]
 
 
-def occlusion_figure(results: Sequence[OcclusionResult], classes: Sequence[str] | None = None):
+def occlusion_figure(results: Sequence[OcclusionResult], classes: Sequence[str] | None = None,
+                     note: str | None = None):
     """A matplotlib figure like paper Fig. 7: one row per image; columns (a) the image with the occluder drawn
     at its most sensitive position, (b) total activation of the map, (c) its projection, (d) p(correct class),
     (e) most probable class with a legend of class names."""
@@ -243,31 +249,66 @@ def occlusion_figure(results: Sequence[OcclusionResult], classes: Sequence[str] 
         for ax in row:
             ax.set_xticks([])
             ax.set_yticks([])
+    if note:
+        fig.suptitle(note, fontsize=10)
     fig.tight_layout()
     return fig
 
 
-def write_occlusion(results: Sequence[OcclusionResult], directory: str | os.PathLike,
-                    classes: Sequence[str] | None = None, name: str = "occlusion") -> list[Path]:
-    """Write Fig. 7 (``<name>.png``) and its numbers (``<name>.json``: the maps per image) into ``directory``."""
-    directory = Path(directory)
-    fig = occlusion_figure(results, classes)
-    png = artifacts.save_figure(directory / f"{name}.png", fig)
+@dataclass
+class OcclusionResults:
+    """Fig. 7 over a run: one :class:`OcclusionResult` per image, the model's class names, and per image whether
+    its label is the true class or, where the model has no such class, the model's prediction."""
+
+    images: list[OcclusionResult]
+    classes: list[str]
+    label_source: list[str]  # "true" or "predicted"
+    note: str | None = None
+
+
+def compute(run: Run, n: int = 5, split: str | None = None, layer: str | None = None, size: int | None = None,
+            stride: int | None = None, batch_size: int = 64) -> OcclusionResults:
+    """Fig. 7 for the first ``n`` images of ``split``, tracking the strongest map of ``layer`` (conv5, or the
+    model's last stage). Square and stride default to 3/16 and 1/16 of the image side (12 px and 4 px at 64 px;
+    the paper does not state them)."""
+    from .units import gradient_note
+
+    data = run.split(split or run.default_split("test"))
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConvscopeError(f"n must be a positive whole number of images, got {n!r}")
+    index = torch.arange(min(n, len(data)))
+    x = data.batch(index)[0]
+    labels, source = run.targets(data, index)
+    layer = run.check_layers([layer])[0] if layer else ("conv5" if "conv5" in getattr(run.model, "paper_layers", {})
+                                                       else run.map_layers()[-1])
+    side = x.shape[-1]
+    size = size if size is not None else max(2, round(side * 3 / 16))
+    stride = stride if stride is not None else max(1, round(side / 16))
+    results = [occlusion(run.model, x[i], int(labels[i]), layer=layer, size=size, stride=stride,
+                         batch_size=batch_size, nonlinearities=run.nonlinearities) for i in range(len(x))]
+    return OcclusionResults(results, list(run.classes), source, gradient_note("deconvnet", run.nonlinearities))
+
+
+def write_occlusion(result: OcclusionResults, layout: Layout, name: str = "fig7") -> list[Path]:
+    """Write Fig. 7 (``<name>.png``) and its numbers (``<name>.json``: the maps per image) into the run."""
+    classes = result.classes
+    png = artifacts.save_figure(layout.figure(name), occlusion_figure(result.images, classes, result.note))
 
     def label(k: int):
-        return classes[k] if classes is not None and k < len(classes) else k
+        return classes[k] if k < len(classes) else k
 
     data = [{
-        "label": label(r.label), "layer": r.layer, "channel": r.channel, "size": r.size, "stride": r.stride,
-        "fill": r.fill.tolist(), "prob_clean": r.prob_clean, "activation_clean": r.activation_clean,
-        "positions": r.positions.tolist(), "activation": r.activation.tolist(), "prob": r.prob.tolist(),
+        "label": label(r.label), "label_source": src, "layer": r.layer, "channel": r.channel, "size": r.size,
+        "stride": r.stride, "fill": r.fill.tolist(), "prob_clean": r.prob_clean,
+        "activation_clean": r.activation_clean, "positions": r.positions.tolist(),
+        "activation": r.activation.tolist(), "prob": r.prob.tolist(),
         "top_class": [[label(k) for k in line] for line in r.top_class.tolist()],
         "most_sensitive": list(r.most_sensitive()),
-    } for r in results]
-    js = artifacts.write_json(directory / f"{name}.json", {"figure": "Zeiler & Fergus Fig. 7", "images": data})
+    } for r, src in zip(result.images, result.label_source)]
+    js = artifacts.write_json(layout.figure(name, ".json"), {"figure": "Zeiler & Fergus Fig. 7", "images": data})
     return [png, js]
 
 
-__all__ = ["OcclusionResult", "box_hit", "default_fill", "occlude", "occlusion", "occlusion_figure",
-           "square_positions", "write_occlusion"]
+__all__ = ["OcclusionResult", "OcclusionResults", "box_hit", "compute", "default_fill", "occlude", "occlusion",
+           "occlusion_figure", "square_positions", "write_occlusion"]
 

@@ -20,11 +20,11 @@ Choices where the paper is silent:
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -34,9 +34,12 @@ from . import artifacts
 from .data import ImageSet
 from .errors import ConvscopeError, unknown
 from .forward import eval_mode, run_to_all
-from .layers import site
+from .layers import PAPER_LAYERS, site
+from .layout import Layout
 
-PAPER_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7")
+if TYPE_CHECKING:
+    from .run import Run
+
 POOLS = ("max", "avg")
 CLASSIFIERS = ("svm", "softmax")
 # From the paper's Table 7 (Caltech-101, 30 training images per class, ImageNet-trained ZF net, mean per-class
@@ -204,12 +207,10 @@ def probe_table(result: ProbeResult) -> str:
 
 
 def probe_figure(result: ProbeResult):
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
     x = range(len(result.layers))
     for kind, acc in result.accuracy.items():
         ax.plot(x, [100 * acc[layer] for layer in result.layers], marker="o", label=f"{kind} (ours)")
@@ -225,24 +226,19 @@ def probe_figure(result: ProbeResult):
     return fig
 
 
-def write_probes(result: ProbeResult, directory: str | os.PathLike) -> list[Path]:
-    """``probes.json``, ``probes.md`` (the table) and ``probes.png`` (accuracy against depth) in ``directory``."""
-    directory = Path(directory)
-    return [artifacts.write_json(directory / "probes.json", result.to_dict()),
-            artifacts.write_text(directory / "probes.md", probe_table(result)),
-            artifacts.save_figure(directory / "probes.png", probe_figure(result))]
+def write_probes(result: ProbeResult, layout: Layout) -> list[Path]:
+    """``probes/probes.json``, ``probes.md`` (the table) and ``probes.png`` (accuracy against depth)."""
+    return [artifacts.write_json(layout.probe(".json"), result.to_dict()),
+            artifacts.write_text(layout.probe(".md"), probe_table(result)),
+            artifacts.save_figure(layout.probe(".png"), probe_figure(result))]
 
 
-def probe_run(run_path: str | os.PathLike, layers: Sequence[str] | None = None, n_per_class: int | None = 30,
-              target: str = "run", data_root: str | None = None, seed: int = 0, pool: str = "max", grid: int = 2,
-              out: str | os.PathLike | None = None) -> tuple[ProbeResult, list[Path]]:
-    """CLI entry (``convscope probe-layers RUN``): probe a run's model on a target (see
-    :func:`convscope.transfer.load_target`; ``"run"`` is the run's own train/test splits) and write the table
-    into ``out`` (default ``RUN/probes``)."""
-    from .runs import open_run
-    from .transfer import load_target
+def compute(run: Run, layers: list[str] | None = None, target: str = "run", data_root: str | None = None,
+            n_per_class: int = 30, pool: str = "max", grid: int = 2, seed: int = 0) -> ProbeResult:
+    """Table 7 over a run: probe its model's layers (conv1..fc7, or the stages and the penultimate module) on a
+    target (:func:`convscope.targets.load_target`; ``"run"``: the run's own train and test splits)."""
+    from .targets import load_target
 
-    run = open_run(run_path)
+    layers = run.check_layers(list(layers)) if layers else run.feature_layers()
     train, test = load_target(target, run=run, data_root=data_root, seed=seed)
-    result = probe_layers(run.model, train, test, layers, n_per_class=n_per_class, seed=seed, pool=pool, grid=grid)
-    return result, write_probes(result, Path(out) if out is not None else run.path / "probes")
+    return probe_layers(run.model, train, test, layers, n_per_class=n_per_class, seed=seed, pool=pool, grid=grid)

@@ -25,7 +25,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .errors import ConvscopeError
-from .forward import eval_mode, input_channels, run_to
+from .forward import eval_mode, input_channels, run_to, run_to_all
 from .layers import site
 
 
@@ -209,6 +209,41 @@ def receptive_field(
     return boxes[0] if single else boxes
 
 
+def geometry(model: nn.Module, layers: Sequence[str], input_size: int | tuple[int, int]
+             ) -> dict[str, tuple[int, int] | None]:
+    """For each layer with feature maps: the side of a unit's receptive field where the image border does not
+    clip it (a unit at the centre of an image four times as large, where the model takes one), and the step in
+    pixels between neighbouring units; None for a layer without maps."""
+    h, w = _pair(input_size, None)
+    outs = _traced(model, [site(model, layer) for layer in layers], (h, w))[1]
+    maps = [layer for layer, out in zip(layers, outs) if out.dim() == 4]
+    found: dict[str, tuple[int, int] | None] = dict.fromkeys(layers)
+    if not maps:
+        return found
+    try:  # the modules up to the deepest map run at any size, even where the classifier takes one size only
+        tracer, outs = _traced(model, [site(model, layer) for layer in maps], (4 * h, 4 * w))
+    except (RuntimeError, ValueError, ConvscopeError):
+        tracer, outs = _traced(model, [site(model, layer) for layer in maps], (h, w))
+    for layer, out in zip(maps, outs):
+        if not tracer._tracked(out):
+            continue
+        rows, cols = out.shape[-2:]
+        r, c = rows // 2, cols // 2
+        box = _box(tracer, tracer.node(out), out, (r, c), layer)
+        step = (_box(tracer, tracer.node(out), out, (r, c + 1), layer).x0 - box.x0) if c + 1 < cols else 0
+        found[layer] = (max(box.y1 - box.y0, box.x1 - box.x0), step)
+    return found
+
+
+def _traced(model: nn.Module, sites: list, size: tuple[int, int]) -> tuple[_Tracer, list[torch.Tensor]]:
+    param = next(model.parameters(), None)
+    like = {"dtype": param.dtype, "device": param.device} if param is not None else {}
+    x = torch.zeros(1, input_channels(model) or 3, *size, **like)
+    tracer = _Tracer(x)
+    with torch.no_grad(), eval_mode(model):
+        return tracer, run_to_all(model, sites, x, tracer)
+
+
 def _box(tracer: _Tracer, target: _Node, out: torch.Tensor, position, layer: str) -> Box:
     if position is None or out.dim() < 3:
         if position is not None:
@@ -251,4 +286,4 @@ def _union(a: Span | None, b: Span | None) -> Span | None:
     return (min(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), max(a[3], b[3]))
 
 
-__all__ = ["Box", "receptive_field"]
+__all__ = ["Box", "geometry", "receptive_field"]

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from . import artifacts
 from .errors import ConvscopeError
+from .forward import eval_mode, run_to_all
 from .layers import site
 
 
@@ -129,8 +130,6 @@ def merge(parts: Iterable[TopK]) -> TopK:
 
 def _capture(model: nn.Module, modules: dict[str, nn.Module], x: torch.Tensor, k: int, index: torch.Tensor) -> dict:
     """Each layer's :func:`batch_top`, reduced as the forward pass produces the layer."""
-    from .forward import run_to_all
-
     def keep(act: torch.Tensor):
         return batch_top(act, k, index)
 
@@ -155,22 +154,15 @@ def scan_shard(model: nn.Module, data, indices: torch.Tensor | Sequence[int], la
     modules = {layer: site(model, layer) for layer in layers}
     device = next(model.parameters()).device
     parts: list[TopK] = []
-    result = None
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for start in tqdm(range(0, len(indices), batch_size), disable=None if progress is None else not progress,
-                              desc="scan", unit="batch", leave=False):
-                idx = indices[start:start + batch_size]
-                x = _images(data, idx).to(device)
-                parts.append(from_batch_top(_capture(model, modules, x, k, idx), idx, k))
-                if len(parts) == 8:  # bounded memory: fold partials as we go
-                    parts = [merge(parts)]
-        result = merge(parts) if parts else _empty_for(model, modules, data, k)
-    finally:
-        model.train(was_training)
-    return result
+    with eval_mode(model), torch.inference_mode():
+        for start in tqdm(range(0, len(indices), batch_size), disable=None if progress is None else not progress,
+                          desc="scan", unit="batch", leave=False):
+            idx = indices[start:start + batch_size]
+            x = _images(data, idx).to(device)
+            parts.append(from_batch_top(_capture(model, modules, x, k, idx), idx, k))
+            if len(parts) == 8:  # bounded memory: fold partials as we go
+                parts = [merge(parts)]
+        return merge(parts) if parts else _empty_for(model, modules, data, k)
 
 
 def _images(data, idx: torch.Tensor) -> torch.Tensor:

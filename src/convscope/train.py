@@ -24,16 +24,12 @@ from tqdm.auto import tqdm
 from . import artifacts
 from .checkpoint import load_state, save_state, save_weights
 from .config import TrainConfig
-from .data import ImageSet, Splits, load_splits
+from .data import SPLITS, ImageSet, Splits
 from .data.transforms import mean_and_std, random_crop_flip
 from .errors import ConvscopeError
+from .forward import eval_mode
+from .layout import Layout
 from .models import create_model
-
-CONFIG, METRICS, STATE, FINAL, TEST = "config.json", "metrics.json", "state.pt", "model.safetensors", "test.json"
-
-
-def epoch_checkpoint(run_dir: str | Path, epoch: int) -> Path:
-    return Path(run_dir) / "checkpoints" / f"epoch_{epoch:03d}.safetensors"
 
 
 @dataclass
@@ -64,11 +60,9 @@ def _seeded(seed: int, epoch: int) -> int:
 def evaluate(model: nn.Module, data: ImageSet, batch_size: int = 500) -> dict[str, float]:
     """Loss, top-1 and top-5 error (Table 2's measures) of a model on a data set, in eval mode."""
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     loss = top1 = top5 = 0.0
     k = min(5, len(data.classes))
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(model):
         for start in range(0, len(data), batch_size):
             x, y = data.batch(torch.arange(start, min(start + batch_size, len(data))))
             x, y = x.to(device), y.to(device)
@@ -78,7 +72,6 @@ def evaluate(model: nn.Module, data: ImageSet, batch_size: int = 500) -> dict[st
             best = logits.topk(k, dim=1).indices
             top1 += (best[:, 0] != y).sum().item()
             top5 += (best != y[:, None]).all(1).sum().item()
-    model.train(was_training)
     n = len(data)
     return {"loss": loss / n, "top1_err": top1 / n, "top5_err": top5 / n}
 
@@ -94,9 +87,9 @@ def prepare_run(run_dir: str | Path, cfg: TrainConfig) -> bool:
 
     A directory holding a different run, or files that are not a convscope run, is refused: nothing is
     overwritten."""
-    run_dir = Path(run_dir)
+    layout = Layout(run_dir)
     wanted = json.loads(json.dumps(cfg.to_dict()))
-    config_path = run_dir / CONFIG
+    config_path = layout.config
     if config_path.is_file():
         try:
             have = json.loads(config_path.read_text())
@@ -105,19 +98,22 @@ def prepare_run(run_dir: str | Path, cfg: TrainConfig) -> bool:
         if have != wanted:
             diff = sorted(k for k in set(have) | set(wanted) if have.get(k) != wanted.get(k))
             detail = "; ".join(f"{k}: {have.get(k)!r} there, {wanted.get(k)!r} asked" for k in diff)
-            raise ConvscopeError(f"run directory {str(run_dir)!r} already holds a different run ({detail}); "
+            raise ConvscopeError(f"run directory {str(layout.root)!r} already holds a different run ({detail}); "
                                  "choose another directory, or repeat that run's settings to resume it")
         return True
-    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
-        raise ConvscopeError(f"{str(run_dir)!r} exists and is not an empty directory or a convscope run; "
+    if layout.root.exists() and (not layout.root.is_dir() or any(layout.root.iterdir())):
+        raise ConvscopeError(f"{str(layout.root)!r} exists and is not an empty directory or a convscope run; "
                              "choose a new or empty directory")
     artifacts.write_json(config_path, wanted)
     return False
 
 
 def build_model(cfg: TrainConfig, splits: Splits) -> nn.Module:
-    torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model, num_classes=len(splits.train.classes), **cfg.model_options)
+    """A fresh ``cfg.model`` initialised under ``cfg.seed`` (the global generator is left as it was), its input
+    normalisation set from the training set."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = create_model(cfg.model, num_classes=len(splits.train.classes), **cfg.model_options)
     if hasattr(model, "normalize"):
         mean, std = mean_and_std(splits.train.images)
         if mean.shape != model.normalize.mean.shape:
@@ -131,8 +127,9 @@ def build_model(cfg: TrainConfig, splits: Splits) -> nn.Module:
 
 
 def load_data(cfg: TrainConfig) -> Splits:
-    return load_splits(cfg.data, root=cfg.data_root, size=cfg.image_size, seed=cfg.seed, n_train=cfg.n_train,
-                       n_val=cfg.n_val, n_test=cfg.n_test, classes=cfg.classes)
+    spec = cfg.data_spec()
+    spec.check()
+    return Splits(*(spec.load(split) for split in SPLITS))
 
 
 def train(cfg: TrainConfig, run_dir: str | Path, splits: Splits | None = None,
@@ -141,25 +138,22 @@ def train(cfg: TrainConfig, run_dir: str | Path, splits: Splits | None = None,
 
     ``progress=None`` shows a progress bar only on a terminal. A finished run is loaded, not retrained.
     """
-    run_dir = Path(run_dir)
+    layout = Layout(run_dir)
     cfg.validate()
     splits = splits or load_data(cfg)
-    resuming = prepare_run(run_dir, cfg)
+    resuming = prepare_run(layout.root, cfg)
     classes = splits.train.classes
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(cfg, splits).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    params = [{"params": [p for n, p in model.named_parameters() if not n.endswith("bias")]},
-              {"params": [p for n, p in model.named_parameters() if n.endswith("bias")], "weight_decay": 0.0}]
-    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    optimizer = configure_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=cfg.lr_factor,
                                                            patience=cfg.patience)
     metrics: list[dict[str, float]] = []
     start = 0
-    state_path = run_dir / STATE
-    if resuming and state_path.is_file():
-        state = load_state(state_path)
+    if resuming and layout.state.is_file():
+        state = load_state(layout.state)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -167,20 +161,54 @@ def train(cfg: TrainConfig, run_dir: str | Path, splits: Splits | None = None,
     if cfg.renorm and start == 0:
         renormalize_filters_(model, cfg.renorm_radius)
 
-    train_set, n = splits.train, len(splits.train)
-    steps = math.ceil(n / cfg.batch_size)
     for epoch in range(start + 1, cfg.epochs + 1):
         t0 = time.perf_counter()
-        g = torch.Generator().manual_seed(_seeded(cfg.seed, epoch))
+        loss, err = train_epoch(model, splits.train, cfg, epoch, optimizer, progress)
+        val = evaluate(model, splits.val)
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step(val["top1_err"])
+        metrics.append({"epoch": epoch, "lr": lr, "train_loss": loss, "train_top1_err": err,
+                        "val_loss": val["loss"], "val_top1_err": val["top1_err"], "val_top5_err": val["top5_err"],
+                        "seconds": time.perf_counter() - t0})
+        # metrics and epoch weights first, the state last: the state is the commit point a resume starts from
+        artifacts.write_json(layout.metrics, metrics)
+        if epoch in cfg.save_epochs:
+            save_weights(layout.checkpoint(epoch), model, cfg.to_dict(), epoch, len(classes), classes)
+        save_state(layout.state, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                  "scheduler": scheduler.state_dict(), "metrics": metrics, "epoch": epoch})
+    if not layout.final.is_file():
+        save_weights(layout.final, model, cfg.to_dict(), cfg.epochs, len(classes), classes)
+        artifacts.write_json(layout.test, evaluate(model, splits.test))
+    test = json.loads(layout.test.read_text())
+    return TrainResult(layout.root, model.eval(), classes, metrics, test)
+
+
+def configure_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
+    """SGD with momentum and weight decay (not on biases): the paper's optimiser (section 3)."""
+    params = [{"params": [p for n, p in model.named_parameters() if not n.endswith("bias")]},
+              {"params": [p for n, p in model.named_parameters() if n.endswith("bias")], "weight_decay": 0.0}]
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def train_epoch(model: nn.Module, data: ImageSet, cfg: TrainConfig, epoch: int, optimizer: torch.optim.Optimizer,
+                progress: bool | None = None) -> tuple[float, float]:
+    """One epoch of the paper's recipe; returns the running loss and top-1 error. Shuffling and augmentation
+    come from a generator seeded by (seed, epoch), dropout from the global one seeded alike inside
+    ``fork_rng`` (the caller's generator state is left as it was), so a resumed run repeats the epoch exactly."""
+    device = next(model.parameters()).device
+    n = len(data)
+    steps = math.ceil(n / cfg.batch_size)
+    g = torch.Generator().manual_seed(_seeded(cfg.seed, epoch))
+    order = torch.randperm(n, generator=g)
+    seen = wrong = 0
+    loss_sum = 0.0
+    bar = tqdm(range(steps), desc=f"epoch {epoch}/{cfg.epochs}", disable=None if progress is None else not progress,
+               leave=False, unit="batch")
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(_seeded(cfg.seed, epoch) + 1)  # dropout
-        order = torch.randperm(n, generator=g)
         model.train()
-        seen = wrong = 0
-        loss_sum = 0.0
-        bar = tqdm(range(steps), desc=f"epoch {epoch}/{cfg.epochs}", disable=None if progress is None else not
-                   progress, leave=False, unit="batch")
         for step in bar:
-            x, y = train_set.batch(order[step * cfg.batch_size:(step + 1) * cfg.batch_size])
+            x, y = data.batch(order[step * cfg.batch_size:(step + 1) * cfg.batch_size])
             x = random_crop_flip(x, cfg.crop_pad, g) if (cfg.crop_pad or cfg.flip) else x
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with _autocast(device):
@@ -195,26 +223,9 @@ def train(cfg: TrainConfig, run_dir: str | Path, splits: Splits | None = None,
             wrong += (logits.argmax(1) != y).sum().item()
             loss_sum += loss.item() * len(y)
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", err=f"{wrong / seen:.3f}")
-        if not math.isfinite(loss_sum):
-            raise ConvscopeError(f"training diverged at epoch {epoch} (loss is {loss_sum}); lower lr")
-        val = evaluate(model, splits.val)
-        lr = optimizer.param_groups[0]["lr"]
-        scheduler.step(val["top1_err"])
-        metrics.append({"epoch": epoch, "lr": lr, "train_loss": loss_sum / seen, "train_top1_err": wrong / seen,
-                        "val_loss": val["loss"], "val_top1_err": val["top1_err"], "val_top5_err": val["top5_err"],
-                        "seconds": time.perf_counter() - t0})
-        # metrics and epoch weights first, the state last: the state is the commit point a resume starts from
-        artifacts.write_json(run_dir / METRICS, metrics)
-        if epoch in cfg.save_epochs:
-            save_weights(epoch_checkpoint(run_dir, epoch), model, cfg.to_dict(), epoch, len(classes), classes)
-        save_state(state_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                "scheduler": scheduler.state_dict(), "metrics": metrics, "epoch": epoch})
-    final = run_dir / FINAL
-    if not final.is_file():
-        save_weights(final, model, cfg.to_dict(), cfg.epochs, len(classes), classes)
-        artifacts.write_json(run_dir / TEST, evaluate(model, splits.test))
-    test = json.loads((run_dir / TEST).read_text())
-    return TrainResult(run_dir, model.eval(), classes, metrics, test)
+    if not math.isfinite(loss_sum):
+        raise ConvscopeError(f"training diverged at epoch {epoch} (loss is {loss_sum}); lower lr")
+    return loss_sum / seen, wrong / seen
 
 
 def run_summary(metrics: list[dict[str, Any]], test: dict[str, float]) -> str:

@@ -21,8 +21,9 @@ Choices where the paper is silent:
   images; the new softmax is scikit-learn's multinomial ``LogisticRegression`` (L2, ``C=1``, lbfgs) on features
   standardised with the fold's training examples: a convex fit, so no learning rate or epochs to tune per fold
   and the same result for the same fold.
-- **From scratch.** The same architecture (the pretrained :class:`~convscope.models.ConvNet`'s spec, or
-  ``scratch_cfg.model``), freshly initialised (seeded), its input normalisation taken from the fold's training
+- **From scratch.** The same architecture (the pretrained :class:`~convscope.models.ConvNet`'s spec, or what
+  ``scratch_model`` builds: a run's own architecture), freshly initialised (seeded), its input normalisation
+  taken from the fold's training
   images, trained with the paper's recipe from ``scratch_cfg`` (SGD, momentum, weight decay, dropout, filter
   renormalisation, crop/flip augmentation) at a constant learning rate (a few-shot fold has no validation set to
   anneal on) for a fixed budget of ``scratch_steps`` SGD steps of ``min(batch_size, fold size)`` images,
@@ -34,10 +35,10 @@ Choices where the paper is silent:
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -46,23 +47,28 @@ from tqdm.auto import tqdm
 
 from . import artifacts
 from .config import TrainConfig
-from .data import ImageSet, stratified_split
+from .data import ImageSet
 from .data.transforms import mean_and_std, random_crop_flip
-from .errors import ConvscopeError, unknown
+from .errors import ConvscopeError
 from .forward import eval_mode
-from .layers import resolve_layer
+from .layers import PAPER_LAYERS, resolve_layer
+from .layout import Layout
 from .probes import check_target, default_layers, extract_features, fit_predict, mean_per_class_accuracy
-from .train import renormalize_filters_
+from .train import configure_optimizer, renormalize_filters_
+
+if TYPE_CHECKING:
+    from .run import Run
+
+Factory = Callable[[int, int], nn.Module]  # (num_classes, seed) -> a fresh net
 
 SHOTS = (1, 2, 5, 10, 15, 30)
 FEATURES = ("fc7", "all")  # the paper's softmax on layer 7, and one on all seven frozen layers
-TARGETS = ("heldout", "digits", "folder", "run")
 # From the paper's Table 4 (Caltech-101, mean per-class accuracy %, 5 folds): n per class -> (pretrained,
 # from scratch), as quoted in PAPER.md. Caltech-256 (Table 5) is left out rather than guessed.
 PAPER_TABLE4 = {15: (83.8, 22.8), 30: (86.5, 46.5)}
 
-__all__ = ["FEATURES", "SHOTS", "TransferResult", "fold_indices", "load_target", "mean_per_class_accuracy",
-           "train_scratch", "transfer", "transfer_run", "write_transfer"]
+__all__ = ["FEATURES", "SHOTS", "TransferResult", "compute", "fold_indices", "mean_per_class_accuracy",
+           "train_scratch", "transfer", "write_transfer"]
 
 
 def fold_indices(labels: torch.Tensor, n: int, folds: int, seed: int = 0,
@@ -87,18 +93,21 @@ def fold_indices(labels: torch.Tensor, n: int, folds: int, seed: int = 0,
     return [torch.sort(torch.cat(parts)).values for parts in out]
 
 
-def _scratch_model(pretrained: nn.Module, num_classes: int, cfg: TrainConfig | None, data: ImageSet,
+def _scratch_model(pretrained: nn.Module, num_classes: int, factory: Factory | None, data: ImageSet,
                    seed: int) -> nn.Module:
-    from .models import ConvNet, create_model
+    """A fresh net of the pretrained one's architecture (``factory(num_classes, seed)``, or the built-in
+    ConvNet's spec), initialised under ``seed``, its input normalisation from ``data``."""
+    from .models import ConvNet
 
-    torch.manual_seed(seed)
-    if isinstance(pretrained, ConvNet):
-        model = ConvNet(pretrained.spec, num_classes)
-    elif cfg is not None:
-        model = create_model(cfg.model, num_classes=num_classes, **cfg.model_options)
+    if factory is not None:
+        model = factory(num_classes, seed)
+    elif isinstance(pretrained, ConvNet):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = ConvNet(pretrained.spec, num_classes)
     else:
-        raise ConvscopeError("the pretrained model is not a built-in ConvNet: pass scratch_cfg naming the "
-                             "architecture to train from scratch, or scratch=False")
+        raise ConvscopeError("the pretrained model is not a built-in ConvNet: pass scratch_model, a function "
+                             "(num_classes, seed) -> a fresh net of its architecture, or scratch=False")
     if hasattr(model, "normalize"):
         mean, std = mean_and_std(data.images)
         if mean.shape == model.normalize.mean.shape:
@@ -110,12 +119,16 @@ def _scratch_model(pretrained: nn.Module, num_classes: int, cfg: TrainConfig | N
 def train_scratch(model: nn.Module, data: ImageSet, cfg: TrainConfig, steps: int, seed: int = 0) -> nn.Module:
     """The paper's recipe (section 3) on a few-shot training set, for ``steps`` SGD steps at constant learning
     rate (Tables 4-5's "non-pretrained" rows)."""
-    device = next(model.parameters()).device
     g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed + 1)  # dropout
-    params = [{"params": [p for n, p in model.named_parameters() if not n.endswith("bias")]},
-              {"params": [p for n, p in model.named_parameters() if n.endswith("bias")], "weight_decay": 0.0}]
-    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)  # dropout, from the global generator; the caller's state is put back
+        _steps(model, data, cfg, steps, g)
+    return model.eval()
+
+
+def _steps(model: nn.Module, data: ImageSet, cfg: TrainConfig, steps: int, g: torch.Generator) -> None:
+    device = next(model.parameters()).device
+    optimizer = configure_optimizer(model, cfg)
     if cfg.renorm:
         renormalize_filters_(model, cfg.renorm_radius)
     n = len(data)
@@ -136,7 +149,6 @@ def train_scratch(model: nn.Module, data: ImageSet, cfg: TrainConfig, steps: int
             renormalize_filters_(model, cfg.renorm_radius)
         if not math.isfinite(loss.item()):
             raise ConvscopeError(f"training from scratch diverged (loss {loss.item()}); lower the lr of scratch_cfg")
-    return model.eval()
 
 
 def _predict(model: nn.Module, data: ImageSet, batch_size: int = 500) -> torch.Tensor:
@@ -163,6 +175,7 @@ class TransferResult:
     n_test: int
     seed: int
     scratch_steps: int
+    target: str = ""
 
     @staticmethod
     def spread(acc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,7 +188,8 @@ class TransferResult:
             mean, std = self.spread(acc)
             return {"folds": acc.tolist(), "mean": mean.tolist(), "std": std.tolist()}
 
-        return {"shots": self.shots, "folds": self.folds, "classes": self.classes, "features": self.features,
+        return {"target": self.target, "shots": self.shots, "folds": self.folds, "classes": self.classes,
+                "features": self.features,
                 "n_test": self.n_test, "seed": self.seed, "scratch_steps": self.scratch_steps,
                 "pretrained": {name: summary(acc) for name, acc in self.pretrained.items()},
                 "scratch": None if self.scratch is None else summary(self.scratch),
@@ -186,15 +200,17 @@ class TransferResult:
 def transfer(pretrained_model: nn.Module, target_train: ImageSet, target_test: ImageSet,
              shots: Sequence[int] = SHOTS, folds: int = 5, seed: int = 0, features: Sequence[str] = FEATURES,
              C: float = 1.0, scratch: bool = True, scratch_cfg: TrainConfig | None = None, scratch_steps: int = 300,
-             batch_size: int = 256, progress: bool | None = None) -> TransferResult:
+             batch_size: int = 256, progress: bool | None = None, scratch_model: Factory | None = None,
+             joined: Sequence[str] | None = None, target: str = "") -> TransferResult:
     """Paper Tables 4-5, Fig. 9: for every n in ``shots`` and every fold, a softmax on each of the frozen
-    ``features`` of ``pretrained_model`` (a layer name, or ``"all"``: conv1..fc7 joined) and (``scratch``) the
-    same net trained from scratch, all on the fold's n examples per class of ``target_train``, scored by mean
+    ``features`` of ``pretrained_model`` (a layer name, or ``"all"``: the layers ``joined``, default conv1..fc7)
+    and (``scratch``) the same net trained from scratch (``scratch_model(num_classes, seed)`` builds it; the
+    recipe is ``scratch_cfg``'s), all on the fold's n examples per class of ``target_train``, scored by mean
     per-class accuracy on all of ``target_test``."""
     check_target(target_train, target_test)
     if target_test is target_train:
         raise ConvscopeError("target_test is the training pool itself; pass a separate test set")
-    sets = _feature_sets(pretrained_model, features)  # a bad name fails before any work
+    sets = _feature_sets(pretrained_model, features, joined)  # a bad name fails before any work
     shots = [int(n) for n in shots]
     if not shots:
         raise ConvscopeError("no shots (examples per class) given")
@@ -221,17 +237,19 @@ def transfer(pretrained_model: nn.Module, target_train: ImageSet, target_test: I
             if scr is not None:
                 fold = target_train.subset(idx)
                 run_seed = seed * 1_000_003 + n * 101 + f
-                model = _scratch_model(pretrained_model, k, scratch_cfg, fold, run_seed)
+                model = _scratch_model(pretrained_model, k, scratch_model, fold, run_seed)
                 train_scratch(model, fold, cfg, scratch_steps, run_seed)
                 scr[i, f] = mean_per_class_accuracy(_predict(model, target_test), target_test.labels, k)
             bar.update()
     bar.close()
     return TransferResult(shots, folds, list(target_train.classes), sets, pre, scr, indices, len(target_test),
-                          seed, scratch_steps if scratch else 0)
+                          seed, scratch_steps if scratch else 0, target)
 
 
-def _feature_sets(model: nn.Module, features: Sequence[str] | str) -> dict[str, list[str]]:
-    """Feature set name -> the layers it joins: ``"all"`` is every paper layer of the model (conv1..fc7)."""
+def _feature_sets(model: nn.Module, features: Sequence[str] | str,
+                  joined: Sequence[str] | None = None) -> dict[str, list[str]]:
+    """Feature set name -> the layers it joins: ``"all"`` is ``joined`` (default every paper layer of the model,
+    conv1..fc7)."""
     if isinstance(features, str):
         features = [features]
     if not features:
@@ -239,7 +257,7 @@ def _feature_sets(model: nn.Module, features: Sequence[str] | str) -> dict[str, 
     sets = {}
     for name in features:
         if name == "all":
-            sets[name] = default_layers(model)
+            sets[name] = list(joined) if joined is not None else default_layers(model)
         else:
             try:
                 resolve_layer(model, name)
@@ -274,12 +292,10 @@ def _label(result: TransferResult, name: str) -> str:
 
 def transfer_figure(result: TransferResult, title: str = ""):
     """Fig. 9: mean per-class accuracy against training images per class, pretrained vs from scratch."""
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    fig = Figure(figsize=(5.5, 3.8))
+    ax = fig.subplots()
     curves = [(f"pretrained, frozen: softmax on {_label(result, name)}", acc, "o^Dv"[i % 4])
               for i, (name, acc) in enumerate(result.pretrained.items())]
     for name, acc, marker in [*curves, ("from scratch", result.scratch, "s")]:
@@ -291,79 +307,35 @@ def transfer_figure(result: TransferResult, title: str = ""):
     ax.set_xlabel("training images per class")
     ax.set_ylabel("mean per-class accuracy (%)")
     ax.set_ylim(0, 100)
-    ax.set_title(title or f"Fig. 9: transfer to {len(result.classes)} classes")
+    ax.set_title(title or f"Fig. 9: transfer to {result.target or len(result.classes)} "
+                          f"({len(result.classes)} classes)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return fig
 
 
-def write_transfer(result: TransferResult, directory: str | os.PathLike, title: str = "") -> list[Path]:
-    """``transfer.json``, ``transfer.md`` (Tables 4-5) and ``transfer.png`` (Fig. 9) in ``directory``."""
-    directory = Path(directory)
-    return [artifacts.write_json(directory / "transfer.json", result.to_dict()),
-            artifacts.write_text(directory / "transfer.md", transfer_table(result)),
-            artifacts.save_figure(directory / "transfer.png", transfer_figure(result, title))]
+def write_transfer(result: TransferResult, layout: Layout) -> list[Path]:
+    """``transfer/<target>/transfer.json``, ``transfer.md`` (Tables 4-5) and ``transfer.png`` (Fig. 9)."""
+    target = result.target or "target"
+    return [artifacts.write_json(layout.transfer(target, ".json"), result.to_dict()),
+            artifacts.write_text(layout.transfer(target, ".md"), transfer_table(result)),
+            artifacts.save_figure(layout.transfer(target, ".png"), transfer_figure(result))]
 
 
-def load_target(target: str, run=None, data_root: str | os.PathLike | None = None, seed: int = 0,
-                size: int | None = None, n_train: int | None = None,
-                n_test: int | None = None) -> tuple[ImageSet, ImageSet]:
-    """A target set as (training pool, test set).
+def compute(run: Run, target: str = "heldout", data_root: str | None = None, shots: tuple[int, ...] = SHOTS,
+            folds: int = 5, features: list[str] | None = None, scratch: bool = True, scratch_steps: int = 300,
+            seed: int = 0, progress: bool | None = None) -> TransferResult:
+    """Tables 4-5, Fig. 9 over a run: its model's layers frozen, a new softmax on ``features`` (fc7 and all; on a
+    model without the paper's names its penultimate module and all) of n images per class of ``target``
+    (:func:`convscope.targets.load_target`), against the same architecture trained from scratch with the run's
+    recipe (the paper's for an attached run)."""
+    from .targets import load_target
 
-    ``heldout``: the synthetic classes the run was not trained on (needs a run pretrained on some classes);
-    ``n_train`` / ``n_test`` images, default 150 / 100 per class (30 per class x 5 disjoint folds).
-    ``digits``: scikit-learn's digits at the model's input size, its own train/test split.
-    ``folder``: an ImageFolder tree at ``data_root`` (Caltech-101/256), split per class 70/30, seeded.
-    ``run``: the run's own train and test splits.
-    """
-    if target not in TARGETS:
-        raise unknown("target", target, TARGETS)
-    if size is None:
-        size = getattr(getattr(run, "model", None), "input_size", None) or 64
-    if target == "run":
-        if run is None:
-            raise ConvscopeError("target 'run' needs a run")
-        return run.split("train"), run.split("test")
-    if target == "heldout":
-        from .data.synthetic import CLASSES, load_synthetic
-
-        if run is None or run.config.data != "synthetic":
-            raise ConvscopeError("target 'heldout' needs a run pretrained on the synthetic data set")
-        seen = run.config.classes or CLASSES
-        others = [c for c in CLASSES if c not in seen]
-        if len(others) < 2:
-            raise ConvscopeError(f"the run was trained on {len(seen)} of the {len(CLASSES)} synthetic classes, "
-                                 "leaving fewer than two held out; pretrain with classes= a subset (e.g. six)")
-        # images of classes the run never saw; its own seed, so the pool is reproducible from the run alone
-        n_train = n_train if n_train is not None else 150 * len(others)
-        n_test = n_test if n_test is not None else 100 * len(others)
-        return (load_synthetic("train", n=n_train, size=size, seed=run.config.seed, classes=others),
-                load_synthetic("test", n=n_test, size=size, seed=run.config.seed, classes=others))
-    if target == "digits":
-        from .data.digits import load_digits
-
-        return load_digits("train", size=size, seed=seed), load_digits("test", size=size, seed=seed)
-    from .data.folder import load_folder
-
-    if data_root is None:
-        raise ConvscopeError("target 'folder' needs data_root: the folder of the ImageFolder tree")
-    full = load_folder(data_root, size=size)
-    pool, test = stratified_split(full.labels, (0.7,), seed)
-    return full.subset(pool), full.subset(test)
-
-
-def transfer_run(run_path: str | os.PathLike, target: str = "heldout", data_root: str | None = None,
-                 shots: Sequence[int] = SHOTS, folds: int = 5, seed: int = 0, features: Sequence[str] = FEATURES,
-                 scratch: bool = True, scratch_steps: int = 300, out: str | os.PathLike | None = None,
-                 progress: bool | None = None) -> tuple[TransferResult, list[Path]]:
-    """CLI entry (``convscope transfer RUN``): transfer a run's model to ``target`` (see :func:`load_target`)
-    and write Tables 4-5 and Fig. 9 into ``out`` (default ``RUN/transfer/<target>``); the from-scratch net
-    uses the run's own training recipe."""
-    from .runs import open_run
-
-    run = open_run(run_path)
     train, test = load_target(target, run=run, data_root=data_root, seed=seed)
-    result = transfer(run.model, train, test, shots, folds, seed, features, scratch=scratch, scratch_cfg=run.config,
-                      scratch_steps=scratch_steps, progress=progress)
-    out = Path(out) if out is not None else run.path / "transfer" / target
-    return result, write_transfer(result, out, title=f"Fig. 9: {Path(run_path).name} -> {target}")
+    if features is None:
+        paper = "fc7" in getattr(run.model, "paper_layers", {})
+        features = ["fc7" if paper else run.vector_layer(), "all"]
+    joined = None if set(PAPER_LAYERS) <= set(getattr(run.model, "paper_layers", {})) else run.feature_layers()
+    return transfer(run.model, train, test, shots, folds, seed, features, scratch=scratch,
+                    scratch_cfg=run.config, scratch_steps=scratch_steps, progress=progress,
+                    scratch_model=lambda k, s: run.new_model(k, s), joined=joined, target=target)

@@ -23,11 +23,12 @@ from starlette.responses import FileResponse, HTMLResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from ..analyses import REGISTRY
 from ..errors import ConvscopeError
-from ..report import REGISTRY, REPORT, environment, find, label_of, natural_key, read_json, require_run
+from ..layout import Layout, natural_key
+from ..report import NONLINEARITY_NOTE, PROJECTED, environment, label_of, read_json, require_run
 
 STATIC = Path(__file__).parent / "static"
-UNITS, EVOLUTION = "figures/units", "figures/evolution"
 LOCAL_HOSTS = ("127.0.0.1", "localhost")
 # Pages load scripts and styles from the viewer only; images from the viewer (and data: in the report).
 HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
@@ -35,31 +36,18 @@ HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:;
            "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
 
 
-def _unit_files(folder: Path) -> dict[str, dict[int, Path]]:
-    """layer -> unit -> file, for ``folder/<layer>/unit_NNNN.png``."""
-    out: dict[str, dict[int, Path]] = {}
-    if folder.is_dir():
-        for layer_dir in folder.iterdir():
-            if not layer_dir.is_dir():
-                continue
-            for f in layer_dir.glob("unit_*.png"):
-                try:
-                    out.setdefault(layer_dir.name, {})[int(f.stem.split("_", 1)[1])] = f
-                except ValueError:
-                    continue
-    return out
-
-
 class Artifacts:
     """What the run holds right now: layers, their units, and the unit and evolution pictures."""
 
     def __init__(self, root: Path):
         self.root = root
-        self.units = _unit_files(root / UNITS)
-        self.evolution = _unit_files(root / EVOLUTION)
+        self.layout = Layout(root)
+        self.units = Layout.unit_files(self.layout.units)
+        self.evolution = Layout.unit_files(self.layout.evolution)
         layers = set(self.units) | set(self.evolution)
-        for prefix in ("fig2_", "fig4_"):
-            layers |= {p.stem[len(prefix):] for p in (root / "figures").glob(f"{prefix}*.png")}
+        for analysis in REGISTRY:
+            if analysis.per_layer:
+                layers |= set(self.layout.layer_figures(analysis.key))
         self.layers = sorted(layers, key=natural_key)
 
     def layer_units(self, layer: str) -> list[int]:
@@ -72,8 +60,8 @@ class Artifacts:
     def url(self, path: Path | None) -> str | None:
         return None if path is None else "/files/" + quote(path.relative_to(self.root).as_posix())
 
-    def figure(self, name: str) -> str | None:
-        p = self.root / "figures" / name
+    def layer_figure(self, key: str, layer: str) -> str | None:
+        p = self.layout.layer_figure(key, layer)
         return self.url(p) if p.is_file() else None
 
 
@@ -105,17 +93,21 @@ def make_app(run_dir: str | Path, allowed_hosts: list[str] | tuple[str, ...] | N
     """The viewer of the run in ``run_dir`` as an ASGI app. ``allowed_hosts``: the Host headers it answers
     (default 127.0.0.1 and localhost); any other gets 400."""
     root = require_run(run_dir)
+    layout = Layout(root)
     env = environment()
     template = env.get_template("viewer.html")
-    config = read_json(root / "config.json") or {}
-    classes = _classes(root, config)
+    attached = read_json(layout.attach)
+    config = (attached if isinstance(attached, dict) else None) or read_json(layout.config) or {}
+    classes = _classes(layout, config)
+    note = NONLINEARITY_NOTE if config.get("nonlinearities") == "gradient" else None
     topk_cache: dict[str, object] = {}
 
     def page(request: Request, status: int = 200, **context) -> HTMLResponse:
         art = context.pop("art", None) or Artifacts(root)
+        figures = [(a.ref, figure_url(a.key)) for a, _ in _other_figures(layout)]
         html = template.render(run_name=root.name, config=config, layers=[(n, layer_url(n)) for n in art.layers],
-                               report=art.url(root / REPORT) if (root / REPORT).is_file() else None,
-                               has_figures=bool(_other_figures(root)), **{"nav": {}, **context})
+                               report=art.url(layout.report) if layout.report.is_file() else None,
+                               figure_links=figures, attached=attached is not None, **{"nav": {}, **context})
         return HTMLResponse(html, status_code=status, headers=HEADERS)
 
     def not_found(request: Request, message: str, art: Artifacts | None = None) -> HTMLResponse:
@@ -127,9 +119,9 @@ def make_app(run_dir: str | Path, allowed_hosts: list[str] | tuple[str, ...] | N
                   for n in art.layers]
         seq = art.sequence()
         nav = {"next": unit_url(*seq[0])} if seq else {}
-        metrics = read_json(root / "metrics.json") or []
+        metrics = read_json(layout.metrics) or []
         return page(request, art=art, kind="index", title=root.name, index_layers=layers, nav=nav, classes=classes,
-                    test=read_json(root / "test.json"), epochs=len(metrics))
+                    test=read_json(layout.test), epochs=len(metrics))
 
     async def layer_page(request: Request) -> Response:
         layer = request.path_params["layer"]
@@ -144,8 +136,8 @@ def make_app(run_dir: str | Path, allowed_hosts: list[str] | tuple[str, ...] | N
                "next-layer": layer_url(art.layers[i + 1]) if i + 1 < len(art.layers) else None}
         thumbs = [{"unit": u, "url": unit_url(layer, u), "img": art.url(art.units.get(layer, {}).get(u))}
                   for u in units]
-        return page(request, art=art, kind="layer", title=layer, layer=layer, nav=nav, thumbs=thumbs,
-                    fig2=art.figure(f"fig2_{layer}.png"), fig4=art.figure(f"fig4_{layer}.png"))
+        return page(request, art=art, kind="layer", title=layer, layer=layer, nav=nav, thumbs=thumbs, note=note,
+                    fig2=art.layer_figure("fig2", layer), fig4=art.layer_figure("fig4", layer))
 
     async def unit_page(request: Request) -> Response:
         layer, unit = request.path_params["layer"], request.path_params["unit"]
@@ -169,17 +161,30 @@ def make_app(run_dir: str | Path, allowed_hosts: list[str] | tuple[str, ...] | N
                "prev-layer": unit_url(prev_layer, art.layer_units(prev_layer)[0]) if prev_layer else None,
                "next-layer": unit_url(next_layer, art.layer_units(next_layer)[0]) if next_layer else None,
                "up": layer_url(layer)}
-        fig4 = read_json(root / "figures" / "fig4.json") or {}
+        fig4 = read_json(layout.figure("fig4", ".json")) or {}
         epochs = fig4.get(layer, {}).get("epochs") if isinstance(fig4, dict) else None
         return page(request, art=art, kind="unit", title=f"{layer} unit {unit}", layer=layer, unit=unit, nav=nav,
-                    unit_img=art.url(art.units.get(layer, {}).get(unit)),
+                    unit_img=art.url(art.units.get(layer, {}).get(unit)), note=note,
                     evolution_img=art.url(art.evolution.get(layer, {}).get(unit)), epochs=epochs,
-                    top=_top(root, topk_cache, layer, unit), position=(units.index(unit) + 1, len(units)))
+                    top=_top(layout, topk_cache, layer, unit), position=(units.index(unit) + 1, len(units)))
+
+    def figures(art: Artifacts, only: str | None = None) -> list[dict]:
+        return [{"entry": a, "images": [(label_of(p, root), art.url(p)) for p in images],
+                 "texts": [(p.relative_to(root).as_posix(), p.read_text(errors="replace")) for p in texts],
+                 "note": note if a.key in PROJECTED else None}
+                for a, (images, texts) in _other_figures(layout) if only in (None, a.key)]
 
     async def figures_page(request: Request) -> Response:
         art = Artifacts(root)
-        return page(request, art=art, kind="figures", title="figures", figures=[
-            {"entry": e, "images": [(label_of(p, root), art.url(p)) for p in ps]} for e, ps in _other_figures(root)])
+        return page(request, art=art, kind="figures", title="figures", figures=figures(art))
+
+    async def figure_page(request: Request) -> Response:
+        art, key = Artifacts(root), request.path_params["key"]
+        shown = figures(art, key)
+        if not shown:
+            present = ", ".join(a.key for a, _ in _other_figures(layout)) or "none yet"
+            return not_found(request, f"this run has no figure {key!r}; its figures: {present}", art)
+        return page(request, art=art, kind="figures", title=shown[0]["entry"].ref, figures=shown)
 
     async def files(request: Request) -> Response:
         target = safe_path(root, request.path_params["path"])
@@ -189,7 +194,8 @@ def make_app(run_dir: str | Path, allowed_hosts: list[str] | tuple[str, ...] | N
         media = mimetypes.guess_type(target.name)[0] or "application/octet-stream"
         return FileResponse(target, media_type=media, headers=HEADERS)
 
-    routes = [Route("/", index), Route("/figures", figures_page), Route("/layer/{layer}", layer_page),
+    routes = [Route("/", index), Route("/figures", figures_page), Route("/figures/{key}", figure_page),
+              Route("/layer/{layer}", layer_page),
               Route("/layer/{layer}/unit/{unit:int}", unit_page), Route("/files/{path:path}", files),
               Mount("/static", app=StaticFiles(directory=STATIC), name="static")]
     hosts = list(dict.fromkeys([*LOCAL_HOSTS, *(allowed_hosts or ())]))
@@ -198,28 +204,34 @@ def make_app(run_dir: str | Path, allowed_hosts: list[str] | tuple[str, ...] | N
     return app
 
 
-def _classes(root: Path, config: dict) -> list[str]:
+def figure_url(key: str) -> str:
+    return f"/figures/{quote(key, safe='')}"
+
+
+def _classes(layout: Layout, config: dict) -> list[str]:
+    """The model's class names: recorded in an attached run, read from a trained run's weights."""
+    if layout.attach.is_file():
+        return list(config.get("classes") or [])
     from ..report import model_summary
 
-    summary = model_summary(root)
+    summary = model_summary(layout)
     return list(summary["classes"]) if summary else list(config.get("classes") or [])
 
 
-def _other_figures(root: Path) -> list[tuple[object, list[Path]]]:
-    """The registry's figures other than the per-layer ones (Fig. 5, 6, 7, ...) that the run has."""
+def _other_figures(layout: Layout) -> list[tuple[object, tuple[list[Path], list[Path]]]]:
+    """The registry's figures and tables other than the per-layer ones (Fig. 5-7, Tables 1, 3-5, 7) that the run
+    has, with their images and text tables."""
     out = []
-    for entry in REGISTRY:
-        if entry.key in ("fig2", "fig4"):
-            continue
-        paths = find(root, entry.images)
-        if paths:
-            out.append((entry, paths))
+    for analysis in REGISTRY:
+        images, texts = analysis.files(layout)
+        if (images or texts) and not analysis.per_layer:
+            out.append((analysis, (images, texts)))
     return out
 
 
-def _top(root: Path, cache: dict, layer: str, unit: int) -> list[dict] | None:
+def _top(layout: Layout, cache: dict, layer: str, unit: int) -> list[dict] | None:
     """The unit's top-k activations from the scan (value, data-set image index, position), if scanned."""
-    path = root / "scan" / "topk.safetensors"
+    path = layout.topk
     if not path.is_file():
         return None
     key = f"{path.stat().st_mtime_ns}"

@@ -6,8 +6,9 @@ import torch
 
 import convscope as cs
 from convscope.data import ImageSet
-from convscope.topk import scan
-from convscope.views import layer_grid, save_views, select_units, unit_tile, unit_views
+from convscope.layout import Layout
+from convscope.topk import load_topk, scan
+from convscope.units import ScanResult, layer_grid, select_units, unit_tile, unit_views, write_scan
 
 
 @pytest.fixture(scope="module")
@@ -56,11 +57,16 @@ def test_pictures_and_files(setup, tmp_path):
     assert tile.dtype == np.uint8 and tile.shape[1] > tile.shape[0]  # projections | patches side by side
     grid = layer_grid(v, ncol=2)
     assert grid.shape[0] > tile.shape[0] and grid.shape[1] > 2 * tile.shape[1]
-    paths = save_views(tmp_path, v, ncol=2)
-    assert [p.name for p in paths] == ["fig2_conv5.png", "unit_0000.png", "unit_0001.png", "unit_0002.png"]
+    paths = write_scan(ScanResult(topk, "val", {"conv5": v}, "deconvnet", "error"), Layout(tmp_path), ncol=2)
+    assert [p.relative_to(tmp_path).as_posix() for p in paths] == [
+        "scan/topk.safetensors", "figures/fig2_conv5.png", "figures/units/conv5/unit_0000.png",
+        "figures/units/conv5/unit_0001.png", "figures/units/conv5/unit_0002.png"]
     from PIL import Image
 
-    assert Image.open(paths[0]).size == (grid.shape[1], grid.shape[0])
+    assert np.array_equal(np.asarray(Image.open(paths[1])), grid)
+    assert np.array_equal(np.asarray(Image.open(paths[2])), tile)
+    saved, meta = load_topk(paths[0])
+    assert meta["split"] == "val" and torch.equal(saved.images["conv5"], topk.images["conv5"])
 
 
 def test_units_subset_and_bad_input(setup):

@@ -1,0 +1,421 @@
+"""A run: a model, the images it is examined on, and the directory its analyses write into.
+
+Two kinds, which every analysis, the report and the viewer take the same way:
+
+- **trained**: ``convscope train`` made it (``config.json``; the final weights, epoch checkpoints, metrics);
+- **attached**: ``convscope attach`` or :func:`attach` made it from the user's own model, weights and images
+  (``attach.json``: the model spec, the weights file and its SHA-256, the data, the input normalisation).
+
+:func:`open_run` reopens either. A :class:`Run` reads one split of its data at a time, knows the names of the
+model's outputs, and says which layers an analysis uses by default: the paper's conv1..conv5 (fc6, fc7) on the
+built-in models, the stages of any other model (:mod:`convscope.layers`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import artifacts
+from .config import TrainConfig
+from .data import ALL, SPLITS, DataSpec, ImageSet, stratified_split
+from .deconvnet import NONLINEARITIES
+from .errors import ConvscopeError, unknown
+from .layers import PAPER_CONV, PAPER_LAYERS, ModuleInfo, candidates, census, penultimate, site, stages
+from .layout import Layout
+from .usermodel import FORMAT
+
+
+@dataclass
+class Run:
+    """A model and its data, and the run directory (``layout``) analyses write into. ``classes`` names the
+    model's outputs. Trained runs carry their ``config``; attached runs their ``attach.json`` (``attached``)."""
+
+    layout: Layout
+    model: nn.Module
+    classes: list[str]
+    data: DataSpec | None
+    config: TrainConfig | None = None
+    attached: dict[str, Any] | None = None
+    nonlinearities: str = "error"
+    _splits: dict[str, ImageSet] = field(default_factory=dict, repr=False)
+
+    @property
+    def path(self) -> Path:
+        return self.layout.root
+
+    @property
+    def kind(self) -> str:
+        return "trained" if self.config is not None else "attached"
+
+    @property
+    def name(self) -> str:
+        """A short label: ``zfnet_small (30 ep)``, ``zfnet_small no renorm (10 ep)``, or the attached spec."""
+        if self.config is not None:
+            cfg = self.config
+            return f"{cfg.model}{'' if cfg.renorm else ' no renorm'} ({cfg.epochs} ep)"
+        return str(self.attached.get("model") or "model") if self.attached else "model"
+
+    @property
+    def image_size(self) -> int:
+        size = self.data.image_size if self.data is not None else None
+        size = size or getattr(self.model, "input_size", None)
+        return int(size) if size else int(self.split(self.default_split("val")).image_size)
+
+    # --- data
+    def split(self, name: str) -> ImageSet:
+        """One split of the run's data (``train``, ``val``, ``test``, ``all``), read once and kept."""
+        if name not in (*SPLITS, ALL):
+            raise unknown("split", name, (*SPLITS, ALL))
+        if name not in self._splits:
+            if self.data is None:  # attached from Python with images in memory: split them here
+                every = self._splits[ALL]
+                parts = stratified_split(every.labels, (0.7, 0.15), 0)
+                self._splits.update({s: every.subset(p) for s, p in zip(SPLITS, parts)})
+            else:
+                self._splits[name] = self.data.load(name)
+        return self._splits[name]
+
+    def default_split(self, preferred: str) -> str:
+        """The split an analysis reads unless told: ``preferred`` (the paper's) on a trained run; every image on
+        an attached one, whose images the model never trained on here."""
+        return preferred if self.kind == "trained" else ALL
+
+    def labels(self, data: ImageSet) -> torch.Tensor:
+        """The images' classes as indices of the model's outputs: by name, or as they are when the data's classes
+        are the model's; -1 for a class the model does not have."""
+        if list(data.classes) == list(self.classes):
+            return data.labels.clone()
+        index = {name: i for i, name in enumerate(self.classes)}
+        mapping = torch.tensor([index.get(name, -1) for name in data.classes], dtype=torch.long)
+        return mapping[data.labels]
+
+    def targets(self, data: ImageSet, index: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
+        """Images ``index`` of ``data`` as classes of the model: the true class where the model has it (source
+        ``"true"``), else the model's own prediction (``"predicted"``: a class the model was not trained on)."""
+        from .forward import eval_mode
+
+        labels = self.labels(data)[index]
+        unknown_ = labels < 0
+        if unknown_.any():
+            with torch.no_grad(), eval_mode(self.model):
+                predicted = self.model(data.batch(index[unknown_])[0]).argmax(1).cpu()
+            labels[unknown_] = predicted
+        return labels, ["predicted" if u else "true" for u in unknown_.tolist()]
+
+    # --- models
+    @cached_property
+    def checkpoints(self) -> dict[int, Path]:
+        """Epoch -> weights file of the epochs the run saved (trained runs; see :meth:`checkpoints_in`)."""
+        return self.layout.saved_epochs()
+
+    def model_at(self, path: str | Path) -> nn.Module:
+        """The run's model with the weights of another file (an epoch checkpoint), in eval mode."""
+        from .checkpoint import load_model
+        from .weights import load_weights
+
+        if self.kind == "trained":
+            return load_model(path)[0]
+        model = self.new_model()
+        load_weights(model, path)
+        return model.eval()
+
+    def new_model(self, num_classes: int | None = None, seed: int = 0) -> nn.Module:
+        """A fresh model of the run's architecture (initialised under ``seed``; ``num_classes`` outputs, where
+        the architecture takes that argument), with the run's input normalisation."""
+        from .models import create_model
+        from .usermodel import accepts, add_normalization, build_model
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            if self.config is not None:
+                return create_model(self.config.model, num_classes=num_classes or len(self.classes),
+                                    **self.config.model_options)
+            spec = self.attached.get("model") if self.attached else None
+            if spec is None:
+                raise ConvscopeError("this run was attached from Python with a model object, so convscope cannot "
+                                     "build its architecture anew; attach a model spec instead")
+            args = dict(self.attached.get("model_args") or {})
+            if num_classes is not None:
+                if not accepts(spec, "num_classes"):
+                    raise ConvscopeError(f"model spec {spec!r} takes no num_classes argument, so convscope cannot "
+                                         f"build it with {num_classes} outputs")
+                args["num_classes"] = num_classes
+            model = build_model(spec, args)
+        norm = self.attached.get("normalize")
+        return add_normalization(model, norm["mean"], norm["std"]) if norm else model
+
+    # --- layers
+    @cached_property
+    def modules(self) -> list[ModuleInfo]:
+        """Every module of the model after one forward pass at the run's image size."""
+        return census(self.model, self.image_size)
+
+    def _paper(self, names) -> list[str]:
+        aliases = getattr(self.model, "paper_layers", {})
+        return [n for n in names if n in aliases]
+
+    def map_layers(self) -> list[str]:
+        """The layers with feature maps an analysis shows by default: conv1..conv5, or the model's stages."""
+        found = self._paper(PAPER_CONV) or stages(self.modules)
+        if not found:
+            raise ConvscopeError(f"found no layer with feature maps larger than 1x1 in this model; pass --layers "
+                                 f"(candidates: {candidates(self.modules) or 'none'})")
+        return found
+
+    def vector_layer(self) -> str:
+        """The paper's layer 7 (fc7), or the model's penultimate module (the last before the logits)."""
+        if self._paper(("fc7",)):
+            return "fc7"
+        found = penultimate(self.modules, (1, len(self.classes)))
+        if found is None:
+            raise ConvscopeError("found no module before this model's output layer; pass the layers to use")
+        return found
+
+    def feature_layers(self) -> list[str]:
+        """Every layer whose features the probes read by default: conv1..fc7, or the stages and the penultimate."""
+        paper = self._paper(PAPER_LAYERS)
+        if paper:
+            return paper
+        maps = self.map_layers()
+        last = self.vector_layer()
+        return maps if last in maps else [*maps, last]
+
+    def channels(self, layer: str) -> int:
+        """How many maps (or units) ``layer`` has."""
+        from .forward import eval_mode, run_to
+
+        param = next(self.model.parameters())
+        x = torch.zeros(1, 3, self.image_size, self.image_size, dtype=param.dtype, device=param.device)
+        with torch.no_grad(), eval_mode(self.model):
+            return int(run_to(self.model, site(self.model, layer), x).shape[1])
+
+    def check_layers(self, layers: list[str]) -> list[str]:
+        """Every name resolved (unknown ones list the valid names); a module that runs more than once and is named
+        without ``#k`` gets a warning that its first call is meant."""
+        calls = {info.name: info.calls for info in self.modules}
+        for layer in layers:
+            s = site(self.model, layer)
+            if calls.get(s.name, 1) > 1 and "#" not in layer:
+                warnings.warn(f"module {s.name!r} runs {calls[s.name]} times in one forward pass; convscope probes "
+                              f"its first call (name {s.name}#2 .. #{calls[s.name]} for another; Captum's hooks see "
+                              "the last)", stacklevel=2)
+        return list(layers)
+
+
+# ----------------------------------------------------------------------------------------------- opening
+
+
+def open_run(path: str | Path) -> Run:
+    """Open a trained or attached run directory; a directory that is neither says what is missing."""
+    layout = Layout(path)
+    if layout.attach.is_file():
+        return _open_attached(layout)
+    if not layout.config.is_file():
+        raise ConvscopeError(f"{str(layout.root)!r} is not a convscope run (no {layout.config.name} or "
+                             f"{layout.attach.name}); train one with `convscope train`, or attach your own model "
+                             "with `convscope attach`")
+    if not layout.final.is_file():
+        raise ConvscopeError(f"the run {str(layout.root)!r} has not finished training (no {layout.final.name}); run "
+                             "the same `convscope train` command again to resume it")
+    from .checkpoint import load_model
+
+    config = TrainConfig.from_dict(json.loads(layout.config.read_text()))
+    model, info = load_model(layout.final)
+    return Run(layout, model, info["classes"], config.data_spec(), config=config)
+
+
+def _read_record(layout: Layout) -> dict[str, Any]:
+    try:
+        record = json.loads(layout.attach.read_text())
+    except (OSError, ValueError) as e:
+        raise ConvscopeError(f"{str(layout.attach)!r} is damaged ({e}); attach the model again into a new "
+                             "directory") from None
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise ConvscopeError(f"{str(layout.attach)!r} is not a convscope attachment (format {FORMAT})")
+    return record
+
+
+def _open_attached(layout: Layout) -> Run:
+    from .usermodel import add_normalization, build_model
+    from .weights import load_weights, sha256
+
+    record = _read_record(layout)
+    if record.get("model") is None:
+        raise ConvscopeError(f"{str(layout.root)!r} was attached from Python with a model object, which the command "
+                             "line cannot rebuild; call the analyses from Python on the run cs.attach returned, or "
+                             "attach a model spec (convscope attach --model SPEC)")
+    model = build_model(record["model"], record.get("model_args") or {})
+    weights = record.get("weights")
+    if weights is not None:
+        if not Path(weights).is_file():
+            raise ConvscopeError(f"the run's weights file {weights!r} is gone; restore it, or attach again")
+        now = sha256(weights)
+        if now != record.get("weights_sha256"):
+            raise ConvscopeError(f"the weights file {weights!r} changed since it was attached (SHA-256 "
+                                 f"{record.get('weights_sha256', '?')[:12]}... then, {now[:12]}... now); restore it, "
+                                 "or attach it again into a new run directory")
+        load_weights(model, weights)
+    norm = record.get("normalize")
+    if norm:
+        add_normalization(model, norm["mean"], norm["std"])
+    if record["data"].get("in_memory"):
+        raise ConvscopeError(f"{str(layout.root)!r} was attached from Python with images in memory, which the "
+                             "command line cannot read again; attach a data set by name (--data, --data-root)")
+    data = DataSpec(**{**record["data"], "classes": _tuple(record["data"].get("classes"))})
+    return Run(layout, model.eval(), list(record["classes"]), data, attached=record,
+               nonlinearities=record.get("nonlinearities", "error"))
+
+
+def _tuple(value):
+    return None if value is None else tuple(value)
+
+
+# --------------------------------------------------------------------------------------------- attaching
+
+
+def attach(model: nn.Module | str, data: str | ImageSet = "folder", out: str | Path = "runs/attached", *,
+           data_root: str | Path | None = None, image_size: int | None = None, weights: str | Path | None = None,
+           model_args: dict[str, Any] | None = None, normalize=None, classes: str | Path | list[str] | None = None,
+           nonlinearities: str = "error", seed: int = 0) -> Run:
+    """Make ``out`` a run of the user's own model, which every analysis then takes like a trained run.
+
+    ``model``: an ``nn.Module`` (from a notebook; the run then lives in this process), or a spec the command
+    line can rebuild: a built-in name, ``package.module:callable`` or ``path/to/file.py:callable``, called with
+    ``model_args``. ``weights``: a safetensors or PyTorch state dict file, loaded with ``weights_only=True``.
+    ``data``: a data set name (``folder`` with ``data_root``, ``cifar10``, ``digits``, ``synthetic``, ``pairs``)
+    or an :class:`~convscope.data.ImageSet` in memory; ``image_size`` the side the images are read at (default:
+    the model's ``input_size``, else the data set's own). ``normalize``: ``"imagenet"``, six numbers (mean and
+    std per channel) or None: what the model does to images in [0, 1] before its first layer. ``classes``: the
+    names of the model's outputs (a list, or a file: a JSON list or one per line); default the data's classes
+    when they are as many, else their indices. ``nonlinearities="gradient"`` lets deconvnet and guided pass
+    nonlinearities other than ReLU by their gradient (recorded, and noted on every figure it affects).
+
+    Everything is checked before anything is written: the spec imports and builds an ``nn.Module``, the weights
+    fit it completely, the model takes the images. ``out`` must be new, empty, or hold this same attachment.
+    """
+    from .usermodel import add_normalization, build_model, check_input, parse_normalize, read_classes
+    from .weights import mismatch, read_state_dict, sha256, state_sha256
+
+    layout = Layout(out)
+    _check_out(layout)
+    if nonlinearities not in NONLINEARITIES:
+        raise unknown("nonlinearities option", nonlinearities, NONLINEARITIES)
+    norm = parse_normalize(normalize)
+    names = (read_classes(classes) if isinstance(classes, str | Path) else list(classes)) if classes else None
+
+    if isinstance(data, ImageSet):
+        spec_data, every, data_classes = None, data, list(data.classes)
+    else:
+        spec_data = DataSpec(str(data), None if data_root is None else str(Path(data_root).resolve()), image_size,
+                             seed)
+        spec_data.check()
+        every, data_classes = None, spec_data.class_names()
+
+    record: dict[str, Any] = {"format": FORMAT, "model": None, "model_args": dict(model_args or {}),
+                              "weights": None, "nonlinearities": nonlinearities}
+    state = read_state_dict(weights) if weights is not None else None
+    if isinstance(model, nn.Module):
+        net = copy.deepcopy(model) if norm else model  # the caller's model object gets no hook of ours
+        if state is not None:
+            problem = mismatch(net, state)
+            if problem:
+                raise ConvscopeError(f"the weights in {str(weights)!r} do not fit the model ({problem})")
+            net.load_state_dict(state)
+        record["state_sha256"] = state_sha256(net.state_dict())
+    else:
+        record["model"] = str(model)
+        args = record["model_args"]
+        if "num_classes" not in args and _builtin(model):
+            args["num_classes"] = _outputs(names, state, data_classes)
+        net = build_model(str(model), args)
+        if state is not None:
+            problem = mismatch(net, state)
+            if problem:
+                raise ConvscopeError(f"the weights in {str(weights)!r} do not fit model {model!r} with arguments "
+                                     f"{args} ({problem}); check the spec and its --model-arg values")
+            net.load_state_dict(state)
+    if weights is not None:
+        record.update(weights=str(Path(weights).resolve()), weights_sha256=sha256(weights))
+
+    # a model of the user's own that does not say its size: 224 for an image folder (ImageNet's), else the data's
+    size = image_size or _own_size(net) or (every.image_size if every is not None else
+                                            224 if spec_data.name == "folder" else spec_data.image_size) or 32
+    if spec_data is not None and spec_data.size is None:
+        spec_data = DataSpec(spec_data.name, spec_data.root, size, seed)
+    if every is not None and every.image_size != size:
+        raise ConvscopeError(f"the images are {every.image_size} px but the run's image size is {size}; resize them "
+                             f"or pass image_size={every.image_size}")
+    if norm:
+        add_normalization(net, *norm)
+    outputs = check_input(net, size)[1]
+    if names is not None and len(names) != outputs:
+        raise ConvscopeError(f"the classes file names {len(names)} classes, but the model has {outputs} outputs")
+    if names is None:
+        names = data_classes if len(data_classes) == outputs else [str(i) for i in range(outputs)]
+    record.update(
+        data=({"name": spec_data.name, "root": spec_data.root, "size": size, "seed": seed} if spec_data else
+              {"name": every.name or "images", "in_memory": True, "images": len(every), "size": size}),
+        image_size=size, classes=names,
+        normalize={"mean": norm[0], "std": norm[1]} if norm else None)
+    _claim(layout, record)
+    run = Run(layout, net.eval(), names, spec_data, attached=record, nonlinearities=nonlinearities)
+    if every is not None:
+        run._splits[ALL] = every
+    return run
+
+
+def _builtin(spec: str) -> bool:
+    from .models import list_models
+
+    return spec in list_models()
+
+
+def _outputs(names, state, data_classes) -> int:
+    """How many outputs a built-in model gets: as many as the class names, the weights' last layer, or the data's
+    classes, in that order."""
+    from .usermodel import infer_num_classes
+
+    if names:
+        return len(names)
+    if state is not None and infer_num_classes(state):
+        return infer_num_classes(state)
+    return len(data_classes)
+
+
+def _own_size(model: nn.Module) -> int | None:
+    size = getattr(model, "input_size", None)
+    return size if isinstance(size, int) else None
+
+
+def _check_out(layout: Layout) -> None:
+    root = layout.root
+    if root.exists() and not root.is_dir():
+        raise ConvscopeError(f"{str(root)!r} exists and is not a directory; choose a new run directory")
+    if root.is_dir() and any(root.iterdir()) and not layout.attach.is_file():
+        raise ConvscopeError(f"{str(root)!r} exists and is neither empty nor an attached run; choose a new or empty "
+                             "directory")
+
+
+def _claim(layout: Layout, record: dict[str, Any]) -> None:
+    """Write ``attach.json``, or check that the one there records this same attachment."""
+    wanted = json.loads(json.dumps(record))
+    if layout.attach.is_file():
+        have = _read_record(layout)
+        if have != wanted:
+            diff = sorted(k for k in set(have) | set(wanted) if have.get(k) != wanted.get(k))
+            raise ConvscopeError(f"{str(layout.root)!r} already holds another attachment (it differs in "
+                                 f"{', '.join(diff)}); choose another directory, or repeat that attachment")
+        return
+    artifacts.write_json(layout.attach, wanted)
+
+
+__all__ = ["Run", "attach", "open_run"]
