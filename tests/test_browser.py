@@ -2,6 +2,7 @@
 console error, keyboard navigation, a malicious class name stays text, and the live server refuses paths out of
 the run and foreign hosts."""
 
+import contextlib
 import http.client
 import socket
 import threading
@@ -39,9 +40,9 @@ def browser():
         b.close()
 
 
-@pytest.fixture(scope="module")
-def server(run_dir):
-    """The viewer served by uvicorn on a free port of 127.0.0.1, in a background thread."""
+@contextlib.contextmanager
+def serving(run_dir):
+    """The viewer of ``run_dir`` served by uvicorn on a free port of 127.0.0.1, in a background thread."""
     import uvicorn
 
     from convscope.viewer import bind, make_app
@@ -55,10 +56,18 @@ def server(run_dir):
     while not srv.started:
         assert time.monotonic() < deadline, "the viewer did not start"
         time.sleep(0.05)
-    yield "127.0.0.1", port
-    srv.should_exit = True
-    thread.join(10)
-    sock.close()
+    try:
+        yield "127.0.0.1", port
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def server(run_dir):
+    with serving(run_dir) as address:
+        yield address
 
 
 class Watched:

@@ -15,7 +15,7 @@ def _run(*args):
 def test_models_lists_every_model_with_its_layers():
     r = _run("models")
     assert r.exit_code == 0
-    for name in ("zfnet", "alexnet", "zfnet_small", "alexnet_small", "vgg16"):
+    for name in ("zfnet", "alexnet", "zfnet_small", "alexnet_small", "vgg16", "alexnet_torchvision"):
         assert name in r.output
     assert "conv1, conv2, conv3, conv4, conv5, fc6, fc7" in r.output
 
@@ -23,7 +23,7 @@ def test_models_lists_every_model_with_its_layers():
 def test_unknown_model_and_data_names_list_the_valid_ones(tmp_path):
     r = _run("train", "--model", "resnet", "--out", str(tmp_path / "r"))
     assert r.exit_code == 2
-    assert "unknown model 'resnet'; valid models: alexnet, alexnet_small, vgg16, zfnet, zfnet_small" in r.output
+    assert "unknown model 'resnet'; valid models: alexnet, alexnet_small, alexnet_torchvision, vgg16, zfnet, zfnet_small" in r.output
     r = _run("train", "--data", "imagenet", "--out", str(tmp_path / "r"))
     assert r.exit_code == 2 and "valid data sets: synthetic, pairs, cifar10, digits, folder" in r.output
     assert not (tmp_path / "r").exists()

@@ -68,10 +68,13 @@ class OcclusionResult:
 
 
 def default_fill(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """The data's mean colour (C,): the model's input mean if it has a non-zero one, else the images' mean."""
-    mean = getattr(getattr(model, "normalize", None), "mean", None)
-    if isinstance(mean, torch.Tensor) and mean.dim() == 3 and mean.shape[0] == images.shape[-3] and mean.any():
-        return mean.mean((-2, -1)).to(images)
+    """The data's mean colour (C,): the mean the model subtracts from its input (a built-in model's
+    ``normalize``, or an attached model's normalisation) if it is non-zero, else the images' mean."""
+    from .usermodel import input_normalization
+
+    norm = input_normalization(model)
+    if norm is not None and norm[0].shape == (images.shape[-3],) and norm[0].any():
+        return norm[0].to(images)
     return images.mean(dim=tuple(d for d in range(images.dim()) if d != images.dim() - 3)).to(images)
 
 

@@ -245,15 +245,15 @@ def _read_record(layout: Layout) -> dict[str, Any]:
 
 
 def _open_attached(layout: Layout) -> Run:
-    from .usermodel import add_normalization, build_model
-    from .weights import load_weights, sha256
+    from .usermodel import add_normalization
+    from .weights import load_weights, sha256, state_sha256
 
     record = _read_record(layout)
     if record.get("model") is None:
         raise ConvscopeError(f"{str(layout.root)!r} was attached from Python with a model object, which the command "
                              "line cannot rebuild; call the analyses from Python on the run cs.attach returned, or "
                              "attach a model spec (convscope attach --model SPEC)")
-    model = build_model(record["model"], record.get("model_args") or {})
+    model = _build(record["model"], record.get("model_args") or {}, record.get("seed", 0))
     weights = record.get("weights")
     if weights is not None:
         if not Path(weights).is_file():
@@ -264,6 +264,9 @@ def _open_attached(layout: Layout) -> Run:
                                  f"{record.get('weights_sha256', '?')[:12]}... then, {now[:12]}... now); restore it, "
                                  "or attach it again into a new run directory")
         load_weights(model, weights)
+    if record.get("state_sha256") not in (None, state_sha256(model.state_dict())):
+        raise ConvscopeError(f"the model that {record['model']!r} builds now differs from the one attached (its code "
+                             "or its weights changed); attach it again into a new run directory")
     norm = record.get("normalize")
     if norm:
         add_normalization(model, norm["mean"], norm["std"])
@@ -302,7 +305,7 @@ def attach(model: nn.Module | str, data: str | ImageSet = "folder", out: str | P
     Everything is checked before anything is written: the spec imports and builds an ``nn.Module``, the weights
     fit it completely, the model takes the images. ``out`` must be new, empty, or hold this same attachment.
     """
-    from .usermodel import add_normalization, build_model, check_input, parse_normalize, read_classes
+    from .usermodel import add_normalization, check_input, parse_normalize, read_classes
     from .weights import mismatch, read_state_dict, sha256, state_sha256
 
     layout = Layout(out)
@@ -330,13 +333,12 @@ def attach(model: nn.Module | str, data: str | ImageSet = "folder", out: str | P
             if problem:
                 raise ConvscopeError(f"the weights in {str(weights)!r} do not fit the model ({problem})")
             net.load_state_dict(state)
-        record["state_sha256"] = state_sha256(net.state_dict())
     else:
         record["model"] = str(model)
         args = record["model_args"]
         if "num_classes" not in args and _builtin(model):
             args["num_classes"] = _outputs(names, state, data_classes)
-        net = build_model(str(model), args)
+        net = _build(str(model), args, seed)
         if state is not None:
             problem = mismatch(net, state)
             if problem:
@@ -345,6 +347,7 @@ def attach(model: nn.Module | str, data: str | ImageSet = "folder", out: str | P
             net.load_state_dict(state)
     if weights is not None:
         record.update(weights=str(Path(weights).resolve()), weights_sha256=sha256(weights))
+    record.update(seed=seed, state_sha256=state_sha256(net.state_dict()))
 
     # a model of the user's own that does not say its size: 224 for an image folder (ImageNet's), else the data's
     size = image_size or _own_size(net) or (every.image_size if every is not None else
@@ -371,6 +374,16 @@ def attach(model: nn.Module | str, data: str | ImageSet = "folder", out: str | P
     if every is not None:
         run._splits[ALL] = every
     return run
+
+
+def _build(spec: str, args: dict[str, Any], seed: int) -> nn.Module:
+    """The spec's model initialised under ``seed``, so that a model attached without a weights file reopens with
+    the same weights (the global generator is left as it was)."""
+    from .usermodel import build_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_model(spec, args)
 
 
 def _builtin(spec: str) -> bool:

@@ -102,7 +102,7 @@ def build_model(spec: str, args: dict[str, Any] | None = None) -> nn.Module:
     except Exception as e:
         raise ConvscopeError(f"model spec {spec!r} raised {type(e).__name__} when called with {args}: {e}") from None
     if not isinstance(model, nn.Module):
-        raise ConvscopeError(f"model spec {spec!r} returned a {type(model).__name__}, not an nn.Module")
+        raise ConvscopeError(f"model spec {spec!r} returned {model!r:.60} ({type(model).__name__}), not an nn.Module")
     return model
 
 
@@ -140,7 +140,8 @@ class Normalization:
         if not args or not isinstance(args[0], torch.Tensor):
             return None
         x = args[0]
-        return ((x - self.mean.to(x)) / self.std.to(x), *args[1:])
+        like = {"dtype": x.dtype, "device": x.device}  # not .to(x): x itself is no input of the constants
+        return ((x - self.mean.to(**like)) / self.std.to(**like), *args[1:])
 
 
 def parse_normalize(value: str | Sequence[float] | None) -> tuple[list[float], list[float]] | None:

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..errors import ConvscopeError, unknown
 from .convnet import ALEXNET, ALEXNET_SMALL, REMOVABLE, ZFNET, ZFNET_SMALL, ConvNet, NetSpec
-from .vgg import VGG16
+from .tvlayout import VGG16, TorchvisionAlexNet
 
 _SPECS = {"zfnet": ZFNET, "alexnet": ALEXNET, "zfnet_small": ZFNET_SMALL, "alexnet_small": ALEXNET_SMALL}
 
@@ -29,6 +29,7 @@ def _convnet(spec: NetSpec) -> Callable[..., nn.Module]:
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {name: _convnet(spec) for name, spec in _SPECS.items()}
 _REGISTRY["vgg16"] = VGG16
+_REGISTRY["alexnet_torchvision"] = TorchvisionAlexNet
 
 
 def list_models() -> list[str]:
@@ -48,4 +49,4 @@ def create_model(name: str, num_classes: int = 1000, **options) -> nn.Module:
     return _REGISTRY[name](num_classes=num_classes, **options)
 
 
-__all__ = ["ConvNet", "NetSpec", "REMOVABLE", "VGG16", "create_model", "list_models"]
+__all__ = ["REMOVABLE", "VGG16", "ConvNet", "NetSpec", "TorchvisionAlexNet", "create_model", "list_models"]

@@ -1,0 +1,179 @@
+"""Every registered analysis on a tiny attached run (a built-in net attached to a folder of the embedded data's
+images, with a parts file and epoch checkpoints of its own): what each one writes holds the numbers it
+computed. A new analysis without a check here fails the first test."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import convscope as cs
+from convscope import analyses
+from convscope.data.synthetic import load_synthetic
+from convscope.layout import Layout
+
+CLASSES = ["face", "car", "house"]
+MODEL_ARGS = {"widths": [8, 8, 12, 12, 8], "fc": [16, 16]}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A zfnet_small (narrow, untrained, seeded) attached to 30 synthetic images in an ImageFolder, a parts file
+    for the faces (their ground-truth eyes and nose), and two epoch checkpoints of the same architecture."""
+    root = tmp_path_factory.mktemp("tiny")
+    data = load_synthetic("test", n=30, classes=CLASSES)
+    for i in range(len(data)):
+        folder = root / "images" / CLASSES[int(data.labels[i])]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(data.images[i].permute(1, 2, 0).numpy()).save(folder / f"{i:03d}.png")
+    faces = [i for i in range(len(data)) if CLASSES[int(data.labels[i])] == "face"]
+    parts = {name: [data.truth.parts[name][i].tolist() for i in faces] for name in ("left_eye", "right_eye", "nose")}
+    (root / "parts.json").write_text(json.dumps({"images": [f"images/face/{i:03d}.png" for i in faces],
+                                                 "parts": parts, "boxes": [data.truth.boxes[i].tolist()
+                                                                           for i in faces]}))
+    (root / "epochs").mkdir()
+    for epoch in (1, 3):
+        torch.manual_seed(epoch)
+        torch.save(cs.create_model("zfnet_small", 3, **MODEL_ARGS).state_dict(), root / "epochs" / f"e{epoch}.pt")
+    run = cs.attach("zfnet_small", "folder", root / "run", data_root=root / "images", model_args=MODEL_ARGS)
+    assert run.image_size == 64 and run.classes == ["car", "face", "house"]
+    return root
+
+
+OPTIONS = {
+    "scan": {"k": 3, "units": 3},
+    "evolution": {"units": 2, "n_images": 12, "checkpoints": "epochs"},
+    "invariance": {"n": 2},
+    "filters": {"n_images": 4},
+    "occlusion": {"n": 2},
+    "correspondence": {"parts_json": "parts.json", "draws": 2},
+    "transfer": {"target": "run", "shots": (1,), "folds": 2, "scratch_steps": 2},
+    "probe-layers": {"target": "run", "n_per_class": 2},
+}
+
+
+def png(path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def check_scan(result, layout):
+    from convscope.topk import load_topk
+    from convscope.units import layer_grid, unit_tile
+
+    saved, meta = load_topk(layout.topk)
+    assert meta["split"] == "all" and saved.seen == 30 and saved.layers == result.topk.layers
+    for layer, views in result.views.items():
+        assert torch.equal(saved.values[layer], result.topk.values[layer])
+        assert torch.equal(saved.images[layer], result.topk.images[layer])
+        assert (png(layout.layer_figure("fig2", layer)) == layer_grid(views, 4)).all()
+        for u, unit in enumerate(views.units.tolist()):
+            assert (png(layout.unit(layer, unit)) == unit_tile(views, u)).all()
+
+
+def check_evolution(result, layout):
+    from convscope.evolution import evolution_grid
+
+    saved = json.loads(layout.figure("fig4", ".json").read_text())
+    for layer, ev in result.layers.items():
+        assert ev.epochs == [1, 3] and saved[layer]["epochs"] == [1, 3]
+        assert saved[layer]["images"] == ev.images.tolist() and saved[layer]["values"] == ev.values.tolist()
+        assert (png(layout.layer_figure("fig4", layer)) == evolution_grid(ev)).all()
+
+
+def check_invariance(result, layout):
+    saved = json.loads(layout.figure("fig5", ".json").read_text())
+    assert saved["layers"] == list(result.layers) == ["conv1", "fc7"]
+    for name, curves in result.curves.items():
+        assert saved["curves"][name]["prob"] == curves.prob.tolist()
+        assert saved["curves"][name]["distance"]["fc7"] == curves.distance["fc7"].tolist()
+
+
+def check_filters(result, layout):
+    saved = json.loads(layout.figure("fig6", ".json").read_text())
+    (label, diagnosis), = result.diagnoses.items()
+    assert saved[label]["dominance"] == pytest.approx(diagnosis.stats.dominance)
+    assert saved[label]["aliasing"] == pytest.approx(diagnosis.aliasing.fraction)
+    assert (png(layout.figure("conv1_0")) == diagnosis.grid).all()
+
+
+def check_occlusion(result, layout):
+    saved = json.loads(layout.figure("fig7", ".json").read_text())["images"]
+    for entry, r in zip(saved, result.images, strict=True):
+        assert entry["prob"] == r.prob.tolist() and entry["activation"] == r.activation.tolist()
+        assert entry["label"] == result.classes[r.label] and entry["channel"] == r.channel
+
+
+def check_correspondence(result, layout):
+    from convscope.correspondence import format_table
+
+    saved = json.loads(layout.figure("table1", ".json").read_text())
+    assert saved["mean"] == result.mean and saved["regions"] == ["left_eye", "right_eye", "nose", "random"]
+    assert layout.figure("table1", ".txt").read_text() == format_table(result)
+
+
+def check_transfer(result, layout):
+    from convscope.transfer import transfer_table
+
+    saved = json.loads(layout.transfer("run", ".json").read_text())
+    for name, acc in result.pretrained.items():
+        assert saved["pretrained"][name]["folds"] == acc.tolist()
+    assert saved["scratch"]["folds"] == result.scratch.tolist() and saved["features"] == result.features
+    assert layout.transfer("run", ".md").read_text() == transfer_table(result)
+
+
+def check_probes(result, layout):
+    from convscope.probes import probe_table
+
+    saved = json.loads(layout.probe(".json").read_text())
+    assert saved["accuracy"] == result.accuracy and saved["layers"] == result.layers
+    assert layout.probe(".md").read_text() == probe_table(result)
+
+
+CHECKS = {"scan": check_scan, "evolution": check_evolution, "invariance": check_invariance,
+          "filters": check_filters, "occlusion": check_occlusion, "correspondence": check_correspondence,
+          "transfer": check_transfer, "probe-layers": check_probes}
+RUNNABLE = [a for a in analyses.REGISTRY if a.compute is not None]
+
+
+def test_every_registered_analysis_is_checked():
+    assert sorted(a.name for a in RUNNABLE) == sorted(CHECKS) == sorted(OPTIONS)
+    # each analysis's files are found by the report and the viewer where its writer puts them
+    assert len({a.key for a in analyses.REGISTRY}) == len(analyses.REGISTRY)
+
+
+@pytest.mark.parametrize("analysis", RUNNABLE, ids=[a.name for a in RUNNABLE])
+def test_analysis_writes_what_it_computed(analysis, tiny):
+    run = cs.open_run(tiny / "run")
+    options = {k: str(tiny / v) if k in ("checkpoints", "parts_json") else v
+               for k, v in OPTIONS[analysis.name].items()}
+    result, paths = analysis.run(run, **options)
+    assert paths and all(p.is_file() and p.is_relative_to(run.path) for p in paths)
+    CHECKS[analysis.name](result, run.layout)
+    images, texts = analysis.files(run.layout)  # what the report and the viewer show of it
+    assert set(images + texts) <= set(paths) and images + texts
+
+
+def test_the_report_and_the_viewer_show_every_analysis(tiny):
+    """After the analyses above: every one is a section of the report and a figure page of the viewer."""
+    from starlette.testclient import TestClient
+
+    from convscope.report import collect
+    from convscope.viewer import make_app
+
+    context = collect(tiny / "run", inline=False)
+    assert {s["entry"].key for s in context["sections"]} == {a.key for a in RUNNABLE}
+    assert [m["title"] for m in context["missing"]] == ["Ablation of the architecture"]
+    client = TestClient(make_app(tiny / "run"), base_url="http://127.0.0.1")
+    for a in RUNNABLE:
+        url = "/layer/conv1" if a.per_layer else f"/figures/{a.key}"
+        page = client.get(url)
+        assert page.status_code == 200, url
+        for path in a.files(Layout(tiny / "run"))[0]:
+            if a.per_layer and "conv1" not in path.name:
+                continue
+            assert f'src="/files/{path.relative_to(tiny / "run").as_posix()}"' in page.text, (url, path)
