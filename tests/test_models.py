@@ -96,7 +96,8 @@ def test_table3_variants():
 
 
 def test_unknown_names_list_the_valid_ones():
-    with pytest.raises(cs.ConvscopeError, match="valid models: alexnet, alexnet_small, alexnet_torchvision, vgg16, zfnet, zfnet_small"):
+    valid = "valid models: alexnet, alexnet_small, alexnet_torchvision, vgg16, zfnet, zfnet_small"
+    with pytest.raises(cs.ConvscopeError, match=valid):
         cs.create_model("resnet50")
     model = cs.create_model("zfnet_small", 10)
     with pytest.raises(cs.ConvscopeError, match="valid layers: conv1, conv2, .*features.conv1"):
