@@ -14,7 +14,7 @@ import torch
 import convscope as cs
 from convscope.data import ImageSet
 from convscope.topk import scan
-from convscope.views import unit_views
+from convscope.units import unit_views
 
 
 def _median(f, repeats=3):

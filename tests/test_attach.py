@@ -459,3 +459,38 @@ def test_mobilenet_block_projects_with_gradient_nonlinearities_and_equals_captum
     band = tile[-14:]  # the note: dark red text on a white band below the projections and patches
     assert (band == 255).all(-1).mean() > 0.7 and ((band[..., 0] > 60) & (band[..., 1] < 40)).any()
     assert load_topk(Layout(tmp_path / "lenient").topk)[1]["nonlinearities"] == "gradient"
+
+
+def test_commands_say_which_layers_they_use_and_what_a_run_cannot_do(user, attached, tmp_path):
+    r = run_cli("occlusion", attached, "--n", "1")
+    assert r.exit_code == 0, r.output
+    assert "the analyses use its stages layer1, layer2, layer3 (the last module at each map size) and its " \
+           "penultimate module avgpool" in r.output
+    assert json.loads(Layout(attached).figure("fig7", ".json").read_text())["images"][0]["layer"] == "layer3"
+    # a module the forward pass runs twice, named without #k: its first call, and the note says so
+    image = sorted((user / "images" / "china").glob("*.jpg"))[0]
+    r = run_cli("project", attached, "--image", image, "--layer", "layer1.relu", "--out", tmp_path / "p.png")
+    assert r.exit_code == 0 and "note: module 'layer1.relu' runs 2 times in one forward pass; convscope probes " \
+                                "its first call (name layer1.relu#2 .. #2 for another" in r.output
+    # what the run cannot do says why, and what would make it possible
+    r = run_cli("evolution", attached)
+    assert r.exit_code == 2 and "no epoch checkpoints" in r.output and "--checkpoints DIR" in r.output
+    r = run_cli("invariance", attached, "--mode", "render")
+    assert r.exit_code == 2 and "re-renders the embedded synthetic data" in r.output and "use mode 'warp'" in r.output
+    r = run_cli("transfer", attached, "--target", "heldout")
+    assert r.exit_code == 2 and "needs a run pretrained on the synthetic data set" in r.output
+
+
+def test_layers_of_a_spec_and_attaching_other_data_sets(user, tmp_path):
+    r = run_cli("layers", "--model", f"{user / 'model.py'}:TinyResNet", "--model-arg", "width=4", "--image-size", 16)
+    assert r.exit_code == 0 and "4x16x16" in r.output and "at 16 px" in r.output
+    for data in ("digits", "synthetic"):
+        r = run_cli("attach", "--model", "zfnet_small", "--data", data, "--out", tmp_path / data)
+        assert r.exit_code == 0, r.output
+        record = json.loads((tmp_path / data / "attach.json").read_text())
+        assert record["image_size"] == 64 and len(record["classes"]) == (10 if data == "digits" else 12)
+    run = cs.open_run(tmp_path / "digits")
+    assert len(run.split("test")) == 450 and run.split("test").image_size == 64
+    # a spec without weights reopens with the same (seeded) weights
+    again = cs.open_run(tmp_path / "digits")
+    assert all(torch.equal(a, b) for a, b in zip(run.model.state_dict().values(), again.model.state_dict().values()))

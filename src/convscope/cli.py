@@ -179,6 +179,8 @@ def _analysis_command(analysis) -> click.Command:
         from .run import open_run
 
         r = open_run(run)
+        if any(k in options and options[k] is None for k in ("layers", "layer")) and r.names_defaults():
+            click.echo(r.names_defaults())
         result, paths = analysis.run(r, **options)
         if analysis.summary is not None:
             click.echo(analysis.summary(result))

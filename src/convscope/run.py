@@ -198,6 +198,14 @@ class Run:
         with torch.no_grad(), eval_mode(self.model):
             return int(run_to(self.model, site(self.model, layer), x).shape[1])
 
+    def names_defaults(self) -> str | None:
+        """For a model without the paper's layer names: which of its layers the analyses use unless told."""
+        if getattr(self.model, "paper_layers", None):
+            return None
+        return (f"layers: this model has no conv1..fc7, so the analyses use its stages {', '.join(self.map_layers())} "
+                f"(the last module at each map size) and its penultimate module {self.vector_layer()}; choose others "
+                f"with --layers or --layer (see `convscope layers {self.path}`)")
+
     def check_layers(self, layers: list[str]) -> list[str]:
         """Every name resolved (unknown ones list the valid names); a module that runs more than once and is named
         without ``#k`` gets a warning that its first call is meant."""
