@@ -1,5 +1,6 @@
 """convscope: see inside convolutional networks (Zeiler & Fergus, ECCV 2014)."""
 
+from . import analyses
 from .deconvnet import RULES, Projector
 from .errors import ConvscopeError
 from .imaging import make_grid, to_image
@@ -11,6 +12,6 @@ from .run import Run, attach, open_run
 __version__ = "0.1.0"
 
 __all__ = [
-    "RULES", "Box", "ConvscopeError", "Projector", "Run", "__version__", "attach", "create_model", "layer_names",
-    "list_models", "make_grid", "open_run", "receptive_field", "resolve_layer", "to_image",
+    "RULES", "Box", "ConvscopeError", "Projector", "Run", "__version__", "analyses", "attach", "create_model",
+    "layer_names", "list_models", "make_grid", "open_run", "receptive_field", "resolve_layer", "to_image",
 ]
