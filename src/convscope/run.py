@@ -114,7 +114,8 @@ class Run:
     # --- models
     @cached_property
     def checkpoints(self) -> dict[int, Path]:
-        """Epoch -> weights file of the epochs the run saved (trained runs; see :meth:`checkpoints_in`)."""
+        """Epoch -> weights file of the epochs the run saved (trained runs; an attached run names a folder of its
+        own, see :func:`convscope.evolution.checkpoints_in`)."""
         return self.layout.saved_epochs()
 
     def model_at(self, path: str | Path) -> nn.Module:
@@ -314,7 +315,7 @@ def attach(model: nn.Module | str, data: str | ImageSet = "folder", out: str | P
     fit it completely, the model takes the images. ``out`` must be new, empty, or hold this same attachment.
     """
     from .usermodel import add_normalization, check_input, parse_normalize, read_classes
-    from .weights import mismatch, read_state_dict, sha256, state_sha256
+    from .weights import fit, read_state_dict, sha256, state_sha256
 
     layout = Layout(out)
     _check_out(layout)
@@ -322,46 +323,34 @@ def attach(model: nn.Module | str, data: str | ImageSet = "folder", out: str | P
         raise unknown("nonlinearities option", nonlinearities, NONLINEARITIES)
     norm = parse_normalize(normalize)
     names = (read_classes(classes) if isinstance(classes, str | Path) else list(classes)) if classes else None
-
     if isinstance(data, ImageSet):
         spec_data, every, data_classes = None, data, list(data.classes)
     else:
-        spec_data = DataSpec(str(data), None if data_root is None else str(Path(data_root).resolve()), image_size,
-                             seed)
+        root = None if data_root is None else str(Path(data_root).resolve())
+        spec_data, every = DataSpec(str(data), root, image_size, seed), None
         spec_data.check()
-        every, data_classes = None, spec_data.class_names()
+        data_classes = spec_data.class_names()
 
-    record: dict[str, Any] = {"format": FORMAT, "model": None, "model_args": dict(model_args or {}),
-                              "weights": None, "nonlinearities": nonlinearities}
     state = read_state_dict(weights) if weights is not None else None
-    if isinstance(model, nn.Module):
-        net = copy.deepcopy(model) if norm else model  # the caller's model object gets no hook of ours
-        if state is not None:
-            problem = mismatch(net, state)
-            if problem:
-                raise ConvscopeError(f"the weights in {str(weights)!r} do not fit the model ({problem})")
-            net.load_state_dict(state)
+    args = dict(model_args or {})
+    if isinstance(model, nn.Module):  # the caller's object is copied before anything of ours touches it
+        net = copy.deepcopy(model) if norm or state is not None else model
     else:
-        record["model"] = str(model)
-        args = record["model_args"]
         if "num_classes" not in args and _builtin(model):
             args["num_classes"] = _outputs(names, state, data_classes)
         net = _build(str(model), args, seed)
-        if state is not None:
-            problem = mismatch(net, state)
-            if problem:
-                raise ConvscopeError(f"the weights in {str(weights)!r} do not fit model {model!r} with arguments "
-                                     f"{args} ({problem}); check the spec and its --model-arg values")
-            net.load_state_dict(state)
+    if state is not None:
+        fit(net, state, weights, "the model" if isinstance(model, nn.Module) else f"model {model!r} with arguments "
+                                                                                  f"{args}")
+    record = {"format": FORMAT, "model": None if isinstance(model, nn.Module) else str(model), "model_args": args,
+              "weights": None if weights is None else str(Path(weights).resolve()), "nonlinearities": nonlinearities,
+              "seed": seed, "state_sha256": state_sha256(net.state_dict())}
     if weights is not None:
-        record.update(weights=str(Path(weights).resolve()), weights_sha256=sha256(weights))
-    record.update(seed=seed, state_sha256=state_sha256(net.state_dict()))
+        record["weights_sha256"] = sha256(weights)
 
     # a model of the user's own that does not say its size: 224 for an image folder (ImageNet's), else the data's
     size = image_size or _own_size(net) or (every.image_size if every is not None else
                                             224 if spec_data.name == "folder" else spec_data.image_size) or 32
-    if spec_data is not None and spec_data.size is None:
-        spec_data = DataSpec(spec_data.name, spec_data.root, size, seed)
     if every is not None and every.image_size != size:
         raise ConvscopeError(f"the images are {every.image_size} px but the run's image size is {size}; resize them "
                              f"or pass image_size={every.image_size}")
@@ -372,11 +361,12 @@ def attach(model: nn.Module | str, data: str | ImageSet = "folder", out: str | P
         raise ConvscopeError(f"the classes file names {len(names)} classes, but the model has {outputs} outputs")
     if names is None:
         names = data_classes if len(data_classes) == outputs else [str(i) for i in range(outputs)]
+    if spec_data is not None:
+        spec_data = DataSpec(spec_data.name, spec_data.root, size, seed)
     record.update(
         data=({"name": spec_data.name, "root": spec_data.root, "size": size, "seed": seed} if spec_data else
               {"name": every.name or "images", "in_memory": True, "images": len(every), "size": size}),
-        image_size=size, classes=names,
-        normalize={"mean": norm[0], "std": norm[1]} if norm else None)
+        image_size=size, classes=names, normalize={"mean": norm[0], "std": norm[1]} if norm else None)
     _claim(layout, record)
     run = Run(layout, net.eval(), names, spec_data, attached=record, nonlinearities=nonlinearities)
     if every is not None:

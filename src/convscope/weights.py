@@ -110,15 +110,20 @@ def mismatch(model: nn.Module, state: Mapping[str, torch.Tensor]) -> str | None:
     return "; ".join(parts) or None
 
 
+def fit(model: nn.Module, state: Mapping[str, torch.Tensor], source: str | Path, what: str = "the model") -> None:
+    """Load ``state`` (read from ``source``) into ``model``, completely or not at all."""
+    problem = mismatch(model, state)
+    if problem:
+        raise ConvscopeError(f"the weights in {str(source)!r} do not fit {what} ({problem}); check that the model "
+                             "spec and its arguments (--model-arg) build the network the weights were saved from")
+    model.load_state_dict(state, strict=True)
+
+
 def load_weights(model: nn.Module, path: str | Path) -> dict[str, torch.Tensor]:
     """Read ``path`` and load it into ``model``, completely or not at all. Returns the state dict."""
     state = read_state_dict(path)
-    problem = mismatch(model, state)
-    if problem:
-        raise ConvscopeError(f"the weights in {str(path)!r} do not fit the model ({problem}); check that the model "
-                             "spec and its arguments (--model-arg) build the network the weights were saved from")
-    model.load_state_dict(state, strict=True)
+    fit(model, state, path)
     return state
 
 
-__all__ = ["load_weights", "mismatch", "read_state_dict", "sha256", "state_sha256"]
+__all__ = ["fit", "load_weights", "mismatch", "read_state_dict", "sha256", "state_sha256"]
