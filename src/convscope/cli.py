@@ -253,8 +253,7 @@ def layers(run: str | None, spec: str | None, model_args: tuple[str, ...], image
     """Every module of the model with its output shape, receptive field and stride at the image size, marking
     what an analysis can probe (maps: Fig. 2, occlusion, project; vectors: probes, invariance), the layers the
     analyses use by default (*), and modules the forward pass runs more than once (name#k picks a call)."""
-    from .layers import census
-    from .receptive_field import geometry
+    from .receptive_field import layer_table
 
     if (run is None) == (spec is None):
         raise ConvscopeError("give a run directory or --model SPEC (not both)")
@@ -262,27 +261,20 @@ def layers(run: str | None, spec: str | None, model_args: tuple[str, ...], image
         from .run import open_run
 
         r = open_run(run)
-        model, size = r.model, image_size or r.image_size
-        defaults = set(r.feature_layers())
-        aliases = {v: k for k, v in getattr(model, "paper_layers", {}).items()}
+        model, size, outputs = r.model, image_size or r.image_size, len(r.classes)
     else:
         from .usermodel import build_model, parse_model_args
 
         model = build_model(spec, parse_model_args(model_args))
-        size = image_size or getattr(model, "input_size", None) or 224
-        defaults, aliases = set(), {v: k for k, v in getattr(model, "paper_layers", {}).items()}
-    infos = census(model, size)
-    shapes = geometry(model, [i.name for i in infos if i.calls >= 1 and i.shape is not None], size)
+        size, outputs = image_size or getattr(model, "input_size", None) or 224, None
     rows = [("module", "type", "output", "field", "stride", "probe")]
-    for i in infos:
-        probe = {4: "maps", 2: "vector"}.get(len(i.shape), "") if i.shape is not None else "not run"
-        if i.calls > 1:
-            probe += f", runs {i.calls}x: {i.name} = first call, {i.name}#2 ..."
-        name = i.name + (f" ({aliases[i.name]})" if i.name in aliases else "")
-        name = ("* " if i.name in defaults or aliases.get(i.name) in defaults else "  ") + name
-        g = shapes.get(i.name)
-        rows.append((name, i.kind, "x".join(map(str, i.shape[1:])) if i.shape else "-",
-                     str(g[0]) if g else "-", str(g[1]) if g else "-", probe))
+    for row in layer_table(model, size, outputs):
+        probe = row.probe if row.calls else "not run"
+        if row.calls > 1:
+            probe += f", runs {row.calls}x: {row.name} = first call, {row.name}#2 ..."
+        name = ("* " if row.default else "  ") + row.name + (f" ({row.alias})" if row.alias else "")
+        rows.append((name, row.kind, "x".join(map(str, row.shape)) if row.shape else "-",
+                     str(row.field or "-"), "-" if row.stride is None else str(row.stride), probe))
     widths = [max(len(r[c]) for r in rows) for c in range(5)]
     for r in rows:
         click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths)) + "  " + r[5])

@@ -135,11 +135,41 @@ def penultimate(infos: list[ModuleInfo], logits_shape: tuple[int, ...]) -> str |
     return ordered[-1].name if ordered else None
 
 
+def map_layers(model: nn.Module, infos: list[ModuleInfo]) -> list[str]:
+    """The layers with feature maps the analyses show by default: conv1..conv5, or the model's stages."""
+    aliases = getattr(model, "paper_layers", {})
+    found = [n for n in PAPER_CONV if n in aliases] or stages(infos)
+    if not found:
+        raise ConvscopeError(f"found no layer with feature maps larger than 1x1 in this model; pass --layers "
+                             f"(candidates: {candidates(infos) or 'none'})")
+    return found
+
+
+def vector_layer(model: nn.Module, infos: list[ModuleInfo], outputs: int) -> str:
+    """The paper's layer 7 (fc7), or the model's penultimate module (the last before its ``outputs`` logits)."""
+    if "fc7" in getattr(model, "paper_layers", {}):
+        return "fc7"
+    found = penultimate(infos, (1, outputs))
+    if found is None:
+        raise ConvscopeError("found no module before this model's output layer; pass the layers to use")
+    return found
+
+
+def feature_layers(model: nn.Module, infos: list[ModuleInfo], outputs: int) -> list[str]:
+    """The layers the probes read by default: conv1..fc7, or the model's stages and its penultimate module."""
+    aliases = getattr(model, "paper_layers", {})
+    paper = [n for n in PAPER_LAYERS if n in aliases]
+    if paper:
+        return paper
+    maps, last = map_layers(model, infos), vector_layer(model, infos, outputs)
+    return maps if last in maps else [*maps, last]
+
+
 def candidates(infos: list[ModuleInfo], n: int = 12) -> str:
     """Some probeable module names (4-D outputs, called once), for an error that asks for ``--layers``."""
     names = [i.name for i in _by_order(infos) if len(i.shape) == 4]
     return ", ".join(names[:n]) + (", ..." if len(names) > n else "")
 
 
-__all__ = ["CALL", "PAPER_CONV", "PAPER_LAYERS", "ModuleInfo", "Site", "census", "layer_names", "penultimate",
-           "resolve_layer", "site", "stages"]
+__all__ = ["CALL", "PAPER_CONV", "PAPER_LAYERS", "ModuleInfo", "Site", "census", "feature_layers", "layer_names",
+           "map_layers", "penultimate", "resolve_layer", "site", "stages", "vector_layer"]

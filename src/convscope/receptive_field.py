@@ -235,6 +235,52 @@ def geometry(model: nn.Module, layers: Sequence[str], input_size: int | tuple[in
     return found
 
 
+@dataclass(frozen=True)
+class LayerRow:
+    """One module as ``convscope layers`` shows it: its output (``shape`` without the batch; None when it is not
+    a tensor or never ran), how many times it ran, its receptive field and stride in pixels (maps only), and what
+    an analysis can probe there (``"maps"``, ``"vector"``, or ``""``)."""
+
+    name: str
+    kind: str
+    alias: str | None
+    shape: tuple[int, ...] | None
+    calls: int
+    field: int | None
+    stride: int | None
+    probe: str
+    default: bool
+
+
+def layer_table(model: nn.Module, input_size: int, outputs: int | None = None) -> list[LayerRow]:
+    """Every named module after one forward pass at ``input_size``: shape, calls, receptive field, stride, and
+    whether an analysis uses it by default (``outputs``: the model's number of classes, to find its
+    penultimate module; default read off a forward pass)."""
+    from .layers import census, feature_layers
+
+    infos = census(model, input_size)
+    if outputs is None:
+        outputs = census_outputs(model, input_size)
+    shapes = geometry(model, [i.name for i in infos if i.calls >= 1 and i.shape is not None], input_size)
+    aliases = {v: k for k, v in getattr(model, "paper_layers", {}).items()}
+    try:
+        defaults = set(feature_layers(model, infos, outputs))
+    except ConvscopeError:
+        defaults = set()
+    return [LayerRow(i.name, i.kind, aliases.get(i.name), i.shape[1:] if i.shape else None, i.calls,
+                     *(shapes.get(i.name) or (None, None)),
+                     {4: "maps", 2: "vector"}.get(len(i.shape), "") if i.shape else "",
+                     i.name in defaults or aliases.get(i.name) in defaults) for i in infos]
+
+
+def census_outputs(model: nn.Module, input_size: int) -> int:
+    """How many outputs (classes) the model gives for one blank image."""
+    param = next(model.parameters(), None)
+    like = {"dtype": param.dtype, "device": param.device} if param is not None else {}
+    with torch.no_grad(), eval_mode(model):
+        return int(model(torch.zeros(1, input_channels(model) or 3, input_size, input_size, **like)).shape[-1])
+
+
 def _traced(model: nn.Module, sites: list, size: tuple[int, int]) -> tuple[_Tracer, list[torch.Tensor]]:
     param = next(model.parameters(), None)
     like = {"dtype": param.dtype, "device": param.device} if param is not None else {}
@@ -286,4 +332,4 @@ def _union(a: Span | None, b: Span | None) -> Span | None:
     return (min(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), max(a[3], b[3]))
 
 
-__all__ = ["Box", "geometry", "receptive_field"]
+__all__ = ["Box", "LayerRow", "geometry", "layer_table", "receptive_field"]

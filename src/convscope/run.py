@@ -24,12 +24,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import artifacts
+from . import artifacts, layers
 from .config import TrainConfig
 from .data import ALL, SPLITS, DataSpec, ImageSet, stratified_split
 from .deconvnet import NONLINEARITIES
 from .errors import ConvscopeError, unknown
-from .layers import PAPER_CONV, PAPER_LAYERS, ModuleInfo, candidates, census, penultimate, site, stages
+from .layers import ModuleInfo, census, site
 from .layout import Layout
 from .usermodel import FORMAT
 
@@ -160,35 +160,17 @@ class Run:
         """Every module of the model after one forward pass at the run's image size."""
         return census(self.model, self.image_size)
 
-    def _paper(self, names) -> list[str]:
-        aliases = getattr(self.model, "paper_layers", {})
-        return [n for n in names if n in aliases]
-
     def map_layers(self) -> list[str]:
         """The layers with feature maps an analysis shows by default: conv1..conv5, or the model's stages."""
-        found = self._paper(PAPER_CONV) or stages(self.modules)
-        if not found:
-            raise ConvscopeError(f"found no layer with feature maps larger than 1x1 in this model; pass --layers "
-                                 f"(candidates: {candidates(self.modules) or 'none'})")
-        return found
+        return layers.map_layers(self.model, self.modules)
 
     def vector_layer(self) -> str:
         """The paper's layer 7 (fc7), or the model's penultimate module (the last before the logits)."""
-        if self._paper(("fc7",)):
-            return "fc7"
-        found = penultimate(self.modules, (1, len(self.classes)))
-        if found is None:
-            raise ConvscopeError("found no module before this model's output layer; pass the layers to use")
-        return found
+        return layers.vector_layer(self.model, self.modules, len(self.classes))
 
     def feature_layers(self) -> list[str]:
         """Every layer whose features the probes read by default: conv1..fc7, or the stages and the penultimate."""
-        paper = self._paper(PAPER_LAYERS)
-        if paper:
-            return paper
-        maps = self.map_layers()
-        last = self.vector_layer()
-        return maps if last in maps else [*maps, last]
+        return layers.feature_layers(self.model, self.modules, len(self.classes))
 
     def channels(self, layer: str) -> int:
         """How many maps (or units) ``layer`` has."""
