@@ -228,8 +228,8 @@ def sheet_picture(sheet: ProjectionSheet, min_side: int = 48) -> np.ndarray:
         proj = to_image(sheet.projections[i])
         patch = (sheet.patches[i].clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
         for p, q in zip(proj, patch):
-            cells.append(np.concatenate([upscale(p, min_side), np.full((2, upscale(p, min_side).shape[1], 3), 255,
-                                                                       np.uint8), upscale(q, min_side)], axis=0))
+            top, bottom = upscale(p, min_side), upscale(q, min_side)
+            cells.append(np.concatenate([top, np.full((2, top.shape[1], 3), 255, np.uint8), bottom], axis=0))
     picture = make_grid(cells, nrow=sheet.projections.shape[1], pad=4, fill=255)
     return caption(picture, gradient_note(sheet.rule, sheet.nonlinearities))
 
