@@ -149,6 +149,13 @@ def test_interrupted_scan_resumes_to_the_same_result(tmp_path, monkeypatch):
         assert torch.equal(getattr(resumed, field)["relu"], getattr(whole, field)["relu"])
     with pytest.raises(ConvscopeError, match="holds another scan"):
         scan(model, data, ["relu"], k=3, batch_size=1, state_path=state, progress=False)
+    # a state saved while scanning one split is not resumed by a scan of another
+    from convscope import artifacts
+
+    artifacts.save_torch(state, {**torch.load(state, weights_only=True), "key": {
+        "layers": ["relu"], "k": 2, "n": len(data), "batch_size": 1, "split": "val"}})
+    with pytest.raises(ConvscopeError, match="holds another scan"):
+        scan(model, data, ["relu"], k=2, batch_size=1, state_path=state, progress=False, identity={"split": "test"})
 
 
 def test_save_and_load_round_trip(tmp_path):

@@ -179,14 +179,16 @@ def _empty_for(model, modules, data, k) -> TopK:
 
 
 def scan(model: nn.Module, data, layers: Sequence[str], k: int = 9, batch_size: int = 128,
-         state_path: str | Path | None = None, save_every: int = 20, progress: bool | None = None) -> TopK:
+         state_path: str | Path | None = None, save_every: int = 20, progress: bool | None = None,
+         identity: dict | None = None) -> TopK:
     """Scan a whole data set. With ``state_path``, the partial result is saved every ``save_every`` batches and an
-    interrupted scan resumes from it, ending with the same result as an uninterrupted one."""
+    interrupted scan resumes from it, ending with the same result as an uninterrupted one. ``identity`` (JSON
+    values: which split, say) joins the layers, k and sizes in the key a saved state must match."""
     _check(data, layers, k)
     n = len(data)
     chunk = batch_size * save_every
     done, partial = 0, None
-    key = {"layers": list(layers), "k": k, "n": n, "batch_size": batch_size}
+    key = {"layers": list(layers), "k": k, "n": n, "batch_size": batch_size, **(identity or {})}
     if state_path is not None and Path(state_path).is_file():
         state = torch.load(state_path, map_location="cpu", weights_only=True)
         if state.get("key") != key:
