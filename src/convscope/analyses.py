@@ -43,6 +43,7 @@ class Analysis:
     summary: Callable[[Any], str] | None = None
     make: str = ""
     per_layer: bool = False  # Fig. 2 and 4: one panel per layer, and a page per unit in the viewer
+    projects: bool = False  # its pictures are projections (what --nonlinearities gradient changes)
 
     @property
     def command(self) -> str:
@@ -80,7 +81,7 @@ REGISTRY: list[Analysis] = [
         "Per layer, a subset of feature maps; per map its top-9 activations over the validation set, each "
         "projected to pixels by the deconvnet (left 3x3), beside the image patches under them (right 3x3).",
         files=lambda layout: (list(layout.layer_figures("fig2").values()), []),
-        compute=units.compute, write=units.write_scan, per_layer=True,
+        compute=units.compute, write=units.write_scan, per_layer=True, projects=True,
         help={"layers": _LAYERS + " [conv1..conv5, or the model's stages]",
               "k": "Strongest activations kept per feature map.", "split": _SPLIT.replace("val / test", "val"),
               "units": "Units per layer to draw (a seeded subset); 0 = all.", "seed": "Seed of the unit subset.",
@@ -91,7 +92,7 @@ REGISTRY: list[Analysis] = [
         "Per layer, a few maps (rows) at the saved epochs (columns): the strongest activation over training "
         "images, projected. Lower layers settle in a few epochs, upper layers much later.",
         files=lambda layout: (list(layout.layer_figures("fig4").values()), []),
-        compute=evolution.compute, write=evolution.write_evolution, per_layer=True,
+        compute=evolution.compute, write=evolution.write_evolution, per_layer=True, projects=True,
         help={"layers": _LAYERS + " [conv1..conv5, or the model's stages]",
               "units": "Units per layer (a seeded subset).", "n_images": "Training images searched at each epoch.",
               "seed": "Seed of the units and images.", "rule": _RULE,
@@ -110,7 +111,7 @@ REGISTRY: list[Analysis] = [
         "filters", "fig6", "Fig. 6", "Architecture diagnosis of layers 1 and 2",
         "Layer-1 filters with and without filter renormalisation, and with a large (11x11, stride 4) vs the "
         "paper's smaller (7x7, stride 2) first layer.",
-        files=_figure("fig6"), compute=filters.compute,
+        files=_figure("fig6"), compute=filters.compute, projects=True,
         write=lambda result, layout: filters.write_filters(result, layout, "fig6"),
         help={"others": "Another run to set beside this one (repeatable); the demo's RUN/compare/ runs come "
                         "by default.",
@@ -120,7 +121,7 @@ REGISTRY: list[Analysis] = [
         "occlusion", "fig7", "Fig. 7", "Occlusion sensitivity",
         "A grey square slid over the image: (b) total activation of the strongest layer-5 map, (c) its "
         "projection, (d) probability of the correct class, (e) most probable class, per occluder position.",
-        files=_figure("fig7"), compute=occlusion.compute,
+        files=_figure("fig7"), compute=occlusion.compute, projects=True,
         write=lambda result, layout: occlusion.write_occlusion(result, layout, "fig7"),
         help={"n": "How many images (the first of the split).", "split": _SPLIT,
               "layer": "Layer whose strongest map is tracked (b, c). [conv5, or the model's last stage]",

@@ -43,10 +43,6 @@ PAPER: dict[str, list[tuple[str, ...]]] = {
 }
 
 
-# The figures whose projections pass through the model's nonlinearities (what --nonlinearities gradient affects).
-PROJECTED = ("fig2", "fig4", "fig6", "fig7")
-
-
 def require_run(run_dir: str | Path) -> Path:
     """The run directory, resolved; a directory without ``config.json`` or ``attach.json`` is not a run."""
     path = Path(run_dir)
@@ -195,7 +191,7 @@ def collect(run_dir: str | Path, inline: bool = True) -> dict[str, Any]:
         "config_json": json.dumps(config, indent=2, sort_keys=True), "metrics": metrics, "last": last,
         "test": test, "paper_table2": PAPER["table2"], "curve": src(curve) if curve else None,
         "model": model, "classes": classes, "sections": found, "missing": missing,
-        "gradient_note": {key: NONLINEARITY_NOTE for key in PROJECTED} if gradient else {},
+        "gradient_note": {a.key: NONLINEARITY_NOTE for a in REGISTRY if a.projects} if gradient else {},
         "timings": timings if isinstance(timings, dict) else None,
         "timings_total": sum(v for v in timings.values() if isinstance(v, int | float))
         if isinstance(timings, dict) else None,

@@ -26,7 +26,7 @@ from starlette.staticfiles import StaticFiles
 from ..analyses import REGISTRY
 from ..errors import ConvscopeError
 from ..layout import Layout, natural_key
-from ..report import NONLINEARITY_NOTE, PROJECTED, environment, label_of, read_json, require_run
+from ..report import NONLINEARITY_NOTE, environment, label_of, read_json, require_run
 
 STATIC = Path(__file__).parent / "static"
 LOCAL_HOSTS = ("127.0.0.1", "localhost")
@@ -171,7 +171,7 @@ def make_app(run_dir: str | Path, allowed_hosts: list[str] | tuple[str, ...] | N
     def figures(art: Artifacts, only: str | None = None) -> list[dict]:
         return [{"entry": a, "images": [(label_of(p, root), art.url(p)) for p in images],
                  "texts": [(p.relative_to(root).as_posix(), p.read_text(errors="replace")) for p in texts],
-                 "note": note if a.key in PROJECTED else None}
+                 "note": note if a.projects else None}
                 for a, (images, texts) in _other_figures(layout) if only in (None, a.key)]
 
     async def figures_page(request: Request) -> Response:
