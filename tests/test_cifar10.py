@@ -1,5 +1,6 @@
 import os
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -148,3 +149,33 @@ def test_wrong_contents(cifar):
     _dump(cifar / "data_batch_1", batch)
     with pytest.raises(ConvscopeError, match="0..9"):
         load_cifar10(cifar, "train")
+
+
+@pytest.mark.parametrize("labels, message", [
+    ([0, 1, 2.0, 3], "whole numbers from 0, found 2.0 (float)"),
+    ([0, 1, "2", 3], "whole numbers from 0, found '2' (str)"),
+    ([0, 1, True, 3], "found True (bool)"),
+    ([0, 1, 2 ** 70, 3], "found 1180591620717411303424 (int)"),
+    ([0, 1, -1, 3], "found -1 (int)"),
+    ([0, 1, [[2] * 3] * 3, 3], "found [[2, 2, 2]"),
+    ([0, 1, 2], "4 images but 3 labels"),
+    ({0: 1}, "4 images but a dict"),
+])
+def test_cifar_labels_are_checked_before_use(cifar, labels, message):
+    """Labels that are floats or strings, too large, nested, or too few: refused with the batch named, before
+    numpy or training sees them (before, floats and strings trained silently and 2**70 raised OverflowError)."""
+    batch = _batch(1, PER_BATCH)
+    batch[b"labels"] = labels
+    _dump(cifar / "data_batch_1", batch)
+    with pytest.raises(ConvscopeError, match="data_batch_1 is not a valid CIFAR-10 batch: .*" + re.escape(message)):
+        load_cifar10(cifar, "train")
+
+
+def test_a_file_larger_than_cifar_is_not_read(cifar):
+    """A pickle's size bounds what reading it costs: a 'label bomb' larger than any CIFAR-10 file is refused unread."""
+    (cifar / "data_batch_3").write_bytes(pickle.dumps({b"labels": [[0] * 1000] * 1000}) * 1 + b"\0" * (41 << 20))
+    with pytest.raises(ConvscopeError, match="data_batch_3 is .* bytes, more than a CIFAR-10 file ever has"):
+        load_cifar10(cifar, "train")
+    (cifar / "batches.meta").write_bytes(b"\0" * 70000)
+    with pytest.raises(ConvscopeError, match="batches.meta is 70000 bytes"):
+        load_cifar10(cifar, "test")

@@ -1,4 +1,5 @@
 import io
+import os
 import warnings
 
 import numpy as np
@@ -150,3 +151,39 @@ def test_crop_in_one_step_equals_resize_then_crop(tmp_path):
     got = load_folder(tmp_path, size=32).images[0]
     ref = Image.fromarray(a).resize((48, 32), Image.Resampling.BILINEAR).crop((8, 0, 40, 32))
     assert torch.equal(got, torch.from_numpy(np.array(ref)).permute(2, 0, 1))
+
+
+def test_symlink_loops_other_classes_and_fifos_are_skipped(tmp_path):
+    """Before: `ln -s .. root/cat/loop` was followed until the OS stopped it (820 samples for 20 files, dog images
+    labelled cat), and a FIFO named x.png hung the loader for good."""
+    root = tmp_path / "root"
+    for c, colour in (("cat", RED), ("dog", BLUE)):
+        for i in range(3):
+            _solid(root / c / f"{i}.png", (16, 16), colour)
+    (root / "cat" / "loop").symlink_to("..")  # back up to the root: every class again
+    (root / "cat" / "dogs").symlink_to(root / "dog")  # another class's folder
+    (root / "cat" / "self").symlink_to(".")  # a loop on itself
+    _solid(tmp_path / "elsewhere" / "more.png", (16, 16), RED)
+    (root / "cat" / "external").symlink_to(tmp_path / "elsewhere")  # a store outside the tree: followed
+    (root / "cat" / "again.png").symlink_to(root / "cat" / "0.png")  # the same file twice: once
+    os.mkfifo(root / "dog" / "x.png")
+    with pytest.warns(UserWarning, match="skipped 5 entries"):
+        classes, samples = scan_folder(root)
+    assert classes == ["cat", "dog"]
+    names = [(p.relative_to(root).as_posix(), label) for p, label in samples]
+    assert names == [("cat/0.png", 0), ("cat/1.png", 0), ("cat/2.png", 0), ("cat/external/more.png", 0),
+                     ("dog/0.png", 1), ("dog/1.png", 1), ("dog/2.png", 1)]
+    with pytest.warns(UserWarning):
+        data = load_folder(root, size=8)
+    assert len(data) == 7 and data.labels.tolist() == [0, 0, 0, 0, 1, 1, 1]
+
+
+def test_class_names_that_are_not_utf8_are_shown_escaped(tmp_path):
+    root = tmp_path / "root"
+    bad = os.fsdecode(b"caf\xe9")  # Latin-1, not UTF-8: the OS keeps the byte as a surrogate
+    _solid(root / bad / "0.png", (8, 8), RED)
+    _solid(root / "dog" / "0.png", (8, 8), BLUE)
+    classes, samples = scan_folder(root)
+    assert classes == ["caf\\xe9", "dog"]
+    classes[0].encode("utf-8")  # printable, writable as JSON, HTML, a terminal line
+    assert load_folder(root, size=8).images.shape == (2, 3, 8, 8)  # the files themselves are read as they are

@@ -51,7 +51,17 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return make()
 
 
+# The largest file read: a CIFAR-10 batch is 30.7 MB, its meta file 158 bytes. A bigger file is not CIFAR-10,
+# and a pickle's size bounds the work of reading it.
+MAX_BYTES = {META: 1 << 16}
+MAX_BATCH_BYTES = 40 << 20
+
+
 def _load_pickle(path: Path) -> object:
+    limit = MAX_BYTES.get(path.name, MAX_BATCH_BYTES)
+    if path.is_file() and path.stat().st_size > limit:
+        raise ConvscopeError(f"{path} is {path.stat().st_size} bytes, more than a CIFAR-10 file ever has ({limit}); "
+                             "it was not read")
     try:
         with open(path, "rb") as f:
             return _RestrictedUnpickler(f, encoding="bytes").load()
@@ -91,13 +101,16 @@ def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         raise ConvscopeError(f"{bad}: data must be uint8 (N, 3072), got "
                              f"{getattr(data, 'dtype', type(data).__name__)} {getattr(data, 'shape', '')}")
-    try:
-        labels = np.asarray(labels, dtype=np.int64)
-    except (TypeError, ValueError):
-        raise ConvscopeError(f"{bad}: labels must be a list of ints") from None
-    if labels.shape != (data.shape[0],):
-        raise ConvscopeError(f"{bad}: {data.shape[0]} images but labels of shape {labels.shape}")
-    return data, labels
+    # checked as Python objects before numpy sees them: floats or strings would convert silently, a nested list
+    # could grow without bound, and ints beyond 64 bits would overflow
+    if not isinstance(labels, list) or len(labels) != data.shape[0]:
+        what = f"{len(labels)} labels" if isinstance(labels, list) else f"a {type(labels).__name__}"
+        raise ConvscopeError(f"{bad}: {data.shape[0]} images but {what}; labels must be a list of one int per image")
+    wrong = next((x for x in labels if type(x) is not int or not 0 <= x < 1 << 31), None)
+    if wrong is not None:
+        raise ConvscopeError(f"{bad}: labels must be whole numbers from 0, found {wrong!r:.40} "
+                             f"({type(wrong).__name__})")
+    return data, np.asarray(labels, dtype=np.int64)
 
 
 def _read_classes(folder: Path) -> list[str]:

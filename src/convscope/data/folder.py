@@ -25,27 +25,68 @@ from .base import ImageSet
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
+def display_name(name: str) -> str:
+    """A file or folder name as text: bytes that are not UTF-8 (kept by the OS as surrogates) shown as ``\\xNN``."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def scan_folder(root: str | Path) -> tuple[list[str], list[tuple[Path, int]]]:
-    """Class names (sorted) and (path, label) for every image file of an ImageFolder tree, without reading any."""
+    """Class names (sorted) and (path, label) for every image file of an ImageFolder tree, without reading any.
+
+    Only regular files count (a FIFO or a device named ``x.png`` would block a reader), each file once. Folders
+    linked in by symlinks are followed, except a link back into the tree above its class folder or into another
+    class's folder, or one that closes a loop: those are skipped with one warning (a loop would add every image
+    again, under the wrong class). Class names that are not UTF-8 are shown escaped (``\\xff``)."""
     root = Path(root).expanduser()
     if not root.is_dir():
         what = "is not a folder" if root.exists() else "does not exist"
         raise ConvscopeError(f"image folder {root} {what}; expected root/<class name>/<images>")
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-    if not classes:
+    folders = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not folders:
         raise ConvscopeError(f"image folder {root} has no class folders; expected root/<class name>/<images>, "
                              "one sub-folder per class")
-    samples = []
-    for label, name in enumerate(classes):
-        for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for f in sorted(filenames):
-                if not f.startswith(".") and f.lower().endswith(EXTENSIONS):
-                    samples.append((Path(dirpath) / f, label))
+    top = root.resolve()
+    classes = {name: (root / name).resolve() for name in folders}
+    samples, skipped, seen_files = [], [], set()
+    for label, name in enumerate(folders):
+        home = classes[name]
+        seen_dirs: set[tuple[int, int]] = set()
+        stack = [root / name]
+        while stack:
+            folder = stack.pop()
+            st = folder.stat()
+            if (st.st_dev, st.st_ino) in seen_dirs:
+                skipped.append(f"{folder} (a loop)")
+                continue
+            seen_dirs.add((st.st_dev, st.st_ino))
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+            for entry in reversed([e for e in entries if not e.name.startswith(".") and e.is_dir()]):
+                if entry.is_symlink():
+                    target = Path(entry.path).resolve()
+                    if target in top.parents or target == top or (target.is_relative_to(top)
+                                                                 and not target.is_relative_to(home)):
+                        skipped.append(f"{entry.path} (links to {target}, outside its class folder)")
+                        continue
+                stack.append(Path(entry.path))
+            for entry in entries:
+                if entry.name.startswith(".") or not entry.name.lower().endswith(EXTENSIONS):
+                    continue
+                if not entry.is_file():  # follows a symlink; a FIFO, socket or device is not a regular file
+                    skipped.append(f"{entry.path} (not a regular file)")
+                    continue
+                real = os.path.realpath(entry.path)
+                if real in seen_files:
+                    skipped.append(f"{entry.path} (the same file as one already listed)")
+                    continue
+                seen_files.add(real)
+                samples.append((Path(entry.path), label))
+    if skipped:
+        shown = "; ".join(display_name(s) for s in skipped[:3]) + ("; ..." if len(skipped) > 3 else "")
+        warnings.warn(f"skipped {len(skipped)} entries of image folder {root}: {shown}", stacklevel=2)
     if not samples:
-        raise ConvscopeError(f"no image files ({', '.join(EXTENSIONS)}) in the class folders of {root} "
-                             f"({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''})")
-    return classes, samples
+        shown = ", ".join(display_name(c) for c in folders[:5]) + (", ..." if len(folders) > 5 else "")
+        raise ConvscopeError(f"no image files ({', '.join(EXTENSIONS)}) in the class folders of {root} ({shown})")
+    return [display_name(c) for c in folders], samples
 
 
 def read_image(path: str | Path, size: int) -> torch.Tensor:
