@@ -68,3 +68,39 @@ def six_class_run(trained_folder):
 def trained_zf(trained_run):
     """(model, test set) of the trained run."""
     return trained_run.model, trained_run.split("test")
+
+
+TINY_ARGS = {"widths": [8, 8, 12, 12, 8], "fc": [16, 16]}  # a narrow zfnet_small: analyses run in a second
+
+
+@pytest.fixture(scope="session")
+def tiny_files(tmp_path_factory):
+    """The user's files for a tiny attached run: 30 synthetic images (face, car, house) in an ImageFolder, a
+    parts file for the faces (their ground-truth eyes and nose), and two epoch checkpoints of TINY_ARGS."""
+    import json
+
+    import torch
+    from PIL import Image
+
+    import convscope as cs
+    from convscope.data.synthetic import load_synthetic
+
+    root = tmp_path_factory.mktemp("tiny-files")
+    classes = ["face", "car", "house"]
+    data = load_synthetic("test", n=30, classes=classes)
+    for i in range(len(data)):
+        folder = root / "images" / classes[int(data.labels[i])]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(data.images[i].permute(1, 2, 0).numpy()).save(folder / f"{i:03d}.png")
+    faces = [i for i in range(len(data)) if classes[int(data.labels[i])] == "face"]
+    parts = {name: [data.truth.parts[name][i].tolist() for i in faces] for name in ("left_eye", "right_eye", "nose")}
+    (root / "parts.json").write_text(json.dumps({
+        "images": [f"images/face/{i:03d}.png" for i in faces], "parts": parts,
+        "boxes": [data.truth.boxes[i].tolist() for i in faces]}))
+    (root / "epochs").mkdir()
+    for epoch in (1, 3):
+        with torch.random.fork_rng():
+            torch.manual_seed(epoch)
+            model = cs.create_model("zfnet_small", 3, **TINY_ARGS)
+        torch.save(model.state_dict(), root / "epochs" / f"e{epoch}.pt")
+    return root

@@ -9,37 +9,21 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_ARGS
 from PIL import Image
 
 import convscope as cs
 from convscope import analyses
-from convscope.data.synthetic import load_synthetic
 from convscope.layout import Layout
-
-CLASSES = ["face", "car", "house"]
-MODEL_ARGS = {"widths": [8, 8, 12, 12, 8], "fc": [16, 16]}
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A zfnet_small (narrow, untrained, seeded) attached to 30 synthetic images in an ImageFolder, a parts file
-    for the faces (their ground-truth eyes and nose), and two epoch checkpoints of the same architecture."""
+def tiny(tiny_files, tmp_path_factory):
+    """A zfnet_small (narrow, untrained, seeded) attached to the tiny folder of synthetic images."""
     root = tmp_path_factory.mktemp("tiny")
-    data = load_synthetic("test", n=30, classes=CLASSES)
-    for i in range(len(data)):
-        folder = root / "images" / CLASSES[int(data.labels[i])]
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(data.images[i].permute(1, 2, 0).numpy()).save(folder / f"{i:03d}.png")
-    faces = [i for i in range(len(data)) if CLASSES[int(data.labels[i])] == "face"]
-    parts = {name: [data.truth.parts[name][i].tolist() for i in faces] for name in ("left_eye", "right_eye", "nose")}
-    (root / "parts.json").write_text(json.dumps({"images": [f"images/face/{i:03d}.png" for i in faces],
-                                                 "parts": parts, "boxes": [data.truth.boxes[i].tolist()
-                                                                           for i in faces]}))
-    (root / "epochs").mkdir()
-    for epoch in (1, 3):
-        torch.manual_seed(epoch)
-        torch.save(cs.create_model("zfnet_small", 3, **MODEL_ARGS).state_dict(), root / "epochs" / f"e{epoch}.pt")
-    run = cs.attach("zfnet_small", "folder", root / "run", data_root=root / "images", model_args=MODEL_ARGS)
+    for name in ("images", "parts.json", "epochs"):
+        (root / name).symlink_to(tiny_files / name)
+    run = cs.attach("zfnet_small", "folder", root / "run", data_root=root / "images", model_args=TINY_ARGS)
     assert run.image_size == 64 and run.classes == ["car", "face", "house"]
     return root
 

@@ -9,7 +9,17 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .errors import ConvscopeError
+from .errors import ConvscopeError, check_int
+
+
+class _Path(click.Path):
+    """click's Path, with a path the OS cannot take (a NUL byte, say) a usage error rather than a traceback."""
+
+    def convert(self, value, param, ctx):
+        try:
+            return super().convert(value, param, ctx)
+        except ValueError as e:
+            self.fail(f"{value!r} is not a usable path ({e})", param, ctx)
 
 
 class _Group(click.Group):
@@ -69,7 +79,7 @@ def data_list() -> None:
 
 
 @data.command("preview")
-@click.option("--out", "out", type=click.Path(dir_okay=False), default="synthetic_preview.png", show_default=True,
+@click.option("--out", "out", type=_Path(dir_okay=False), default="synthetic_preview.png", show_default=True,
               help="PNG file to write.")
 @click.option("--n", default=16, show_default=True, help="How many samples.")
 @click.option("--split", default="train", show_default=True, help="train, val or test.")
@@ -89,7 +99,7 @@ def _train_options(f):
     options = [
         click.option("--model", default=None, help="Model name (see `convscope models`). [zfnet_small]"),
         click.option("--data", "data_name", default=None, help="Data set (see `convscope data list`). [synthetic]"),
-        click.option("--data-root", default=None, type=click.Path(), help="Folder of cifar10 or folder data."),
+        click.option("--data-root", default=None, type=_Path(), help="Folder of cifar10 or folder data."),
         click.option("--epochs", type=int, default=None, help="Epochs to train. [30]"),
         click.option("--batch-size", type=int, default=None, help="Batch size. [128]"),
         click.option("--lr", type=float, default=None, help="Initial learning rate. [0.01]"),
@@ -98,7 +108,7 @@ def _train_options(f):
         click.option("--image-size", type=int, default=None, help="Image side in pixels."),
         click.option("--renorm/--no-renorm", default=None,
                      help="Renormalise conv filters to RMS 0.1 (paper; off for Fig. 6a). [on]"),
-        click.option("--config", "config_file", type=click.Path(), default=None,
+        click.option("--config", "config_file", type=_Path(), default=None,
                      help="TOML or JSON file of settings; options given here override it."),
     ]
     for option in reversed(options):
@@ -114,7 +124,7 @@ def _resolve(config_file, data_name, **kw):
 
 @main.command()
 @_train_options
-@click.option("--out", required=True, type=click.Path(file_okay=False),
+@click.option("--out", required=True, type=_Path(file_okay=False),
               help="Run directory: created, or resumed when it holds this same run.")
 def train(out: str, **kw) -> None:
     """Train a model with the paper's recipe (SGD, momentum 0.9, dropout, filter renormalisation).
@@ -130,7 +140,7 @@ def train(out: str, **kw) -> None:
 
 
 @main.command()
-@click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False),
+@click.option("--out", default="runs/demo", show_default=True, type=_Path(file_okay=False),
               help="Run directory (an interrupted demo resumes).")
 @click.option("--quick", is_flag=True, help="A small smoke run (a minute or two): fewer images and epochs.")
 def demo(out: str, quick: bool) -> None:
@@ -144,10 +154,11 @@ def demo(out: str, quick: bool) -> None:
 
 
 def _names(value: str | None) -> list[str] | None:
-    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+    """Comma-separated names; None when the option was not given (an empty list when it named nothing)."""
+    return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
 
 
-_run_arg = click.argument("run", type=click.Path(file_okay=False))
+_run_arg = click.argument("run", type=_Path(file_okay=False))
 
 
 # ------------------------------------------------------------------------------ the analyses, from the registry
@@ -165,7 +176,7 @@ def _option(param, analysis) -> click.Option:
     if "[int" in kind:
         def ints(ctx, p, value):
             try:
-                return [int(v) for v in value.split(",") if v.strip()] if value else None
+                return None if value is None else [int(v) for v in value.split(",") if v.strip()]
             except ValueError:
                 raise click.BadParameter(f"expected comma-separated whole numbers, got {value!r}") from None
 
@@ -194,7 +205,7 @@ def _analysis_command(analysis) -> click.Command:
 
     text = f"{analysis.ref}: {analysis.title}. {analysis.caption}"
     return click.Command(analysis.name, callback=callback, help=text, short_help=f"{analysis.ref}: {analysis.title}",
-                         params=[click.Argument(["run"], type=click.Path(file_okay=False)),
+                         params=[click.Argument(["run"], type=_Path(file_okay=False)),
                                  *(_option(p, analysis) for p in analysis.options())])
 
 
@@ -215,24 +226,24 @@ def _register_analyses() -> None:
                    "returning an nn.Module.")
 @click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE",
               help="A keyword argument of the callable (repeatable); the value is read as JSON where it parses.")
-@click.option("--weights", type=click.Path(dir_okay=False), default=None,
+@click.option("--weights", type=_Path(dir_okay=False), default=None,
               help="safetensors or a PyTorch state dict (.pt/.pth; loaded with weights_only=True); also under "
                    "'state_dict' or 'model', with DataParallel's 'module.' prefix.")
 @click.option("--data", "data_name", default="folder", show_default=True,
               help="Data set (see `convscope data list`).")
-@click.option("--data-root", type=click.Path(), default=None, help="Folder of the folder or cifar10 data.")
+@click.option("--data-root", type=_Path(), default=None, help="Folder of the folder or cifar10 data.")
 @click.option("--image-size", type=int, default=None,
               help="Image side the images are read at. [the model's input_size; 224 for a folder]")
 @click.option("--normalize", default=None,
               help="What the model does to images in [0, 1]: imagenet, none, or "
                    "MEAN_R,MEAN_G,MEAN_B,STD_R,STD_G,STD_B.")
-@click.option("--classes", "classes_file", type=click.Path(dir_okay=False), default=None,
+@click.option("--classes", "classes_file", type=_Path(dir_okay=False), default=None,
               help="Names of the model's outputs: a JSON list or one per line. [the data's classes when as many]")
 @click.option("--nonlinearities", default="error", show_default=True,
               help="deconvnet and guided have rules for ReLU only; 'gradient' passes ReLU6, SiLU, GELU, ... by "
                    "their gradient (as Captum does), and says so on every figure.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the train/val/test split of the data.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory to make.")
+@click.option("--out", required=True, type=_Path(file_okay=False), help="Run directory to make.")
 def attach(spec: str, model_args: tuple[str, ...], weights: str | None, data_name: str, data_root: str | None,
            image_size: int | None, normalize: str | None, classes_file: str | None, nonlinearities: str, seed: int,
            out: str) -> None:
@@ -250,7 +261,7 @@ def attach(spec: str, model_args: tuple[str, ...], weights: str | None, data_nam
 
 
 @main.command()
-@click.argument("run", required=False, type=click.Path(file_okay=False))
+@click.argument("run", required=False, type=_Path(file_okay=False))
 @click.option("--model", "spec", default=None, help="A model spec instead of a run (as `convscope attach`).")
 @click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE", help="A keyword argument of --model.")
 @click.option("--image-size", type=int, default=None, help="Image side. [the run's; the model's input_size; 224]")
@@ -262,6 +273,8 @@ def layers(run: str | None, spec: str | None, model_args: tuple[str, ...], image
 
     if (run is None) == (spec is None):
         raise ConvscopeError("give a run directory or --model SPEC (not both)")
+    if image_size is not None:
+        check_int(image_size, "--image-size", 8, 4096)
     if run is not None:
         from .run import open_run
 
@@ -288,13 +301,13 @@ def layers(run: str | None, spec: str | None, model_args: tuple[str, ...], image
 
 @main.command()
 @_run_arg
-@click.option("--image", "images", multiple=True, required=True, type=click.Path(dir_okay=False),
+@click.option("--image", "images", multiple=True, required=True, type=_Path(dir_okay=False),
               help="An image file (repeatable); read at the run's image size (short side scaled, centre crop).")
 @click.option("--layer", default=None, help="Layer whose maps are projected. [conv5, or the model's last stage]")
 @click.option("--channels", default=None,
               help="Maps to project in every image: all, or comma-separated numbers. [each image's strongest map]")
 @click.option("--rule", default="deconvnet", show_default=True, help="deconvnet (the paper), guided, gradient.")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG to write (its numbers beside it "
+@click.option("--out", required=True, type=_Path(dir_okay=False), help="PNG to write (its numbers beside it "
               "as .json).")
 def project(run: str, images: tuple[str, ...], layer: str | None, channels: str | None, rule: str, out: str) -> None:
     """Project maps of one layer in your images back to pixels (paper section 2.1), each from its strongest
@@ -333,7 +346,7 @@ def project(run: str, images: tuple[str, ...], layer: str | None, channels: str 
 @click.option("--variants", default=None,
               help="Comma-separated Table 3 variants (full, no_conv34, no_fc7, no_fc67, no_conv34_fc67, fc_half, "
                    "fc_double, wide_conv345, wide_conv345_fc_double). [all]")
-@click.option("--out", required=True, type=click.Path(file_okay=False),
+@click.option("--out", required=True, type=_Path(file_okay=False),
               help="Folder of the variant runs (each resumable; a finished one is not retrained).")
 def ablate(out: str, variants: str | None, **kw) -> None:
     """Table 3: train the variants of a model (layers removed or resized) with the same data, budget and seed,
@@ -358,14 +371,13 @@ def report(run: str) -> None:
 @main.command()
 @_run_arg
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (keep it local).")
-@click.option("--port", default=8000, show_default=True, type=int, help="Port to listen on.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535), help="Port to listen on.")
 def serve(run: str, host: str, port: int) -> None:
     """Browse every layer and unit of RUN in a local web viewer: /layer/conv5/unit/42; arrow keys move between
     units, [ and ] (or up/down) between layers, ? shows the keys."""
     from .viewer import serve as run_viewer
 
-    click.echo(f"serving {run} at http://{host}:{port}/ (Ctrl-C to stop)")
-    run_viewer(run, host=host, port=port)
+    run_viewer(run, host=host, port=port, announce=lambda url: click.echo(f"serving {run} at {url} (Ctrl-C to stop)"))
 
 
 _register_analyses()

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import ConvscopeError, unknown
+from .errors import MAX_SEED, ConvscopeError, check_float, check_int, shown, unknown
 
 PAPER_EPOCHS = (1, 2, 5, 10, 20, 30, 40, 64)  # Fig. 4's snapshots
 
@@ -55,13 +55,15 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        if not isinstance(d, dict):
+            raise ConvscopeError(f"a config is a table of settings (key = value), got a {type(d).__name__}")
         names = {f.name for f in fields(cls)}
-        bad = sorted(set(d) - names)
+        bad = sorted(set(d) - names, key=str)
         if bad:
             raise ConvscopeError(f"unknown config keys {bad}; valid keys: {', '.join(sorted(names))}")
         cfg = cls(**d)
-        cfg.save_epochs = tuple(cfg.save_epochs)
         cfg.validate()
+        cfg.save_epochs = tuple(cfg.save_epochs)
         return cfg
 
     def data_spec(self):
@@ -72,18 +74,65 @@ class TrainConfig:
                         None if self.classes is None else tuple(self.classes))
 
     def validate(self) -> None:
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConvscopeError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ConvscopeError(f"lr must be positive, got {self.lr}")
+        """Every setting checked for its type and range before anything is written (the values come from the
+        command line and from config files, which may say anything)."""
         from .data import DATASETS
         from .models import list_models
 
+        for name, (lo, hi) in _INTS.items():
+            value = getattr(self, name)
+            if value is not None or name not in _OPTIONAL:
+                check_int(value, name, lo, hi)
+        for name, (lo, hi, open_lo, open_hi) in _FLOATS.items():
+            check_float(getattr(self, name), name, lo, hi, open_lo, open_hi)
+        for name in ("renorm", "flip"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConvscopeError(f"{name} must be true or false, got {shown(getattr(self, name))}")
+        for name in ("model", "data"):
+            if not isinstance(getattr(self, name), str):
+                raise ConvscopeError(f"{name} must be a name, got {shown(getattr(self, name))}")
+        if self.data_root is not None and not isinstance(self.data_root, str):
+            raise ConvscopeError(f"data_root must be a path, got {shown(self.data_root)}")
+        if self.classes is not None and (not isinstance(self.classes, list | tuple) or not self.classes
+                                         or not all(isinstance(c, str) for c in self.classes)):
+            raise ConvscopeError(f"classes must be a list of class names, got {shown(self.classes)}")
+        if not isinstance(self.save_epochs, list | tuple):
+            raise ConvscopeError(f"save_epochs must be a list of epochs, got {shown(self.save_epochs)}")
+        for epoch in self.save_epochs:
+            check_int(epoch, "an epoch of save_epochs", 1)
         if self.model not in list_models():
             raise unknown("model", self.model, list_models())
         if self.data not in DATASETS:
             raise unknown("data set", self.data, DATASETS)
+        self._check_model_options()
+
+    def _check_model_options(self) -> None:
+        """Build the model on the meta device (no memory, no numbers): wrong option names or types fail here."""
+        import torch
+
+        from .models import create_model
+
+        if not isinstance(self.model_options, dict):
+            raise ConvscopeError(f"model_options must be a table of options, got {shown(self.model_options)}")
+        try:
+            with torch.device("meta"):
+                create_model(self.model, num_classes=2, **self.model_options)
+        except ConvscopeError:
+            raise
+        except (TypeError, ValueError, RuntimeError, IndexError, KeyError, OverflowError) as e:
+            raise ConvscopeError(f"model_options {shown(self.model_options)} do not build model {self.model!r} "
+                                 f"({type(e).__name__}: {e})") from None
+
+
+# Ranges of the settings: whole numbers (lo, hi) and numbers (lo, hi, lo excluded, hi excluded). An image side of
+# 4096 and 10**9 images are far beyond this machine; they bound what a typo can ask for, not what is sensible.
+_INTS = {"epochs": (1, 100_000), "batch_size": (1, 1 << 20), "patience": (0, 100_000), "crop_pad": (0, 1024),
+         "seed": (0, MAX_SEED), "image_size": (8, 4096), "n_train": (1, 10**9), "n_val": (1, 10**9),
+         "n_test": (1, 10**9)}
+_OPTIONAL = ("image_size", "n_train", "n_val", "n_test")
+_FLOATS = {"lr": (0.0, 100.0, True, False), "momentum": (0.0, 1.0, False, True),
+           "weight_decay": (0.0, 1.0, False, False), "lr_factor": (0.0, 1.0, True, True),
+           "renorm_radius": (0.0, None, True, False)}
 
 
 # Named configs that ``--config`` takes instead of a file: the demo's runs, reproducible from the command line.
@@ -104,11 +153,15 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConvscopeError(f"config file {str(path)!r} does not exist (named configs: {', '.join(PRESETS)})")
     try:
-        if path.suffix == ".toml":
-            return tomllib.loads(path.read_text())
-        return json.loads(path.read_text())
+        d = tomllib.loads(path.read_text()) if path.suffix == ".toml" else json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as e:
         raise ConvscopeError(f"config file {str(path)!r} is not valid {path.suffix[1:] or 'JSON'}: {e}") from e
+    except OSError as e:
+        raise ConvscopeError(f"cannot read config file {str(path)!r} ({e.strerror or e})") from e
+    if not isinstance(d, dict):
+        raise ConvscopeError(f"config file {str(path)!r} must hold a table of settings (key = value), not a "
+                             f"{type(d).__name__}")
+    return d
 
 
 def resolve(config_file: str | Path | None = None, **overrides: Any) -> TrainConfig:

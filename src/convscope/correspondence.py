@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from . import artifacts
-from .errors import ConvscopeError, unknown
+from .errors import ConvscopeError, check_int, check_seed, unknown
 from .forward import check_images, eval_mode, run_to_all
 from .layers import site
 from .layout import Layout
@@ -136,6 +136,8 @@ def correspondence(
     n_total, h = len(images), images.shape[-2]
     valid = [name for name, xy in data.parts.items() if not torch.isnan(xy).any()]
     parts = list(parts)
+    if not parts:
+        raise ConvscopeError(f"no parts named: name one or more of {', '.join(valid) or '(none located)'}")
     for name in parts:
         if name not in valid:
             raise unknown("part", name, valid or ["(none: no part is located in every image)"])
@@ -144,8 +146,7 @@ def correspondence(
                              f"{n_total} images given)")
     if n_images > n_total:
         raise ConvscopeError(f"n_images={n_images} but only {n_total} images were given: choose 2..{n_total}")
-    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
-        raise ConvscopeError(f"draws must be a positive integer, got {draws!r}")
+    check_int(draws, "draws", 1, 100_000)
     size = max(1, round(h / 8)) if size is None else size
     if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= min(images.shape[-2:]):
         raise ConvscopeError(f"mask size must be an integer from 1 to {min(images.shape[-2:])} pixels, got {size!r}")
@@ -276,12 +277,13 @@ def compute(run: Run, class_name: str = "face", parts: list[str] | None = None, 
     """Table 1: Delta for masked parts and random regions at layer 5 and layer 7 (conv5 and fc7, or the model's
     last stage and penultimate module), on 5 images of one class of the embedded data (their ground-truth part
     locations), or on the user's images and parts (``parts_json``)."""
+    check_seed(seed)
     if parts_json is not None:
         images = load_parts_json(parts_json, size=run.image_size)
-        parts = parts or list(images.parts)
+        parts = list(images.parts) if parts is None else parts
     else:
         images = class_parts(run.split(split or run.default_split("test")), class_name)
-        parts = parts or list(FACE_PARTS)
+        parts = list(FACE_PARTS) if parts is None else parts
     paper = getattr(run.model, "paper_layers", {})
     layers = ("conv5", "fc7") if {"conv5", "fc7"} <= set(paper) else (run.map_layers()[-1], run.vector_layer())
     return correspondence(run.model, images, parts=parts, layers=layers, draws=draws, seed=seed, size=size)

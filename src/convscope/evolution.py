@@ -21,7 +21,7 @@ from torch import nn
 
 from . import artifacts
 from .deconvnet import RULES
-from .errors import ConvscopeError, unknown
+from .errors import ConvscopeError, check_int, check_seed, unknown
 from .imaging import caption, make_grid, to_image, upscale
 from .layout import Layout
 from .topk import scan_shard
@@ -112,15 +112,15 @@ def compute(run: Run, layers: list[str] | None = None, units: int = 8, n_images:
     images at every saved epoch (the run's checkpoints, or the state dicts in the folder ``checkpoints``)."""
     if rule not in RULES:
         raise unknown("rule", rule, RULES)
-    for name, value in (("units", units), ("n_images", n_images)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConvscopeError(f"{name} must be a positive whole number, got {value!r}")
+    check_int(units, "units", 1)
+    check_int(n_images, "n_images", 1)
+    check_seed(seed)
     files = checkpoints_in(checkpoints) if checkpoints is not None else run.checkpoints
     if not files:
         raise ConvscopeError(f"the run {str(run.path)!r} has no epoch checkpoints: Fig. 4 needs the weights at several "
                              "epochs of training. Pass --checkpoints DIR, a folder of state dicts named by epoch "
                              "(epoch_1.pth, epoch_5.pth, ...)")
-    layers = run.check_layers(list(layers)) if layers else run.map_layers()
+    layers = run.check_layers(list(layers)) if layers is not None else run.map_layers()
     data = run.split(run.default_split("train"))
     indices = select_units(len(data), n_images, seed)  # a seeded subset of training images
     models = {epoch: run.model_at(path) for epoch, path in files.items()}

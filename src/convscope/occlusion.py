@@ -28,7 +28,7 @@ from torch import nn
 
 from . import artifacts
 from .deconvnet import Projector
-from .errors import ConvscopeError
+from .errors import ConvscopeError, check_int
 from .forward import check_images, eval_mode, run_to_all
 from .layers import site
 from .layout import Layout
@@ -99,6 +99,7 @@ def square_positions(height: int, width: int, size: int, stride: int) -> torch.T
     if size > min(height, width):
         raise ConvscopeError(f"occluder size {size} is larger than the image ({height}x{width}): "
                              f"choose a size from 1 to {min(height, width)}")
+    stride = min(stride, max(height, width))  # a step past the image gives the one position at (0, 0) either way
     ys = torch.arange(0, height - size + 1, stride)
     xs = torch.arange(0, width - size + 1, stride)
     return torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1)
@@ -148,8 +149,7 @@ def occlusion(
     if image.dim() != 3:
         raise ConvscopeError(f"occlusion takes one image (C, H, W), got shape {tuple(image.shape)}")
     check_images(model, image.unsqueeze(0))
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConvscopeError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_int(batch_size, "batch_size", 1, 1 << 16)
     image = image.detach()
     positions = square_positions(image.shape[-2], image.shape[-1], size, stride)
     fill = as_fill(fill, model, image)
@@ -282,8 +282,8 @@ def compute(run: Run, n: int = 5, split: str | None = None, layer: str | None = 
     index = torch.arange(min(n, len(data)))
     x = data.batch(index)[0]
     labels, source = run.targets(data, index)
-    layer = run.check_layers([layer])[0] if layer else ("conv5" if "conv5" in getattr(run.model, "paper_layers", {})
-                                                       else run.map_layers()[-1])
+    layer = run.check_layers([layer])[0] if layer is not None else (
+        "conv5" if "conv5" in getattr(run.model, "paper_layers", {}) else run.map_layers()[-1])
     side = x.shape[-1]
     size = size if size is not None else max(2, round(side * 3 / 16))
     stride = stride if stride is not None else max(1, round(side / 16))

@@ -32,7 +32,7 @@ from torch import nn
 
 from . import artifacts
 from .data import ImageSet
-from .errors import ConvscopeError, unknown
+from .errors import ConvscopeError, check_int, check_seed, unknown
 from .forward import eval_mode, run_to_all
 from .layers import PAPER_LAYERS, site
 from .layout import Layout
@@ -101,8 +101,7 @@ def extract_features(model: nn.Module, data: ImageSet, layers: Sequence[str], po
     (and stops after the deepest); conv maps are pooled to ``grid`` x ``grid`` (see the module doc)."""
     if pool not in POOLS:
         raise unknown("pool", pool, POOLS)
-    if not isinstance(grid, int) or grid < 1:
-        raise ConvscopeError(f"grid must be a positive integer, got {grid!r}")
+    check_int(grid, "grid", 1, 64)  # 64 x 64 cells per map is already more values than any layer has
     modules = [site(model, layer) for layer in layers]
     size = getattr(model, "input_size", None)
     if size is not None and len(data) and data.image_size != size:
@@ -132,7 +131,7 @@ def fit_predict(kind: str, train_x: torch.Tensor, train_y: torch.Tensor, test_x:
     if kind not in CLASSIFIERS:
         raise unknown("classifier", kind, CLASSIFIERS)
     scaler = StandardScaler().fit(train_x.double().numpy())
-    clf = (LinearSVC(C=C, max_iter=5000, random_state=seed) if kind == "svm"
+    clf = (LinearSVC(C=C, max_iter=5000, random_state=seed % 2**32) if kind == "svm"  # scikit-learn's seeds: 32 bits
            else LogisticRegression(C=C, max_iter=2000))
     with warnings.catch_warnings():
         # a fit on a few hundred standardised examples may stop just short of the solver's tolerance; the
@@ -175,8 +174,7 @@ def probe_layers(model: nn.Module, train: ImageSet, test: ImageSet, layers: Sequ
         if kind not in CLASSIFIERS:
             raise unknown("classifier", kind, CLASSIFIERS)
     if n_per_class is not None:
-        if n_per_class < 1:
-            raise ConvscopeError(f"n_per_class must be at least 1, got {n_per_class}")
+        check_int(n_per_class, "n_per_class", 1, 10**9)
         train = train.subset(sample_per_class(train.labels, n_per_class, seed))
     train_f = extract_features(model, train, layers, pool, grid, batch_size)
     test_f = extract_features(model, test, layers, pool, grid, batch_size)
@@ -239,6 +237,7 @@ def compute(run: Run, layers: list[str] | None = None, target: str = "run", data
     target (:func:`convscope.targets.load_target`; ``"run"``: the run's own train and test splits)."""
     from .targets import load_target
 
-    layers = run.check_layers(list(layers)) if layers else run.feature_layers()
+    check_seed(seed)
+    layers = run.check_layers(list(layers)) if layers is not None else run.feature_layers()
     train, test = load_target(target, run=run, data_root=data_root, seed=seed)
     return probe_layers(run.model, train, test, layers, n_per_class=n_per_class, seed=seed, pool=pool, grid=grid)

@@ -192,6 +192,8 @@ class Run:
     def check_layers(self, layers: list[str]) -> list[str]:
         """Every name resolved (unknown ones list the valid names); a module that runs more than once and is named
         without ``#k`` gets a warning that its first call is meant."""
+        if not layers:
+            raise ConvscopeError("no layers named: give one or more layer names (see `convscope layers RUN`)")
         calls = {info.name: info.calls for info in self.modules}
         for layer in layers:
             s = site(self.model, layer)

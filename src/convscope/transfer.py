@@ -49,7 +49,7 @@ from . import artifacts
 from .config import TrainConfig
 from .data import ImageSet
 from .data.transforms import mean_and_std, random_crop_flip
-from .errors import ConvscopeError
+from .errors import ConvscopeError, check_int, check_seed
 from .forward import eval_mode
 from .layers import PAPER_LAYERS, resolve_layer
 from .layout import Layout
@@ -75,10 +75,8 @@ def fold_indices(labels: torch.Tensor, n: int, folds: int, seed: int = 0,
                  classes: Sequence[str] | None = None) -> list[torch.Tensor]:
     """Sorted training indices of each fold: ``n`` per class, seeded, disjoint between folds where a class has
     ``n * folds`` examples or more (see the module doc for the rule)."""
-    if not isinstance(n, int) or n < 1:
-        raise ConvscopeError(f"examples per class must be a positive integer, got {n!r}")
-    if not isinstance(folds, int) or folds < 1:
-        raise ConvscopeError(f"folds must be a positive integer, got {folds!r}")
+    check_int(n, "examples per class", 1, 1_000_000)
+    check_int(folds, "folds", 1, 1000)
     g = torch.Generator().manual_seed(seed)
     out: list[list[torch.Tensor]] = [[] for _ in range(folds)]
     for c in torch.unique(labels).tolist():
@@ -214,8 +212,7 @@ def transfer(pretrained_model: nn.Module, target_train: ImageSet, target_test: I
     shots = [int(n) for n in shots]
     if not shots:
         raise ConvscopeError("no shots (examples per class) given")
-    if scratch_steps < 1:
-        raise ConvscopeError(f"scratch_steps must be at least 1, got {scratch_steps}")
+    check_int(scratch_steps, "scratch_steps", 1, 10_000_000)
     indices = {n: fold_indices(target_train.labels, n, folds, seed, target_train.classes) for n in shots}
     k = len(target_train.classes)
     cfg = scratch_cfg or TrainConfig()
@@ -331,6 +328,7 @@ def compute(run: Run, target: str = "heldout", data_root: str | None = None, sho
     recipe (the paper's for an attached run)."""
     from .targets import load_target
 
+    check_seed(seed)
     train, test = load_target(target, run=run, data_root=data_root, seed=seed)
     if features is None:
         paper = "fc7" in getattr(run.model, "paper_layers", {})

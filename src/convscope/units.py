@@ -25,7 +25,7 @@ from torch import nn
 from . import artifacts
 from .data import seeded_subset
 from .deconvnet import RULES, Projector
-from .errors import ConvscopeError, unknown
+from .errors import ConvscopeError, check_int, check_seed, unknown
 from .forward import eval_mode, input_channels, run_to
 from .imaging import caption, make_grid, to_image, upscale
 from .layers import site
@@ -205,6 +205,8 @@ def project_images(model: nn.Module, images: torch.Tensor, layer: str, channels=
     if channels is None:
         chans = (flat.flatten(1).argmax(1) // flat.shape[2]).view(n, 1)
     else:
+        if not list(channels):
+            raise ConvscopeError("no maps named: give one or more channel numbers, or all")
         chans = torch.as_tensor(list(channels), dtype=torch.long).view(1, -1).expand(n, -1)
         bad = chans[(chans < 0) | (chans >= c)]
         if bad.numel():
@@ -273,9 +275,9 @@ def compute(run: Run, layers: list[str] | None = None, k: int = 9, split: str | 
     the run's scan state), then project the top-k of ``units`` seeded units per layer (0: all)."""
     if rule not in RULES:
         raise unknown("rule", rule, RULES)
-    if isinstance(units, bool) or not isinstance(units, int) or units < 0:
-        raise ConvscopeError(f"units must be a whole number, 0 for all, got {units!r}")
-    layers = run.check_layers(list(layers)) if layers else run.map_layers()
+    check_int(units, "units (0 for all)", 0)
+    check_seed(seed)
+    layers = run.check_layers(list(layers)) if layers is not None else run.map_layers()
     split = split or run.default_split("val")
     data = run.split(split)
     # A model the rule cannot project fails here, before the scan rather than after it.

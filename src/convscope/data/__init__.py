@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ConvscopeError, unknown
+from ..errors import ConvscopeError, check_int, check_seed, unknown
 from .base import GroundTruth, ImageSet
 
 DATASETS = ("synthetic", "pairs", "cifar10", "digits", "folder")
@@ -73,6 +73,12 @@ class DataSpec:
     def check(self) -> None:
         if self.name not in DATASETS:
             raise unknown("data set", self.name, DATASETS)
+        if self.size is not None:
+            check_int(self.size, "image size", 8, 4096)
+        check_seed(self.seed)
+        for split in SPLITS:
+            if self._n(split) is not None:
+                check_int(self._n(split), f"n_{split}", 1, 10**9)
         if self.classes is not None and self.name != "synthetic":
             raise ConvscopeError("classes= selects classes of the synthetic data set only")
         if self.name in ("cifar10", "folder"):
@@ -192,8 +198,10 @@ def seeded_subset(total: int, n: int, seed: int) -> torch.Tensor:
 
 
 def resized(data: ImageSet, size: int) -> ImageSet:
+    from .base import check_memory
     from .transforms import resize
 
+    check_memory(len(data), size, f"{data.name} resized", bytes_per_pixel=3 * 4 + 3)  # float while resizing
     images = resize(data.images.float(), size).round().clamp(0, 255).to(torch.uint8)
     return ImageSet(images, data.labels, data.classes, None, data.name, data.sources)
 

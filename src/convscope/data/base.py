@@ -7,6 +7,7 @@ A data set is a ``torch.utils.data.Dataset`` whose items are ``(image, label)``:
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -63,3 +64,19 @@ class ImageSet(Dataset):
     @property
     def image_size(self) -> int:
         return self.images.shape[-1]
+
+
+def check_memory(n: int, size: int, what: str, bytes_per_pixel: int = 4) -> None:
+    """Refuse, before allocating, a set of ``n`` images of ``size`` px whose arrays (``bytes_per_pixel`` per pixel
+    in all: 3 colour bytes, a mask byte) would take more than half of this machine's memory."""
+    from ..errors import ConvscopeError
+
+    need = n * size * size * bytes_per_pixel
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system: let the allocation decide
+        return
+    if need > total // 2:
+        raise ConvscopeError(f"{what}: {n} images of {size}x{size} px need {need / 2**30:.1f} GiB of memory, more "
+                             f"than half of this machine's {total / 2**30:.0f} GiB; ask for fewer images (--n-train, "
+                             "--n-val, --n-test) or a smaller --image-size")

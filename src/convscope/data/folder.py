@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import ConvscopeError
-from .base import ImageSet
+from .base import ImageSet, check_memory
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -131,6 +131,7 @@ def load_folder(root: str | Path, size: int = 64, index=None) -> ImageSet:
     classes, samples = scan_folder(root)
     if index is not None:
         samples = [samples[i] for i in torch.as_tensor(index, dtype=torch.long).tolist()]
+    check_memory(len(samples), size, f"image folder {root}", bytes_per_pixel=3)
     images = torch.empty((len(samples), 3, size, size), dtype=torch.uint8)
     labels, sources, bad = [], [], []
     for path, label in samples:

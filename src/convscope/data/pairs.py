@@ -31,7 +31,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from ..errors import ConvscopeError
-from .base import GroundTruth, ImageSet
+from .base import GroundTruth, ImageSet, check_memory
 from .synthetic import SUPERSAMPLE, _background, _box, _check, _circle, _hsv_to_rgb, _to_canvas
 
 CLASSES = ["different", "same"]
@@ -85,6 +85,7 @@ def load_pairs(split: str = "train", n: int | None = None, size: int = DEFAULT_S
     n = DEFAULT_N[split] if n is None else n
     if not isinstance(n, int) or isinstance(n, bool) or n < 0:
         raise ConvscopeError(f"n must be a non-negative integer, got {n!r}")
+    check_memory(n, size, f"the pairs set's {split} split")
     images = np.empty((n, 3, size, size), np.uint8)
     masks = np.empty((n, size, size), bool)
     centres = np.empty((n, len(PARTS), 2), np.float32)

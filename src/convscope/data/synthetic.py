@@ -45,7 +45,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from ..errors import ConvscopeError, unknown
-from .base import GroundTruth, ImageSet
+from .base import GroundTruth, ImageSet, check_memory
 
 GENERATOR_VERSION = 1
 """Bump whenever a change alters any rendered pixel: it is part of the cache key."""
@@ -550,6 +550,7 @@ def _full_index(index: int, classes: list[str]) -> int:
 
 
 def _generate(split_id: int, n: int, size: int, seed: int, classes: list[str]) -> dict[str, np.ndarray]:
+    check_memory(n, size, "the synthetic data set")
     images = np.empty((n, 3, size, size), np.uint8)
     masks = np.empty((n, size, size), bool)
     boxes = np.empty((n, 4), np.float32)

@@ -21,6 +21,8 @@ def _convnet(spec: NetSpec) -> Callable[..., nn.Module]:
             raise ConvscopeError(f"unknown model options {bad}; valid: {', '.join(NetSpec.__dataclass_fields__)}")
         for key in ("widths", "fc", "remove", "conv1", "conv2"):
             if key in variant:
+                if not isinstance(variant[key], list | tuple):
+                    raise ConvscopeError(f"model option {key} must be a list, got {variant[key]!r:.40}")
                 variant[key] = tuple(variant[key])
         return ConvNet(replace(spec, **variant), num_classes)
 

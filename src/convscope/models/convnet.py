@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConvscopeError
+from ..errors import ConvscopeError, check_float, check_int, shown
 
 CONV_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5")
 REMOVABLE = ("conv3", "conv4", "fc6", "fc7")
@@ -40,6 +40,27 @@ class NetSpec:
     remove: tuple[str, ...] = field(default=())
     dropout: float = 0.5
     init: str = "paper"  # "paper": N(0, 0.01) weights; "he": N(0, 2/fan_in) but fc8; biases 0 in both
+
+
+def _check(spec: NetSpec) -> None:
+    """Every option of a spec of the right kind and size (they come from config files too)."""
+    check_int(spec.input_size, "input_size", 8, 4096)
+    for name, length in (("widths", 5), ("fc", 2), ("conv1", 3), ("conv2", 3)):
+        value = getattr(spec, name)
+        if not isinstance(value, tuple) or len(value) != length:
+            raise ConvscopeError(f"{name} must be {length} whole numbers, got {shown(value)}")
+        for v in value:
+            check_int(v, f"a value of {name}", 0 if name in ("conv1", "conv2") else 1, 1 << 16)
+    for name in ("conv1", "conv2"):
+        check_int(getattr(spec, name)[0], f"the kernel of {name}", 1, 64)
+        check_int(getattr(spec, name)[1], f"the stride of {name}", 1, 64)
+    check_float(spec.dropout, "dropout", 0.0, 1.0, open_hi=True)
+    if spec.init not in ("paper", "he"):
+        raise ConvscopeError(f"init must be 'paper' or 'he', got {shown(spec.init)}")
+    if not isinstance(spec.norm_before_pool, bool):
+        raise ConvscopeError(f"norm_before_pool must be true or false, got {shown(spec.norm_before_pool)}")
+    if not all(isinstance(r, str) for r in spec.remove):
+        raise ConvscopeError(f"remove must name layers, got {shown(spec.remove)}")
 
 
 class Normalize(nn.Module):
@@ -100,11 +121,11 @@ class ConvNet(nn.Module):
 
     def __init__(self, spec: NetSpec, num_classes: int):
         super().__init__()
-        unknown = sorted(set(spec.remove) - set(REMOVABLE))
+        _check(spec)
+        unknown = sorted(set(spec.remove) - set(REMOVABLE), key=str)
         if unknown:
             raise ConvscopeError(f"cannot remove {unknown}; removable layers: {', '.join(REMOVABLE)}")
-        if num_classes < 2:
-            raise ConvscopeError(f"num_classes must be at least 2, got {num_classes}")
+        check_int(num_classes, "num_classes", 2, 1 << 20)
         self.spec = spec
         self.num_classes = num_classes
         self.input_size = spec.input_size

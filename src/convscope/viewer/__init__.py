@@ -24,7 +24,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from ..analyses import REGISTRY
-from ..errors import ConvscopeError
+from ..errors import ConvscopeError, check_int
 from ..layout import Layout, natural_key
 from ..report import NONLINEARITY_NOTE, environment, label_of, read_json, require_run
 
@@ -252,7 +252,9 @@ def _top(layout: Layout, cache: dict, layer: str, unit: int) -> list[dict] | Non
 
 
 def bind(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
-    """A listening socket on (host, port); a port in use or a bad host is a ConvscopeError."""
+    """A listening socket on (host, port) (port 0: any free one); a port in use or a bad host is a
+    ConvscopeError."""
+    check_int(port, "port", 0, 65535)
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except socket.gaierror as e:
@@ -271,13 +273,17 @@ def bind(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
 
 
 def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning",
-          allowed_hosts: list[str] | tuple[str, ...] = ()) -> None:
+          allowed_hosts: list[str] | tuple[str, ...] = (), announce=None) -> None:
     """Serve the viewer of ``run_dir`` on http://host:port/ until interrupted (Ctrl-C). It answers requests
-    addressed to 127.0.0.1, localhost, ``host`` and ``allowed_hosts`` (names other machines reach it by)."""
+    addressed to 127.0.0.1, localhost, ``host`` and ``allowed_hosts`` (names other machines reach it by).
+    ``announce(url)`` is called with the address actually bound, once it is."""
     import uvicorn
 
     app = make_app(run_dir, allowed_hosts=[host, *allowed_hosts])
     sock = bind(host, port)
+    if announce is not None:
+        bound_host, bound_port = sock.getsockname()[:2]
+        announce(f"http://{bound_host if ':' not in bound_host else f'[{bound_host}]'}:{bound_port}/")
     try:
         uvicorn.Server(uvicorn.Config(app, log_level=log_level)).run(sockets=[sock])
     finally:
