@@ -18,11 +18,14 @@ from convscope.cli import main
 
 
 def snapshot(*roots: Path) -> dict[str, tuple[int, int]]:
-    """Every file under ``roots`` with its size and modification time."""
+    """Every file under ``roots`` with its size and modification time (but a run's ``.lock``, which says who holds
+    it: bookkeeping, not content)."""
     out = {}
     for root in roots:
         for dirpath, _, files in os.walk(root):
             for f in files:
+                if f == ".lock":
+                    continue
                 st_ = os.stat(os.path.join(dirpath, f))
                 out[os.path.join(dirpath, f)] = (st_.st_size, st_.st_mtime_ns)
     return out

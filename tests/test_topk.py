@@ -147,15 +147,42 @@ def test_interrupted_scan_resumes_to_the_same_result(tmp_path, monkeypatch):
     assert seen == [[2], [3], [4], [5]]  # only what was left
     for field in ("values", "images", "positions"):
         assert torch.equal(getattr(resumed, field)["relu"], getattr(whole, field)["relu"])
-    with pytest.raises(ConvscopeError, match="holds another scan"):
-        scan(model, data, ["relu"], k=3, batch_size=1, state_path=state, progress=False)
-    # a state saved while scanning one split is not resumed by a scan of another
+    monkeypatch.undo()
+    other = scan(model, data, ["relu"], k=3, batch_size=1, progress=False)
+    with pytest.warns(UserWarning, match="left by another scan .*differs in k.*starts over"):
+        got = scan(model, data, ["relu"], k=3, batch_size=1, state_path=state, progress=False)
+    assert torch.equal(got.images["relu"], other.images["relu"])
+
+
+def test_a_scan_never_resumes_from_another_scans_or_a_damaged_state(tmp_path):
+    """Before: `scan --split val` killed, then `scan --split test`, resumed from val's state and wrote a top-k
+    mixing both splits, labelled test; a damaged state ended in a traceback."""
+    import convscope.topk as topk
     from convscope import artifacts
 
-    artifacts.save_torch(state, {**torch.load(state, weights_only=True), "key": {
-        "layers": ["relu"], "k": 2, "n": len(data), "batch_size": 1, "split": "val"}})
-    with pytest.raises(ConvscopeError, match="holds another scan"):
-        scan(model, data, ["relu"], k=2, batch_size=1, state_path=state, progress=False, identity={"split": "test"})
+    model, data, state = _Probe(), _dataset(), tmp_path / "state.pt"
+    whole = scan(model, data, ["relu"], k=2, batch_size=1, progress=False)
+    half = scan_shard(model, data, range(3), ["relu"], k=2)
+    key = {"layers": ["relu"], "k": 2, "n": len(data), "batch_size": 1}
+    saved = {"key": {**key, "split": "val"}, "done": 3, "topk": topk._to_state(half)}
+    pickled = tmp_path / "evil.pt"
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("this ran",))
+
+    torch.save({"key": key, "done": 3, "topk": Evil()}, pickled)
+    cases = [(saved, "differs in split"), (b"", "damaged"), (b"\x80\x04 truncated", "damaged"), ([1, 2], "damaged"),
+             ({**saved, "key": key, "done": -5}, "damaged .*-5"), (pickled.read_bytes(), "damaged .*Unpickling")]
+    for content, message in cases:
+        if isinstance(content, bytes):
+            state.write_bytes(content)
+        else:
+            artifacts.save_torch(state, content)
+        with pytest.warns(UserWarning, match=message):
+            got = scan(model, data, ["relu"], k=2, batch_size=1, state_path=state, progress=False,
+                       identity={"split": "test"} if content is saved else None)
+        assert torch.equal(got.images["relu"], whole.images["relu"]) and got.seen == len(data), message
 
 
 def test_save_and_load_round_trip(tmp_path):

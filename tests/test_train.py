@@ -151,7 +151,11 @@ def test_corrupt_and_truncated_checkpoints_are_refused(tmp_path):
         load_model(tmp_path / "missing.safetensors")
     state = (run / "state.pt").read_bytes()
     (run / "state.pt").write_bytes(state[:100])
-    with pytest.raises(cs.ConvscopeError, match="training state .* is corrupt"):
+    # a finished run is loaded from its final weights: a damaged state does not matter to it
+    again = train(TrainConfig(**{**TINY, "epochs": 1, "n_train": 64}), run, progress=False)
+    assert again.metrics == json.loads((run / "metrics.json").read_text()) and len(again.metrics) == 1
+    (run / "test.json").unlink()  # now it is not finished: the state is needed, and damaged
+    with pytest.raises(cs.ConvscopeError, match="training state .* is damaged or not convscope's"):
         train(TrainConfig(**{**TINY, "epochs": 1, "n_train": 64}), run, progress=False)
     assert (run / "state.pt").read_bytes() == state[:100]  # left as found, for the user to inspect
     assert Path(run / "model.safetensors").read_bytes() == good

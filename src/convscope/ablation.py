@@ -203,4 +203,5 @@ def ablate_run(base_cfg: TrainConfig, out_dir: str | os.PathLike, variants: Sequ
                progress: bool | None = None) -> tuple[AblationResult, list[Path]]:
     """CLI entry (``convscope ablate``): train the variants and write the table beside their runs."""
     result = ablate(base_cfg, out_dir, variants, progress)
-    return result, write_ablation(result, out_dir)
+    with artifacts.lock(out_dir, "convscope ablate"):
+        return result, write_ablation(result, out_dir)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import correspondence, evolution, filters, invariance, occlusion, probes, transfer, units
+from . import artifacts, correspondence, evolution, filters, invariance, occlusion, probes, transfer, units
 from .errors import unknown
 from .layout import Layout
 
@@ -58,9 +58,11 @@ class Analysis:
         return [p for p in params if p.name != "progress"]
 
     def run(self, run, **options) -> tuple[Any, list[Path]]:
-        """Compute over ``run`` and write into its directory; the result and the files written."""
-        result = self.compute(run, **options)
-        return result, self.write(result, run.layout)
+        """Compute over ``run`` and write into its directory (holding its lock: one writer at a time); the result
+        and the files written."""
+        with artifacts.lock(run.path, f"convscope {self.name}"):
+            result = self.compute(run, **options)
+            return result, self.write(result, run.layout)
 
 
 def _existing(*paths: Path) -> list[Path]:

@@ -1,17 +1,88 @@
 """The one place convscope writes files. Every write is atomic: a temp file in the same folder, fsync, rename,
-so a crash leaves either the old file or the new one, never half of one."""
+so a crash leaves either the old file or the new one, never half of one (and at most a hidden temp file, which
+:func:`is_temp` recognises and :func:`clean` removes).
+
+A run directory is written by one process at a time: :func:`lock` holds ``.lock`` in it (an ``flock``, which the
+kernel releases when its process ends, however it ends: a killed owner leaves no stale lock), with the owner's pid
+and command inside for the message another process gets.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import sys
 import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
 import torch
+
+LOCK = ".lock"
+_held: dict[Path, int] = {}  # run directories this process holds, and how deep (a lock may be taken again inside)
+
+
+def is_temp(name: str) -> bool:
+    """Whether a file name is one of :func:`atomic_write`'s temp files, or the lock: not content of a run."""
+    return name == LOCK or (name.startswith(".") and name.endswith(".tmp"))
+
+
+def clean(folder: str | os.PathLike) -> None:
+    """Remove the temp files a killed write left in ``folder`` (call it while holding the folder's lock)."""
+    folder = Path(folder)
+    if folder.is_dir():
+        for entry in folder.iterdir():
+            if entry.name != LOCK and is_temp(entry.name) and entry.is_file():
+                entry.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def lock(folder: str | os.PathLike, what: str = "") -> Iterator[None]:
+    """Hold ``folder/.lock`` for the duration, creating the folder; another process gets a ConvscopeError naming
+    the owner. Taken again in the same process (a step inside a step), it is simply held deeper."""
+    from .errors import ConvscopeError
+
+    folder = Path(folder).absolute()
+    if folder in _held:
+        _held[folder] += 1
+        try:
+            yield
+        finally:
+            _held[folder] -= 1
+        return
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: no locking
+        yield
+        return
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
+            raise ConvscopeError(f"{str(folder)!r} is in use by {owner}; wait for it to finish (a lock held by a "
+                                 "process that ended is released by itself)") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"process {os.getpid()} ({what or ' '.join(sys.argv[:2])}, since "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n".encode(), 0)
+        _held[folder] = 1
+        try:
+            yield
+        finally:
+            del _held[folder]
+            if created and {e.name for e in os.scandir(folder)} == {LOCK}:  # a job that failed before writing
+                os.unlink(folder / LOCK)  # leaves no trace (nobody else can hold it: it is ours, and new)
+                folder.rmdir()
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> Path:

@@ -58,7 +58,8 @@ def steps(out: Path, quick: bool) -> list[tuple[str, Callable[[], object]]]:
     def heldout():
         result = analyses.get("transfer").compute(open_run(out / "compare" / "zfnet_small-six"), target="heldout",
                                                   shots=shots, folds=folds, scratch_steps=scratch_steps)
-        return write_transfer(result, Layout(out))  # shown in the main run's report
+        with artifacts.lock(out, "convscope demo"):
+            return write_transfer(result, Layout(out))  # shown in the main run's report
 
     return [
         ("train zfnet_small", lambda: train(base, out)),

@@ -113,6 +113,16 @@ class Run:
 
     # --- models
     @cached_property
+    def fingerprint(self) -> str:
+        """What identifies the run's weights: the SHA-256 of a trained run's final weights file, or of an attached
+        model's state (recorded when attached and checked when reopened)."""
+        from .weights import sha256
+
+        if self.config is not None:
+            return sha256(self.layout.final)
+        return str(self.attached.get("state_sha256", "")) if self.attached else ""
+
+    @cached_property
     def checkpoints(self) -> dict[int, Path]:
         """Epoch -> weights file of the epochs the run saved (trained runs; an attached run names a folder of its
         own, see :func:`convscope.evolution.checkpoints_in`)."""
@@ -351,7 +361,10 @@ def attach(model: nn.Module | str, data: str | ImageSet = "folder", out: str | P
         data=({"name": spec_data.name, "root": spec_data.root, "size": size, "seed": seed} if spec_data else
               {"name": every.name or "images", "in_memory": True, "images": len(every), "size": size}),
         image_size=size, classes=names, normalize={"mean": norm[0], "std": norm[1]} if norm else None)
-    _claim(layout, record)
+    with artifacts.lock(layout.root, "convscope attach"):
+        _check_out(layout)
+        artifacts.clean(layout.root)
+        _claim(layout, record)
     run = Run(layout, net.eval(), names, spec_data, attached=record, nonlinearities=nonlinearities)
     if every is not None:
         run._splits[ALL] = every
@@ -395,7 +408,7 @@ def _check_out(layout: Layout) -> None:
     root = layout.root
     if root.exists() and not root.is_dir():
         raise ConvscopeError(f"{str(root)!r} exists and is not a directory; choose a new run directory")
-    if root.is_dir() and any(root.iterdir()) and not layout.attach.is_file():
+    if root.is_dir() and any(not artifacts.is_temp(e.name) for e in root.iterdir()) and not layout.attach.is_file():
         raise ConvscopeError(f"{str(root)!r} exists and is neither empty nor an attached run; choose a new or empty "
                              "directory")
 

@@ -183,18 +183,15 @@ def scan(model: nn.Module, data, layers: Sequence[str], k: int = 9, batch_size: 
          identity: dict | None = None) -> TopK:
     """Scan a whole data set. With ``state_path``, the partial result is saved every ``save_every`` batches and an
     interrupted scan resumes from it, ending with the same result as an uninterrupted one. ``identity`` (JSON
-    values: which split, say) joins the layers, k and sizes in the key a saved state must match."""
+    values: which split, which model, say) joins the layers, k and sizes in the key a saved state must match; a
+    state that does not match, or is damaged, is discarded with a warning and the scan starts over."""
     _check(data, layers, k)
     n = len(data)
     chunk = batch_size * save_every
     done, partial = 0, None
     key = {"layers": list(layers), "k": k, "n": n, "batch_size": batch_size, **(identity or {})}
     if state_path is not None and Path(state_path).is_file():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        if state.get("key") != key:
-            raise ConvscopeError(f"{str(state_path)!r} holds another scan ({state.get('key')}); delete it or "
-                                 "choose another run")
-        done, partial = state["done"], _from_state(state["topk"])
+        done, partial = _resume(Path(state_path), key)
     bar = tqdm(total=n, initial=done, disable=None if progress is None else not progress, desc="scan", unit="img")
     while done < n:
         stop = min(done + chunk, n)
@@ -206,6 +203,36 @@ def scan(model: nn.Module, data, layers: Sequence[str], k: int = 9, batch_size: 
             artifacts.save_torch(state_path, {"key": key, "done": done, "topk": _to_state(partial)})
     bar.close()
     return partial
+
+
+def _resume(path: Path, key: dict) -> tuple[int, TopK | None]:
+    """Where a saved scan left off: (images done, partial result); (0, None), with a warning saying why, for a
+    state that is damaged or was left by another scan (another split, layer list, k, model or data): the scan
+    then starts over rather than mix the two."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():  # torch's own notes about the pickle protocol of a damaged file
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or "key" not in state:
+            raise ValueError(f"a {type(state).__name__}, not a scan state")
+        if state["key"] != key:
+            differ = sorted(k for k in set(key) | set(state["key"]) if key.get(k) != state["key"].get(k))
+            warnings.warn(f"{path} was left by another scan (it differs in {', '.join(differ)}); this scan starts "
+                          "over", stacklevel=3)
+            return 0, None
+        done, partial = state["done"], _from_state(state["topk"])
+        if isinstance(done, bool) or not isinstance(done, int) or not 0 < done <= key["n"] or partial.seen != done:
+            raise ValueError(f"it says {done!r} images done")
+        for name in key["layers"]:
+            if partial.values[name].shape[1] != key["k"] or partial.images[name].shape != partial.values[name].shape:
+                raise ValueError(f"layer {name!r} has the wrong shape")
+        return done, partial
+    except Exception as e:  # damaged, truncated, refused by weights_only, or of another shape: only a cache
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        warnings.warn(f"{path} is damaged ({type(e).__name__}: {first:.200}); the scan starts over", stacklevel=3)
+        return 0, None
 
 
 def _to_state(t: TopK) -> dict:

@@ -26,7 +26,7 @@ from .checkpoint import load_state, save_state, save_weights
 from .config import TrainConfig
 from .data import SPLITS, ImageSet, Splits
 from .data.transforms import mean_and_std, random_crop_flip
-from .errors import ConvscopeError
+from .errors import ConvscopeError, shown
 from .forward import eval_mode
 from .layout import Layout
 from .models import create_model
@@ -88,23 +88,33 @@ def prepare_run(run_dir: str | Path, cfg: TrainConfig) -> bool:
     A directory holding a different run, or files that are not a convscope run, is refused: nothing is
     overwritten."""
     layout = Layout(run_dir)
+    if check_run_dir(layout, cfg):
+        return True
+    artifacts.write_json(layout.config, json.loads(json.dumps(cfg.to_dict())))
+    return False
+
+
+def check_run_dir(layout: Layout, cfg: TrainConfig) -> bool:
+    """Whether ``layout`` holds this same run (True), or is new or empty (False, when nothing is there but what a
+    killed write or the lock left); anything else is refused, before anything is written there."""
     wanted = json.loads(json.dumps(cfg.to_dict()))
-    config_path = layout.config
-    if config_path.is_file():
+    if layout.config.is_file():
         try:
-            have = json.loads(config_path.read_text())
+            have = json.loads(layout.config.read_text())
         except ValueError as e:
-            raise ConvscopeError(f"{str(config_path)!r} is corrupt ({e}); choose another run directory") from e
+            raise ConvscopeError(f"{str(layout.config)!r} is corrupt ({e}); choose another run directory") from e
+        if not isinstance(have, dict):
+            raise ConvscopeError(f"{str(layout.config)!r} is not a run's config; choose another run directory")
         if have != wanted:
             diff = sorted(k for k in set(have) | set(wanted) if have.get(k) != wanted.get(k))
             detail = "; ".join(f"{k}: {have.get(k)!r} there, {wanted.get(k)!r} asked" for k in diff)
             raise ConvscopeError(f"run directory {str(layout.root)!r} already holds a different run ({detail}); "
                                  "choose another directory, or repeat that run's settings to resume it")
         return True
-    if layout.root.exists() and (not layout.root.is_dir() or any(layout.root.iterdir())):
+    if layout.root.exists() and (not layout.root.is_dir() or any(not artifacts.is_temp(e.name)
+                                                                  for e in layout.root.iterdir())):
         raise ConvscopeError(f"{str(layout.root)!r} exists and is not an empty directory or a convscope run; "
                              "choose a new or empty directory")
-    artifacts.write_json(config_path, wanted)
     return False
 
 
@@ -140,8 +150,34 @@ def train(cfg: TrainConfig, run_dir: str | Path, splits: Splits | None = None,
     """
     layout = Layout(run_dir)
     cfg.validate()
-    splits = splits or load_data(cfg)
-    resuming = prepare_run(layout.root, cfg)
+    cfg.data_spec().check()
+    check_run_dir(layout, cfg)  # a foreign directory is refused before the lock leaves a trace in it
+    with artifacts.lock(layout.root, f"convscope train {cfg.model} on {cfg.data}"):
+        artifacts.clean(layout.root)  # what a write killed half-way left
+        resuming = prepare_run(layout.root, cfg)
+        finished = _finished(layout) if resuming else None
+        return finished or _train(cfg, layout, splits or load_data(cfg), resuming, progress)
+
+
+def _finished(layout: Layout) -> TrainResult | None:
+    """A finished run (its final weights and test result there), loaded rather than trained again; a missing or
+    damaged ``metrics.json`` is written again from the training state."""
+    from .checkpoint import load_model
+
+    test = _read(layout.test)
+    if not layout.final.is_file() or not isinstance(test, dict):
+        return None
+    model, info = load_model(layout.final)
+    metrics = _read(layout.metrics)
+    if not isinstance(metrics, list) and layout.state.is_file():
+        state = load_state(layout.state)
+        if isinstance(state, dict) and isinstance(state.get("metrics"), list):
+            metrics = state["metrics"]
+            artifacts.write_json(layout.metrics, metrics)
+    return TrainResult(layout.root, model, info["classes"], metrics if isinstance(metrics, list) else [], test)
+
+
+def _train(cfg: TrainConfig, layout: Layout, splits: Splits, resuming: bool, progress: bool | None) -> TrainResult:
     classes = splits.train.classes
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(cfg, splits).to(device)
@@ -153,11 +189,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, splits: Splits | None = None,
     metrics: list[dict[str, float]] = []
     start = 0
     if resuming and layout.state.is_file():
-        state = load_state(layout.state)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        metrics, start = list(state["metrics"]), int(state["epoch"])
+        metrics, start = resume(layout.state, cfg, model, optimizer, scheduler)
     if cfg.renorm and start == 0:
         renormalize_filters_(model, cfg.renorm_radius)
 
@@ -175,12 +207,50 @@ def train(cfg: TrainConfig, run_dir: str | Path, splits: Splits | None = None,
         if epoch in cfg.save_epochs:
             save_weights(layout.checkpoint(epoch), model, cfg.to_dict(), epoch, len(classes), classes)
         save_state(layout.state, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                  "scheduler": scheduler.state_dict(), "metrics": metrics, "epoch": epoch})
-    if not layout.final.is_file():
+                                  "scheduler": scheduler.state_dict(), "metrics": metrics, "epoch": epoch,
+                                  "config": cfg.to_dict()})
+    if _read(layout.metrics) != json.loads(json.dumps(metrics)):  # missing or damaged: the state has them
+        artifacts.write_json(layout.metrics, metrics)
+    test = _read(layout.test)
+    if not isinstance(test, dict) or not layout.final.is_file():
+        # test result first, final weights last: the final weights say the run is finished, so a kill between the
+        # two leaves a run that the same command finishes (it resumes from the state of the last epoch)
+        test = evaluate(model, splits.test)
+        artifacts.write_json(layout.test, test)
         save_weights(layout.final, model, cfg.to_dict(), cfg.epochs, len(classes), classes)
-        artifacts.write_json(layout.test, evaluate(model, splits.test))
-    test = json.loads(layout.test.read_text())
     return TrainResult(layout.root, model.eval(), classes, metrics, test)
+
+
+def _read(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def resume(path: Path, cfg: TrainConfig, model: nn.Module, optimizer, scheduler) -> tuple[list[dict], int]:
+    """Load the training state saved at the end of an epoch into the model, optimiser and scheduler; return the
+    metrics so far and the epoch. A state of another shape, or of another run, is refused with what to do."""
+    state = load_state(path)
+    fix = (f"delete {str(path)!r} to train this run again from the start (its epoch checkpoints stay), or choose "
+           "another run directory")
+    if not isinstance(state, dict) or not {"model", "optimizer", "scheduler", "metrics", "epoch"} <= set(state):
+        raise ConvscopeError(f"{str(path)!r} is not a convscope training state ({type(state).__name__}); {fix}")
+    epoch, metrics = state["epoch"], state["metrics"]
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or not 0 <= epoch <= cfg.epochs:
+        raise ConvscopeError(f"{str(path)!r} says epoch {shown(epoch)}, not one of this run's 0..{cfg.epochs}; {fix}")
+    if not isinstance(metrics, list) or len(metrics) != epoch or not all(isinstance(m, dict) for m in metrics):
+        raise ConvscopeError(f"{str(path)!r} holds {shown(metrics)} as metrics, not one entry per epoch; {fix}")
+    if "config" in state and json.loads(json.dumps(state["config"])) != json.loads(json.dumps(cfg.to_dict())):
+        raise ConvscopeError(f"{str(path)!r} is the state of another run (its config differs); {fix}")
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
+        raise ConvscopeError(f"{str(path)!r} does not fit this run's model or optimiser "
+                             f"({type(e).__name__}: {str(e).splitlines()[0]}); {fix}") from None
+    return list(metrics), epoch
 
 
 def configure_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:

@@ -283,7 +283,7 @@ def compute(run: Run, layers: list[str] | None = None, k: int = 9, split: str | 
     # A model the rule cannot project fails here, before the scan rather than after it.
     Projector(run.model, rule, run.nonlinearities).project(data.batch(torch.tensor([0]))[0], layers[-1])
     topk = scan(run.model, data, layers, k=k, state_path=run.layout.scan_state, progress=progress,
-                identity={"split": split, "data": data.name})
+                identity={"split": split, "data": data.name, "model": run.fingerprint})
     views = {layer: unit_views(run.model, data, topk, layer, select_units(topk.values[layer].shape[0], units or None,
                                                                            seed), rule=rule,
                                nonlinearities=run.nonlinearities) for layer in layers}

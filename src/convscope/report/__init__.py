@@ -223,8 +223,10 @@ def render_report(run_dir: str | Path, inline: bool = True) -> str:
 def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write the run's static report (default ``<run>/report.html``) and return its path. Images are inlined,
     so the file can be moved or mailed on its own. Draws ``figures/training_curve.png`` from the metrics."""
-    html = render_report(run_dir)
-    return artifacts.write_text(Path(out) if out is not None else Layout(require_run(run_dir)).report, html)
+    root = require_run(run_dir)
+    with artifacts.lock(root, "convscope report"):
+        html = render_report(root)
+        return artifacts.write_text(Path(out) if out is not None else Layout(root).report, html)
 
 
 __all__ = ["PAPER", "REGISTRY", "build_report", "collect", "render_report", "require_run"]
