@@ -231,9 +231,25 @@ def open_run(path: str | Path) -> Run:
                              "the same `convscope train` command again to resume it")
     from .checkpoint import load_model
 
-    config = TrainConfig.from_dict(json.loads(layout.config.read_text()))
+    config = _read_config(layout)
     model, info = load_model(layout.final)
     return Run(layout, model, info["classes"], config.data_spec(), config=config)
+
+
+def _read_config(layout: Layout) -> TrainConfig:
+    """A trained run's config, checked: damaged, it names the file and how to rebuild it."""
+    fix = ("it is the run's record of how it was trained: restore it, or train the run again into a new "
+           "directory")
+    try:
+        d = json.loads(layout.config.read_text())
+    except (OSError, ValueError) as e:
+        raise ConvscopeError(f"{str(layout.config)!r} is not valid JSON ({e}); {fix}") from None
+    if not isinstance(d, dict):
+        raise ConvscopeError(f"{str(layout.config)!r} holds a {type(d).__name__}, not a run's config; {fix}")
+    try:
+        return TrainConfig.from_dict(d)
+    except ConvscopeError as e:
+        raise ConvscopeError(f"{str(layout.config)!r} is damaged: {e}; {fix}") from None
 
 
 def _read_record(layout: Layout) -> dict[str, Any]:
