@@ -129,7 +129,8 @@ def test_report_of_a_bare_run_lists_everything_missing(tmp_path):
     run.mkdir()
     (run / "config.json").write_text(json.dumps({"model": "zfnet_small", "data": "synthetic"}))
     html = build_report(run).read_text()
-    for command in ("convscope scan", "convscope evolution", "convscope train --out", "convscope probe-layers"):
+    for command in ("convscope scan", "convscope evolution", f"convscope train --config {run}/config.json --out {run}",
+                    "convscope probe-layers"):
         assert command in html
     assert "No weights to summarise" in html
     assert "data:image/png" not in html

@@ -62,7 +62,30 @@ class Analysis:
         and the files written."""
         with artifacts.lock(run.path, f"convscope {self.name}"):
             result = self.compute(run, **options)
-            return result, self.write(result, run.layout)
+            paths = self.write(result, run.layout)
+            record(run.layout, self.key, paths)
+            return result, paths
+
+
+def record(layout: Layout, key: str, paths: list[Path]) -> None:
+    """Add ``paths`` to what the manifest says analysis ``key`` wrote (a file deleted later then shows as missing
+    in the report and the viewer, rather than silently absent)."""
+    manifest = written(layout)
+    manifest[key] = sorted(set(manifest.get(key, [])) | {p.relative_to(layout.root).as_posix() for p in paths})
+    artifacts.write_json(layout.manifest, manifest)
+
+
+def written(layout: Layout) -> dict[str, list[str]]:
+    """The manifest: analysis key -> the files it wrote (relative paths); empty when missing or damaged."""
+    import json
+
+    try:
+        manifest = json.loads(layout.manifest.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(manifest, dict):
+        return {}
+    return {k: [p for p in v if isinstance(p, str)] for k, v in manifest.items() if isinstance(v, list)}
 
 
 def _existing(*paths: Path) -> list[Path]:
@@ -190,4 +213,4 @@ def get(name: str) -> Analysis:
     raise unknown("analysis", name, [a.name for a in REGISTRY])
 
 
-__all__ = ["REGISTRY", "Analysis", "get"]
+__all__ = ["REGISTRY", "Analysis", "get", "record", "written"]

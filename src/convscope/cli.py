@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .errors import ConvscopeError, check_int
+from .errors import ConvscopeError, check_int, printable
 
 
 class _Path(click.Path):
@@ -29,17 +29,13 @@ class _Group(click.Group):
             try:
                 return super().invoke(ctx)
             except ConvscopeError as e:
-                click.echo(f"error: {_printable(e)}", err=True)
+                click.echo(f"error: {printable(e)}", err=True)
                 sys.exit(2)
             finally:
                 for w in caught:
                     if issubclass(w.category, UserWarning):
-                        click.echo(f"note: {_printable(w.message)}", err=True)
+                        click.echo(f"note: {printable(w.message)}", err=True)
 
-
-def _printable(message) -> str:
-    """A message as text any terminal takes: a file name that is not UTF-8 shows its bytes escaped."""
-    return str(message).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

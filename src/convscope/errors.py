@@ -54,3 +54,9 @@ def check_float(value: object, name: str, lo: float | None = None, hi: float | N
 
 def check_seed(value: object, name: str = "seed") -> int:
     return check_int(value, name, 0, MAX_SEED)
+
+
+def printable(text: object) -> str:
+    """Text any page or terminal takes: characters that cannot be written as UTF-8 (the bytes of a file name that
+    is not UTF-8, kept by the OS as surrogates) shown escaped."""
+    return str(text).encode("utf-8", "backslashreplace").decode("utf-8")

@@ -11,7 +11,7 @@ written by ``convscope attach`` for the user's own model). Both hold the analyse
     figures/units/<layer>/unit_NNNN.png                   one unit's top-k projections beside its patches
     figures/evolution/<layer>/unit_NNNN.png               one unit's strongest activation at every epoch
     probes/  transfer/<target>/  ablation/  compare/<run>/
-    timings.json  report.html
+    manifest.json  timings.json  report.html          what each analysis wrote; the demo's timings; the report
 
 Nothing else in convscope spells a file name of a run: writers, the report and the viewer ask the layout.
 """
@@ -183,7 +183,12 @@ class Layout:
             return []
         return sorted(p for p in self.compare.iterdir() if Layout(p).is_run())
 
-    # --- the report
+    # --- what was written, and the report
+    @property
+    def manifest(self) -> Path:
+        """Every file each analysis wrote (``{key: [paths]}``), so that one deleted later shows as missing."""
+        return self.root / "manifest.json"
+
     @property
     def timings(self) -> Path:
         return self.root / "timings.json"

@@ -165,16 +165,34 @@ def _finished(layout: Layout) -> TrainResult | None:
     from .checkpoint import load_model
 
     test = _read(layout.test)
-    if not layout.final.is_file() or not isinstance(test, dict):
+    if not layout.final.is_file() or not result_ok(test):
         return None
     model, info = load_model(layout.final)
     metrics = _read(layout.metrics)
-    if not isinstance(metrics, list) and layout.state.is_file():
+    if not metrics_ok(metrics) and layout.state.is_file():
         state = load_state(layout.state)
-        if isinstance(state, dict) and isinstance(state.get("metrics"), list):
+        if isinstance(state, dict) and metrics_ok(state.get("metrics")):
             metrics = state["metrics"]
             artifacts.write_json(layout.metrics, metrics)
-    return TrainResult(layout.root, model, info["classes"], metrics if isinstance(metrics, list) else [], test)
+    return TrainResult(layout.root, model, info["classes"], metrics if metrics_ok(metrics) else [], test)
+
+
+METRICS = ("epoch", "lr", "train_loss", "train_top1_err", "val_loss", "val_top1_err", "val_top5_err", "seconds")
+
+
+def _numbers(table, keys) -> bool:
+    return isinstance(table, dict) and all(isinstance(table.get(k), int | float) and not isinstance(table.get(k), bool)
+                                           and math.isfinite(table[k]) for k in keys)
+
+
+def metrics_ok(value) -> bool:
+    """Whether ``value`` is metrics as training writes them: a list of per-epoch tables of finite numbers."""
+    return isinstance(value, list) and all(_numbers(m, METRICS) for m in value)
+
+
+def result_ok(value) -> bool:
+    """Whether ``value`` is a test result as training writes it (loss, top-1 and top-5 error)."""
+    return _numbers(value, ("loss", "top1_err", "top5_err"))
 
 
 def _train(cfg: TrainConfig, layout: Layout, splits: Splits, resuming: bool, progress: bool | None) -> TrainResult:
@@ -212,7 +230,7 @@ def _train(cfg: TrainConfig, layout: Layout, splits: Splits, resuming: bool, pro
     if _read(layout.metrics) != json.loads(json.dumps(metrics)):  # missing or damaged: the state has them
         artifacts.write_json(layout.metrics, metrics)
     test = _read(layout.test)
-    if not isinstance(test, dict) or not layout.final.is_file():
+    if not result_ok(test) or not layout.final.is_file():
         # test result first, final weights last: the final weights say the run is finished, so a kill between the
         # two leaves a run that the same command finishes (it resumes from the state of the last epoch)
         test = evaluate(model, splits.test)

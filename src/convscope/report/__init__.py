@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import base64
 import json
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .. import artifacts
-from ..analyses import REGISTRY, Analysis
-from ..errors import ConvscopeError
+from ..analyses import REGISTRY, Analysis, written
+from ..errors import ConvscopeError, printable
 from ..layout import Layout
+from ..train import metrics_ok, result_ok
 
 # The paper's numbers (Zeiler & Fergus, ECCV 2014; ImageNet 2012 unless said otherwise), shown beside the run's.
 # Errors and accuracies in %. Key: the registry entry they belong to.
@@ -141,19 +144,80 @@ def training_curve(layout: Layout, metrics: list[dict[str, float]]) -> Path | No
     return artifacts.save_figure(layout.curve, fig, dpi=110)
 
 
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _number(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@dataclass
+class RunFiles:
+    """What a run's record files say, each checked before it is shown: ``damaged`` lists every file that is
+    missing where it should not be, or unreadable, or of the wrong shape, with the command that rebuilds it."""
+
+    attached: dict | None
+    config: dict
+    metrics: list[dict]
+    test: dict | None
+    timings: dict | None
+    damaged: list[dict] = field(default_factory=list)
+
+
+def read_run(layout: Layout) -> RunFiles:
+    """The run's config (or attachment), metrics, test result and timings, each validated; and what is damaged,
+    including figures the manifest says an analysis wrote that are gone or are not PNG files."""
+    shown = f"'{layout.root}'" if " " in str(layout.root) else str(layout.root)
+    retrain = f"convscope train --config {shown}/config.json --out {shown}"
+    damaged: list[dict] = []
+
+    def check(path: Path, ok, command: str):
+        if not path.exists():
+            return None
+        value = read_json(path)
+        if value is None or not ok(value):
+            what = "not valid JSON" if value is None else "not of the shape convscope writes"
+            damaged.append({"file": path.relative_to(layout.root).as_posix(), "problem": what, "command": command})
+            return None
+        return value
+
+    attached = check(layout.attach, lambda v: isinstance(v, dict) and isinstance(v.get("classes"), list),
+                     "convscope attach ... (again, into a new directory)")
+    config = attached or check(layout.config, lambda v: isinstance(v, dict), "restore it, or train the run again")
+    metrics = check(layout.metrics, metrics_ok, retrain)
+    test = check(layout.test, result_ok, retrain)
+    timings = check(layout.timings, lambda v: isinstance(v, dict) and all(_number(t) for t in v.values()),
+                    f"convscope demo --out {shown}")
+    recorded = written(layout)
+    for analysis in REGISTRY:
+        for rel in recorded.get(analysis.key, []):
+            path = layout.root / rel
+            problem = "missing" if not path.is_file() else "not a PNG image" if path.suffix == ".png" and not _png(
+                path) else None
+            if problem:
+                damaged.append({"file": rel, "problem": problem, "command": analysis.command.format(run=shown)})
+    return RunFiles(attached, config or {}, metrics or [], test, timings, damaged)
+
+
+def _png(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(8) == PNG
+
+
 def sections(layout: Layout, src) -> tuple[list[dict], list[Analysis]]:
-    """Per registered analysis that the run has: its images (label, ``src(path)``) and text tables; and the
-    analyses it has not."""
+    """Per registered analysis that the run has: its images (label, ``src(path)``; PNG files only) and text
+    tables; and the analyses it has not."""
     found, missing = [], []
     for analysis in REGISTRY:
         images, texts = analysis.files(layout)
+        images = [p for p in images if _png(p)]
         if not images and not texts:
             missing.append(analysis)
             continue
         found.append({"entry": analysis, "paper": PAPER.get(analysis.key, []),
-                      "images": [{"label": label_of(p, layout.root), "src": src(p)} for p in images],
-                      "texts": [{"label": p.relative_to(layout.root).as_posix(), "text": p.read_text(errors="replace")}
-                                for p in texts]})
+                      "images": [{"label": printable(label_of(p, layout.root)), "src": src(p)} for p in images],
+                      "texts": [{"label": p.relative_to(layout.root).as_posix(),
+                                 "text": printable(p.read_text(errors="replace"))} for p in texts]})
     return found, missing
 
 
@@ -162,11 +226,8 @@ def collect(run_dir: str | Path, inline: bool = True) -> dict[str, Any]:
     as data: URIs (else paths relative to the run directory)."""
     layout = Layout(require_run(run_dir))
     run_dir = layout.root
-    attached = read_json(layout.attach)
-    config = (attached if isinstance(attached, dict) else None) or read_json(layout.config) or {}
-    metrics = read_json(layout.metrics) or []
-    test = read_json(layout.test)
-    timings = read_json(layout.timings)
+    files = read_run(layout)
+    config, metrics, test, timings = files.config, files.metrics, files.test, files.timings
     shown = f"'{run_dir}'" if " " in str(run_dir) else str(run_dir)
 
     def src(p: Path) -> str:
@@ -174,27 +235,25 @@ def collect(run_dir: str | Path, inline: bool = True) -> dict[str, Any]:
 
     found, absent = sections(layout, src)
     missing = [{"ref": a.ref, "title": a.title, "command": a.command.format(run=shown)} for a in absent]
-    if attached is None:
-        if not metrics:
-            missing.insert(0, {"ref": "training", "title": "training curve (metrics.json)",
-                               "command": f"convscope train --out {shown}"})
-        if test is None:
-            missing.insert(0, {"ref": "Table 2", "title": "test error (test.json)",
-                               "command": f"convscope train --out {shown}"})
+    retrain = f"convscope train --config {shown}/config.json --out {shown}"
+    if files.attached is None:
+        if not metrics and not layout.metrics.exists():
+            missing.insert(0, {"ref": "training", "title": "training curve (metrics.json)", "command": retrain})
+        if test is None and not layout.test.exists():
+            missing.insert(0, {"ref": "Table 2", "title": "test error (test.json)", "command": retrain})
     curve = training_curve(layout, metrics) if metrics else None
     model = model_summary(layout)
-    classes = model["classes"] if model else (config.get("classes") or [])
+    classes = [printable(c) for c in (model["classes"] if model else (config.get("classes") or []))]
     last = metrics[-1] if metrics else None
     gradient = config.get("nonlinearities") == "gradient"
     return {
-        "run_name": run_dir.name, "run_dir": str(run_dir), "config": config, "attached": attached is not None,
-        "config_json": json.dumps(config, indent=2, sort_keys=True), "metrics": metrics, "last": last,
+        "run_name": printable(run_dir.name), "run_dir": printable(run_dir), "config": config,
+        "attached": files.attached is not None,
+        "config_json": printable(json.dumps(config, indent=2, sort_keys=True)), "metrics": metrics, "last": last,
         "test": test, "paper_table2": PAPER["table2"], "curve": src(curve) if curve else None,
-        "model": model, "classes": classes, "sections": found, "missing": missing,
+        "model": model, "classes": classes, "sections": found, "missing": missing, "damaged": files.damaged,
         "gradient_note": {a.key: NONLINEARITY_NOTE for a in REGISTRY if a.projects} if gradient else {},
-        "timings": timings if isinstance(timings, dict) else None,
-        "timings_total": sum(v for v in timings.values() if isinstance(v, int | float))
-        if isinstance(timings, dict) else None,
+        "timings": timings, "timings_total": sum(timings.values()) if timings else None,
         "train_seconds": sum(m.get("seconds", 0.0) for m in metrics),
     }
 
@@ -229,4 +288,4 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         return artifacts.write_text(Path(out) if out is not None else Layout(root).report, html)
 
 
-__all__ = ["PAPER", "REGISTRY", "build_report", "collect", "render_report", "require_run"]
+__all__ = ["PAPER", "REGISTRY", "RunFiles", "build_report", "collect", "read_run", "render_report", "require_run"]

@@ -24,9 +24,9 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from ..analyses import REGISTRY
-from ..errors import ConvscopeError, check_int
+from ..errors import ConvscopeError, check_int, printable
 from ..layout import Layout, natural_key
-from ..report import NONLINEARITY_NOTE, environment, label_of, read_json, require_run
+from ..report import NONLINEARITY_NOTE, environment, label_of, read_json, read_run, require_run
 
 STATIC = Path(__file__).parent / "static"
 LOCAL_HOSTS = ("127.0.0.1", "localhost")
@@ -96,16 +96,17 @@ def make_app(run_dir: str | Path, allowed_hosts: list[str] | tuple[str, ...] | N
     layout = Layout(root)
     env = environment()
     template = env.get_template("viewer.html")
-    attached = read_json(layout.attach)
-    config = (attached if isinstance(attached, dict) else None) or read_json(layout.config) or {}
-    classes = _classes(layout, config)
+    files = read_run(layout)
+    attached, config = files.attached, files.config
+    classes = [printable(c) for c in _classes(layout, config)]
     note = NONLINEARITY_NOTE if config.get("nonlinearities") == "gradient" else None
     topk_cache: dict[str, object] = {}
 
     def page(request: Request, status: int = 200, **context) -> HTMLResponse:
         art = context.pop("art", None) or Artifacts(root)
         figures = [(a.ref, figure_url(a.key)) for a, _ in _other_figures(layout)]
-        html = template.render(run_name=root.name, config=config, layers=[(n, layer_url(n)) for n in art.layers],
+        html = template.render(run_name=printable(root.name), config=config,
+                               layers=[(printable(n), layer_url(n)) for n in art.layers],
                                report=art.url(layout.report) if layout.report.is_file() else None,
                                figure_links=figures, attached=attached is not None, **{"nav": {}, **context})
         return HTMLResponse(html, status_code=status, headers=HEADERS)
@@ -119,9 +120,9 @@ def make_app(run_dir: str | Path, allowed_hosts: list[str] | tuple[str, ...] | N
                   for n in art.layers]
         seq = art.sequence()
         nav = {"next": unit_url(*seq[0])} if seq else {}
-        metrics = read_json(layout.metrics) or []
+        now = read_run(layout)  # read at every request: the run may be written while the viewer runs
         return page(request, art=art, kind="index", title=root.name, index_layers=layers, nav=nav, classes=classes,
-                    test=read_json(layout.test), epochs=len(metrics))
+                    test=now.test, epochs=len(now.metrics), damaged=now.damaged)
 
     async def layer_page(request: Request) -> Response:
         layer = request.path_params["layer"]
@@ -140,7 +141,10 @@ def make_app(run_dir: str | Path, allowed_hosts: list[str] | tuple[str, ...] | N
                     fig2=art.layer_figure("fig2", layer), fig4=art.layer_figure("fig4", layer))
 
     async def unit_page(request: Request) -> Response:
-        layer, unit = request.path_params["layer"], request.path_params["unit"]
+        layer, number = request.path_params["layer"], request.path_params["unit"]
+        if not number.isdigit() or len(number) > 9:  # no 5,000-digit number reaches int()
+            return not_found(request, f"{number[:20]!r}{'...' if len(number) > 20 else ''} is not a unit number")
+        unit = int(number)
         art = Artifacts(root)
         units = art.layer_units(layer)
         if layer not in art.layers:
@@ -196,7 +200,7 @@ def make_app(run_dir: str | Path, allowed_hosts: list[str] | tuple[str, ...] | N
 
     routes = [Route("/", index), Route("/figures", figures_page), Route("/figures/{key}", figure_page),
               Route("/layer/{layer}", layer_page),
-              Route("/layer/{layer}/unit/{unit:int}", unit_page), Route("/files/{path:path}", files),
+              Route("/layer/{layer}/unit/{unit}", unit_page), Route("/files/{path:path}", files),
               Mount("/static", app=StaticFiles(directory=STATIC), name="static")]
     hosts = list(dict.fromkeys([*LOCAL_HOSTS, *(allowed_hosts or ())]))
     app = Starlette(routes=routes, middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=hosts)])

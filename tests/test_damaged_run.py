@@ -1,0 +1,103 @@
+"""The report and the viewer on a damaged run: they show what they can, name each damaged file with the command
+that writes it again (and that command works), and never answer 500."""
+
+from __future__ import annotations
+
+import json
+import shlex
+
+import pytest
+from click.testing import CliRunner
+from starlette.testclient import TestClient
+
+from convscope.analyses import get
+from convscope.checkpoint import save_weights
+from convscope.cli import main
+from convscope.config import TrainConfig
+from convscope.models import create_model
+from convscope.report import render_report
+from convscope.run import open_run
+from convscope.train import train
+from convscope.viewer import make_app
+
+TINY = dict(model="zfnet_small", data="synthetic", n_train=64, n_val=32, n_test=32, epochs=2, batch_size=32,
+            model_options={"widths": [8, 8, 8, 8, 8], "fc": [16, 16]})
+
+
+@pytest.fixture
+def run(tmp_path):
+    run = tmp_path / "run"
+    train(TrainConfig(**TINY), run, progress=False)
+    get("occlusion").run(open_run(run), n=1)
+    return run
+
+
+def damaged(html: str) -> str:
+    return html.split('id="damaged"')[1].split("</div>")[0] if 'id="damaged"' in html else ""
+
+
+def advised(html: str, file: str) -> list[str]:
+    """The command the report gives for ``file``, as arguments."""
+    line = next(li for li in damaged(html).split("<li>") if f"<code>{file}</code>" in li)
+    return shlex.split(line.split("<code>")[2].split("</code>")[0])
+
+
+@pytest.mark.parametrize("file, content, problem", [
+    ("metrics.json", '[{"epoch": 1, "lr": 0.0', "not valid JSON"),  # truncated
+    ("metrics.json", '[{"epoch": "one"}]', "not of the shape convscope writes"),
+    ("test.json", '{"top1_err": "low"}', "not of the shape convscope writes"),
+    ("test.json", "[]", "not of the shape convscope writes"),
+])
+def test_a_damaged_training_record_is_named_and_the_advised_command_rebuilds_it(run, file, content, problem):
+    """Before: a truncated metrics.json was called missing and the report advised a command that then refused
+    to run; a test.json of the wrong shape crashed the report and made the viewer answer 500."""
+    good = json.loads((run / file).read_text())
+    (run / file).write_text(content)
+    html = render_report(run)
+    assert f"<code>{file}</code> is {problem}" in damaged(html)
+    index = TestClient(make_app(run), base_url="http://127.0.0.1").get("/")
+    assert index.status_code == 200 and f"<code>{file}</code> is {problem}" in index.text
+    command = advised(html, file)
+    assert command[:2] == ["convscope", "train"]
+    r = CliRunner().invoke(main, command[1:])
+    assert r.exit_code == 0, r.output
+    assert json.loads((run / file).read_text()) == pytest.approx(good)
+    assert damaged(render_report(run)) == ""
+
+
+def test_a_deleted_or_damaged_figure_is_named_not_silently_absent(run):
+    (run / "figures" / "fig7.png").unlink()
+    html = render_report(run)
+    assert f"<code>figures/fig7.png</code> is missing &mdash; <code>convscope occlusion {run}</code>" in damaged(html)
+    (run / "figures" / "fig7.png").write_bytes(b"<html>not a picture</html>")
+    html = render_report(run)
+    assert "<code>figures/fig7.png</code> is not a PNG image" in damaged(html)
+    assert 'id="fig7"' not in html  # nothing broken is shown
+    r = CliRunner().invoke(main, advised(html, "figures/fig7.png")[1:])
+    assert r.exit_code == 0 and damaged(render_report(run)) == ""
+
+
+def test_the_viewer_never_answers_500(run):
+    client = TestClient(make_app(run), base_url="http://127.0.0.1", raise_server_exceptions=False)
+    huge = "9" * 5000
+    page = client.get(f"/layer/conv5/unit/{huge}")
+    assert page.status_code == 404 and "is not a unit number" in page.text and "Traceback" not in page.text
+    assert client.get("/layer/conv5/unit/-3").status_code == 404
+    (run / "figures" / "fig4.json").write_text('{"conv5": "not a table"}')
+    for url in ("/", "/figures", "/figures/fig7", "/figures/nothing", "/layer/nothing/unit/1"):
+        assert client.get(url).status_code in (200, 404), url
+    assert client.head("/").status_code == 200 and client.head("/figures/fig7").status_code == 200
+
+
+def test_class_names_that_are_not_utf8_show_escaped(tmp_path):
+    """Before: a class name the OS kept as surrogates (a folder named in Latin-1) crashed the report and the
+    viewer."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"model": "zfnet_small", "data": "folder"}))
+    save_weights(run / "model.safetensors", create_model("zfnet_small", 2), {"model": "zfnet_small"}, 1, 2,
+                 ["caf\udce9", "dog"])
+    html = render_report(run)
+    assert "caf\\udce9" in html
+    page = TestClient(make_app(run), base_url="http://127.0.0.1").get("/")
+    assert page.status_code == 200 and "caf\\udce9" in page.text
