@@ -19,7 +19,7 @@ from convscope.checkpoint import load_model, save_weights
 from convscope.cli import main
 from convscope.config import TrainConfig
 from convscope.layout import Layout
-from convscope.train import train
+from convscope.train import load_data, train
 
 TINY = dict(model="zfnet_small", data="synthetic", n_train=64, n_val=32, n_test=32, epochs=2, batch_size=32,
             model_options={"widths": [8, 8, 8, 8, 8], "fc": [16, 16]})
@@ -167,3 +167,146 @@ def test_a_damaged_run_config_is_an_error_not_a_traceback(finished, tmp_path, co
     r = CliRunner().invoke(main, ["scan", str(run)])
     assert r.exit_code == 2 and message in r.output, r.output
     assert not Layout(run).topk.exists()
+
+
+# ----------------------------------------------------------------------------- SIGKILL at random moments
+
+KILLED = {**TINY, "epochs": 6, "n_train": 96, "batch_size": 16, "save_epochs": [1, 2, 3, 4, 5, 6]}
+
+
+def _train_job(cfg: dict, run: str) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    train(TrainConfig(**cfg), run, progress=False)
+
+
+def _scan_job(run: str, out: str) -> None:
+    import torch
+
+    from convscope.topk import save_topk, scan
+
+    torch.set_num_threads(1)
+    r = cs.open_run(run)
+    state = Path(out) / "state.pt"
+    with artifacts.lock(out, "scan job"):  # as `convscope scan` holds its run
+        topk = scan(r.model, r.split("train"), ["conv1", "conv3", "conv5"], k=9, batch_size=8, save_every=1,
+                    state_path=state, progress=False, identity={"split": "train"})
+        save_topk(Path(out) / "topk.safetensors", topk, {"split": "train"})
+        artifacts.remove(state)
+
+
+def _all_files_load(folder: Path) -> int:
+    """Open every file a kill left (but the lock and temp files, which the next run cleans): none is corrupt."""
+    from safetensors import safe_open
+
+    n = 0
+    for path in folder.rglob("*"):
+        if not path.is_file() or artifacts.is_temp(path.name):
+            continue
+        if path.suffix == ".json":
+            json.loads(path.read_text())
+        elif path.suffix == ".safetensors":
+            with safe_open(str(path), "pt") as f:
+                [f.get_tensor(k) for k in f.keys()]
+        elif path.suffix == ".pt":
+            torch.load(path, weights_only=True)
+        n += 1
+    return n
+
+
+def _working(p, folder: Path) -> bool:
+    """Wait until process ``p`` holds the lock of ``folder`` (it is past its imports, at its work); False if it
+    ended first."""
+    lock = folder / artifacts.LOCK
+    while p.is_alive():
+        if lock.exists() and f"process {p.pid} " in lock.read_text(errors="replace"):
+            return True
+        time.sleep(0.002)
+    return False
+
+
+def _timed(ctx, target, args) -> float:
+    """Run the job once, uninterrupted: the seconds it works (from taking the lock to its end)."""
+    p = ctx.Process(target=target, args=args)
+    p.start()
+    assert _working(p, Path(args[-1]))
+    t0 = time.perf_counter()
+    p.join()
+    assert p.exitcode == 0
+    return time.perf_counter() - t0
+
+
+def _kill_loop(ctx, target, args, rng, work: float, limit: int) -> tuple[int, int]:
+    """Start the job again and again, each time SIGKILLed at a random moment of its work (uniform over the time
+    an uninterrupted job works), until one start ends on its own or ``limit`` kills are done (then the last
+    start runs to its end); every restart must resume without an error, and every file a kill leaves must load.
+    Returns (kills, kills that found files written)."""
+    kills = landed = 0
+    while True:
+        p = ctx.Process(target=target, args=args)
+        p.start()
+        if _working(p, Path(args[-1])):
+            p.join(rng.uniform(0, work) if kills < limit else None)
+        if p.is_alive():
+            p.kill()
+            p.join()
+            kills += 1
+            landed += _all_files_load(Path(args[-1])) > 1  # more than the lock
+            continue
+        assert p.exitcode == 0, f"a restart failed (exit {p.exitcode}) after {kills} kills"
+        return kills, landed
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_loses_nothing_and_ends_bit_identical(tmp_path):
+    """Training and the scan, each killed (SIGKILL) at random moments and started again until they finish: no
+    file is ever corrupt, every restart resumes, and the results equal an uninterrupted run's bit for bit."""
+    import random
+
+    from convscope.topk import load_topk
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "convscope", "convscope.train", "convscope.topk", __name__])
+    rng = random.Random(0)
+    load_data(TrainConfig(**KILLED))  # the synthetic images rendered and cached: every start loads them alike
+    warm = ctx.Process(target=time.sleep, args=(0,))  # the fork server started (it imports torch once)
+    warm.start()
+    warm.join()
+    reference = tmp_path / "reference"  # trained the same way, in one go (one thread: the same sums)
+    work = _timed(ctx, _train_job, (KILLED, str(reference)))
+    kills = landed = 0
+    for i in range(100):  # runs, each killed until one start finishes it; as many as 12 kills take
+        if kills >= 12:
+            break
+        killed = tmp_path / f"killed{i}"
+        k, w = _kill_loop(ctx, _train_job, (KILLED, str(killed)), rng, work, 12 - kills)
+        kills, landed = kills + k, landed + w
+        for name in ["model.safetensors", *(f"checkpoints/epoch_{e:03d}.safetensors" for e in range(1, 7))]:
+            assert same_weights(killed / name, reference / name), name
+        strip = [{k: v for k, v in m.items() if k != "seconds"}
+                 for m in json.loads((killed / "metrics.json").read_text())]
+        assert strip == [{k: v for k, v in m.items() if k != "seconds"}
+                         for m in json.loads((reference / "metrics.json").read_text())]
+        assert json.loads((killed / "test.json").read_text()) == json.loads((reference / "test.json").read_text())
+    assert kills >= 12 and landed >= kills // 2
+
+    whole_dir = tmp_path / "whole"
+    whole_dir.mkdir()
+    work = _timed(ctx, _scan_job, (str(reference), str(whole_dir)))
+    whole, _ = load_topk(whole_dir / "topk.safetensors")
+    more = 0
+    for i in range(100):
+        if more >= 10:
+            break
+        out = tmp_path / f"scan{i}"
+        out.mkdir()
+        k, w = _kill_loop(ctx, _scan_job, (str(reference), str(out)), rng, work, 10 - more)
+        more, landed = more + k, landed + w
+        got, _ = load_topk(out / "topk.safetensors")
+        for layer in whole.layers:
+            for field in ("values", "images", "positions"):
+                assert torch.equal(getattr(got, field)[layer], getattr(whole, field)[layer]), (layer, field)
+        assert not (out / "state.pt").exists()
+    print(f"SIGKILL: {kills} in training, {more} in the scan, {landed} after files were written")
+    assert kills + more >= 22 and landed >= 6  # most land while the job writes; timing decides how many
