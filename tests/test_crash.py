@@ -174,11 +174,12 @@ def test_a_damaged_run_config_is_an_error_not_a_traceback(finished, tmp_path, co
 KILLED = {**TINY, "epochs": 6, "n_train": 96, "batch_size": 16, "save_epochs": [1, 2, 3, 4, 5, 6]}
 
 
-def _train_job(cfg: dict, run: str) -> None:
+def _train_job(config_file: str, run: str) -> None:
+    """`convscope train --config FILE --out RUN`, the command itself (one thread, so every start sums alike)."""
     import torch
 
     torch.set_num_threads(1)
-    train(TrainConfig(**cfg), run, progress=False)
+    main(["train", "--config", config_file, "--out", run], standalone_mode=False)
 
 
 def _scan_job(run: str, out: str) -> None:
@@ -274,13 +275,15 @@ def test_sigkill_at_random_moments_loses_nothing_and_ends_bit_identical(tmp_path
     warm.start()
     warm.join()
     reference = tmp_path / "reference"  # trained the same way, in one go (one thread: the same sums)
-    work = _timed(ctx, _train_job, (KILLED, str(reference)))
+    config = tmp_path / "killed.json"
+    config.write_text(json.dumps(TrainConfig(**KILLED).to_dict()))
+    work = _timed(ctx, _train_job, (str(config), str(reference)))
     kills = landed = 0
     for i in range(100):  # runs, each killed until one start finishes it; as many as 12 kills take
         if kills >= 12:
             break
         killed = tmp_path / f"killed{i}"
-        k, w = _kill_loop(ctx, _train_job, (KILLED, str(killed)), rng, work, 12 - kills)
+        k, w = _kill_loop(ctx, _train_job, (str(config), str(killed)), rng, work, 12 - kills)
         kills, landed = kills + k, landed + w
         for name in ["model.safetensors", *(f"checkpoints/epoch_{e:03d}.safetensors" for e in range(1, 7))]:
             assert same_weights(killed / name, reference / name), name
