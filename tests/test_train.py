@@ -2,14 +2,13 @@
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import convscope as cs
-from convscope.checkpoint import load_model, read_weights
+from convscope.checkpoint import load_model
 from convscope.config import TrainConfig
 from convscope.layout import Layout
 from convscope.train import renormalize_filters_, train
@@ -47,17 +46,6 @@ def test_no_filter_rms_above_radius_after_training_steps(tmp_path):
     cfg_off = TrainConfig(**{**TINY, "epochs": 1, "n_train": 96, "lr": 0.05, "renorm": False})
     off = train(cfg_off, tmp_path / "off", progress=False)
     assert _conv_rms(off.model)["features.conv1"].max().item() > 0.1
-
-
-def _cli(run_dir, **kw):
-    args = [sys.executable, "-m", "convscope", "train", "--out", str(run_dir)]
-    for k, v in kw.items():
-        args += [f"--{k.replace('_', '-')}", str(v)]
-    return args
-
-
-def _weights(path):
-    return read_weights(path)[0]
 
 
 def test_run_directory_holds_checkpoints_metrics_and_reloads(tmp_path):
