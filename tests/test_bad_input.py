@@ -169,3 +169,27 @@ def test_generated_bad_config_files_exit_2_and_write_nothing(tmp_path_factory, k
     r = CliRunner().invoke(main, ["train", "--config", str(root / "c.json"), "--out", str(root / "run")])
     assert r.exit_code == 2, (content, r.output, r.exception)
     assert "error:" in r.output and not (root / "run").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--image-size", "100000"], "image_size must be a whole number from 8 to 4096, got 100000"),
+    (["train", "--seed", str(2**70)], "seed must be a whole number from 0 to 9223372036854775807"),
+    (["evolution", "{run}", "--units", "0"], "units must be a whole number from 1, got 0"),
+    (["filters", "{run}", "--n-images", "0"], "n_images must be a positive whole number, got 0"),
+    (["scan", "{run}", "--layers", ","], "no layers named"),
+    (["scan", "{run}", "--rule", "bogus"], "unknown rule 'bogus'; valid rules: deconvnet, guided, gradient"),
+    (["serve", "{run}", "--port", "99999"], "99999 is not in the range 1<=x<=65535"),
+    (["serve", "{run}", "--port", "0"], "0 is not in the range 1<=x<=65535"),
+    (["layers", "{run}", "--image-size", "100000"], "--image-size must be a whole number from 8 to 4096"),
+])
+def test_the_bad_options_a_hostile_user_found_each_get_a_clear_message(world, args, message):
+    """The cases the hostile report named: before, each ended in a traceback, scanned the defaults silently,
+    failed only after writing the scan, or listened on another port than it printed."""
+    root, files = world
+    args = [a.format(run=root / "run") for a in args]
+    if args[0] == "train":
+        args += ["--out", str(root / "new" / "t")]
+    before = snapshot(root)
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 2 and message in " ".join(r.output.split()), r.output
+    assert snapshot(root) == before

@@ -86,7 +86,12 @@ def test_the_viewer_never_answers_500(run):
     (run / "figures" / "fig4.json").write_text('{"conv5": "not a table"}')
     for url in ("/", "/figures", "/figures/fig7", "/figures/nothing", "/layer/nothing/unit/1"):
         assert client.get(url).status_code in (200, 404), url
+    assert "<code>figures/fig4.json</code> is not of the shape convscope writes" in client.get("/").text
     assert client.head("/").status_code == 200 and client.head("/figures/fig7").status_code == 200
+    _, paths = get("scan").run(open_run(run), layers=["conv5"], units=1)
+    unit = int(next(p for p in paths if "units" in p.parts).stem.split("_")[1])
+    assert client.head(f"/layer/conv5/unit/{unit}").status_code == 200  # before: 404
+    assert client.get(f"/layer/conv5/unit/{unit}").status_code == 200
 
 
 def test_class_names_that_are_not_utf8_show_escaped(tmp_path):

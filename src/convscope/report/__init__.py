@@ -188,6 +188,9 @@ def read_run(layout: Layout) -> RunFiles:
     test = check(layout.test, result_ok, retrain)
     timings = check(layout.timings, lambda v: isinstance(v, dict) and all(_number(t) for t in v.values()),
                     f"convscope demo --out {shown}")
+    check(layout.figure("fig4", ".json"), lambda v: isinstance(v, dict) and all(
+        isinstance(e, dict) and isinstance(e.get("epochs"), list) for e in v.values()),
+        f"convscope evolution {shown}")
     recorded = written(layout)
     for analysis in REGISTRY:
         for rel in recorded.get(analysis.key, []):

@@ -165,8 +165,11 @@ def make_app(run_dir: str | Path, allowed_hosts: list[str] | tuple[str, ...] | N
                "prev-layer": unit_url(prev_layer, art.layer_units(prev_layer)[0]) if prev_layer else None,
                "next-layer": unit_url(next_layer, art.layer_units(next_layer)[0]) if next_layer else None,
                "up": layer_url(layer)}
-        fig4 = read_json(layout.figure("fig4", ".json")) or {}
-        epochs = fig4.get(layer, {}).get("epochs") if isinstance(fig4, dict) else None
+        fig4 = read_json(layout.figure("fig4", ".json"))
+        entry = fig4.get(layer) if isinstance(fig4, dict) else None
+        epochs = entry.get("epochs") if isinstance(entry, dict) else None
+        if not isinstance(epochs, list) or not all(isinstance(e, int) for e in epochs):
+            epochs = None  # a damaged fig4.json: the strip is shown without its epoch labels
         return page(request, art=art, kind="unit", title=f"{layer} unit {unit}", layer=layer, unit=unit, nav=nav,
                     unit_img=art.url(art.units.get(layer, {}).get(unit)), note=note,
                     evolution_img=art.url(art.evolution.get(layer, {}).get(unit)), epochs=epochs,
