@@ -87,6 +87,9 @@ def test_the_viewer_never_answers_500(run):
     for url in ("/", "/figures", "/figures/fig7", "/figures/nothing", "/layer/nothing/unit/1"):
         assert client.get(url).status_code in (200, 404), url
     assert "<code>figures/fig4.json</code> is not of the shape convscope writes" in client.get("/").text
+    (run / "scan").mkdir()
+    (run / "scan" / "topk.safetensors").write_bytes(b"\0" * 100)
+    assert "<code>scan/topk.safetensors</code> is not readable" in client.get("/").text
     assert client.head("/").status_code == 200 and client.head("/figures/fig7").status_code == 200
     _, paths = get("scan").run(open_run(run), layers=["conv5"], units=1)
     unit = int(next(p for p in paths if "units" in p.parts).stem.split("_")[1])

@@ -191,6 +191,14 @@ def read_run(layout: Layout) -> RunFiles:
     check(layout.figure("fig4", ".json"), lambda v: isinstance(v, dict) and all(
         isinstance(e, dict) and isinstance(e.get("epochs"), list) for e in v.values()),
         f"convscope evolution {shown}")
+    if layout.topk.exists():
+        from ..topk import load_topk
+
+        try:
+            load_topk(layout.topk)
+        except ConvscopeError:
+            damaged.append({"file": layout.topk.relative_to(layout.root).as_posix(), "problem": "not readable",
+                            "command": f"convscope scan {shown}"})
     recorded = written(layout)
     for analysis in REGISTRY:
         for rel in recorded.get(analysis.key, []):
