@@ -107,21 +107,10 @@ class TrainConfig:
         self._check_model_options()
 
     def _check_model_options(self) -> None:
-        """Build the model on the meta device (no memory, no numbers): wrong option names or types fail here."""
-        import torch
+        """The model's options checked without building it: wrong option names, types or sizes fail here."""
+        from .models import check_options
 
-        from .models import create_model
-
-        if not isinstance(self.model_options, dict):
-            raise ConvscopeError(f"model_options must be a table of options, got {shown(self.model_options)}")
-        try:
-            with torch.device("meta"):
-                create_model(self.model, num_classes=2, **self.model_options)
-        except ConvscopeError:
-            raise
-        except (TypeError, ValueError, RuntimeError, IndexError, KeyError, OverflowError) as e:
-            raise ConvscopeError(f"model_options {shown(self.model_options)} do not build model {self.model!r} "
-                                 f"({type(e).__name__}: {e})") from None
+        check_options(self.model, self.model_options)
 
 
 # Ranges of the settings: whole numbers (lo, hi) and numbers (lo, hi, lo excluded, hi excluded). An image side of

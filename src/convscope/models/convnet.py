@@ -111,6 +111,28 @@ def _pool_out(n: int) -> int:
     return out - 1 if (out - 1) * 2 >= n else out  # PyTorch's rule: the last window starts inside the input
 
 
+def plan(spec: NetSpec) -> tuple[list[tuple[int, str, int, tuple[int, int, int]]], int, int]:
+    """A spec checked and laid out, without building anything: the kept conv layers (index, name, width, (kernel,
+    stride, padding)) and the side and channels of the last feature map. A bad option, or an input too small
+    for a layer, is an error here."""
+    _check(spec)
+    unknown = sorted(set(spec.remove) - set(REMOVABLE), key=str)
+    if unknown:
+        raise ConvscopeError(f"cannot remove {unknown}; removable layers: {', '.join(REMOVABLE)}")
+    convs, size, channels = [], spec.input_size, 3
+    for i, (name, width) in enumerate(zip(CONV_LAYERS, spec.widths), start=1):
+        if name in spec.remove:
+            continue
+        k, s, p = spec.conv1 if i == 1 else spec.conv2 if i == 2 else (3, 1, 1)
+        size, channels = _conv_out(size, k, s, p), width
+        if i in (1, 2, 5) and size >= 1:
+            size = _pool_out(size)
+        if size < 1:
+            raise ConvscopeError(f"input size {spec.input_size} is too small for {name}")
+        convs.append((i, name, width, (k, s, p)))
+    return convs, size, channels
+
+
 class ConvNet(nn.Module):
     """A ZF-style network: ``normalize`` (input preprocessing), ``features`` (conv1..conv5 with ReLU, pools,
     norms), then ``classifier`` (fc6, fc7, fc8).
@@ -121,10 +143,7 @@ class ConvNet(nn.Module):
 
     def __init__(self, spec: NetSpec, num_classes: int):
         super().__init__()
-        _check(spec)
-        unknown = sorted(set(spec.remove) - set(REMOVABLE), key=str)
-        if unknown:
-            raise ConvscopeError(f"cannot remove {unknown}; removable layers: {', '.join(REMOVABLE)}")
+        convs, size, channels = plan(spec)
         check_int(num_classes, "num_classes", 2, 1 << 20)
         self.spec = spec
         self.num_classes = num_classes
@@ -133,27 +152,20 @@ class ConvNet(nn.Module):
         self.normalize = Normalize(spec.input_size)
 
         feats: OrderedDict[str, nn.Module] = OrderedDict()
-        size, channels = spec.input_size, 3
-        for i, (name, width) in enumerate(zip(CONV_LAYERS, spec.widths), start=1):
-            if name in spec.remove:
-                continue
-            k, s, p = spec.conv1 if i == 1 else spec.conv2 if i == 2 else (3, 1, 1)
-            feats[name] = nn.Conv2d(channels, width, k, stride=s, padding=p)
+        previous = 3
+        for i, name, width, (k, s, p) in convs:
+            feats[name] = nn.Conv2d(previous, width, k, stride=s, padding=p)
             feats[f"relu{i}"] = nn.ReLU()
             self.paper_layers[name] = f"features.relu{i}"
-            size, channels = _conv_out(size, k, s, p), width
-            if size < 1:
-                raise ConvscopeError(f"input size {spec.input_size} is too small for {name}")
+            previous = width
             if i in (1, 2):
                 if spec.norm_before_pool:
                     feats[f"norm{i}"] = _norm()
                 feats[f"pool{i}"] = _pool()
                 if not spec.norm_before_pool:
                     feats[f"norm{i}"] = _norm()
-                size = _pool_out(size)
             elif i == 5:
                 feats["pool5"] = _pool()
-                size = _pool_out(size)
         self.features = nn.Sequential(feats)
 
         head: OrderedDict[str, nn.Module] = OrderedDict(flatten=nn.Flatten())
