@@ -51,12 +51,14 @@ def check_scan(result, layout):
 
     saved, meta = load_topk(layout.topk)
     assert meta["split"] == "all" and saved.seen == 30 and saved.layers == result.topk.layers
-    for layer, views in result.views.items():
+    for layer, units in result.units.items():
         assert torch.equal(saved.values[layer], result.topk.values[layer])
         assert torch.equal(saved.images[layer], result.topk.images[layer])
-        assert (png(layout.layer_figure("fig2", layer)) == layer_grid(views, 4)).all()
-        for u, unit in enumerate(views.units.tolist()):
+        views = result.draw(layer, units, result.rule)
+        assert (png(layout.layer_figure("fig2", layer)) == layer_grid(views, 4)).all()  # 3 units: all in the panel
+        for u, unit in enumerate(units.tolist()):
             assert (png(layout.unit(layer, unit)) == unit_tile(views, u)).all()
+            assert png(layout.unit_thumb(layer, unit)).shape == (48, 48, 3)
 
 
 def check_evolution(result, layout):
@@ -149,7 +151,7 @@ def test_the_report_and_the_viewer_show_every_analysis(tiny):
     from convscope.report import collect
     from convscope.viewer import make_app
 
-    context = collect(tiny / "run", inline=False)
+    context = collect(tiny / "run")
     assert {s["entry"].key for s in context["sections"]} == {a.key for a in RUNNABLE}
     assert [m["title"] for m in context["missing"]] == ["Ablation of the architecture"]
     client = TestClient(make_app(tiny / "run"), base_url="http://127.0.0.1")

@@ -50,6 +50,16 @@ def test_crops_are_the_projection_and_the_image_inside_the_receptive_field(setup
                                                       rel=1e-6)
 
 
+def _result(model, data, topk, units, rules=("deconvnet",), calls=None):
+    def draw(layer, which, rule):
+        if calls is not None:
+            calls.append((layer, which.tolist(), rule))
+        return unit_views(model, data, topk, layer, which, rule=rule)
+
+    return ScanResult(topk, "val", {"conv5": torch.tensor(units)}, list(rules), "error",
+                      {"split": "val", "rules": list(rules)}, draw)
+
+
 def test_pictures_and_files(setup, tmp_path):
     model, data, topk = setup
     v = unit_views(model, data, topk, "conv5", [0, 1, 2])
@@ -57,16 +67,60 @@ def test_pictures_and_files(setup, tmp_path):
     assert tile.dtype == np.uint8 and tile.shape[1] > tile.shape[0]  # projections | patches side by side
     grid = layer_grid(v, ncol=2)
     assert grid.shape[0] > tile.shape[0] and grid.shape[1] > 2 * tile.shape[1]
-    paths = write_scan(ScanResult(topk, "val", {"conv5": v}, "deconvnet", "error"), Layout(tmp_path), ncol=2)
+    layout = Layout(tmp_path)
+    paths = write_scan(_result(model, data, topk, [0, 1, 2], ("deconvnet", "guided")), layout, ncol=2)
     assert [p.relative_to(tmp_path).as_posix() for p in paths] == [
-        "scan/topk.safetensors", "figures/fig2_conv5.png", "figures/units/conv5/unit_0000.png",
-        "figures/units/conv5/unit_0001.png", "figures/units/conv5/unit_0002.png"]
+        "scan/topk.safetensors", "figures/fig2_conv5.png",
+        *(f"figures/units/conv5/{f}unit_000{u}.png" for u in range(3) for f in ("", "guided/", "thumb/"))]
     from PIL import Image
 
     assert np.array_equal(np.asarray(Image.open(paths[1])), grid)
-    assert np.array_equal(np.asarray(Image.open(paths[2])), tile)
+    assert np.array_equal(np.asarray(Image.open(layout.unit("conv5", 0))), tile)
+    guided = unit_views(model, data, topk, "conv5", [0, 1, 2], rule="guided")
+    assert np.array_equal(np.asarray(Image.open(layout.unit("conv5", 2, "guided"))), unit_tile(guided, 2))
+    assert not np.array_equal(unit_tile(guided, 2), unit_tile(v, 2))
     saved, meta = load_topk(paths[0])
-    assert meta["split"] == "val" and torch.equal(saved.images["conv5"], topk.images["conv5"])
+    assert meta["split"] == "val" and meta["rules"] == ["deconvnet", "guided"]
+    assert torch.equal(saved.images["conv5"], topk.images["conv5"])
+
+
+def test_a_killed_drawing_resumes_where_it_stopped(setup, tmp_path, monkeypatch):
+    """Units are drawn a chunk at a time and recorded: started again, the write draws only what was missing, and
+    the files are those of an uninterrupted write. A record left by another scan is not trusted."""
+    import convscope.units as units_module
+
+    model, data, topk = setup
+    monkeypatch.setattr(units_module, "CHUNK", 2)
+    whole = tmp_path / "whole"
+    write_scan(_result(model, data, topk, [0, 1, 2, 3, 4]), Layout(whole))
+
+    calls = []
+
+    def killed(layer, which, rule):
+        if calls:
+            raise KeyboardInterrupt  # as a kill after the first chunk
+        calls.append(which.tolist())
+        return unit_views(model, data, topk, layer, which, rule=rule)
+
+    layout = Layout(tmp_path / "killed")
+    broken = _result(model, data, topk, [0, 1, 2, 3, 4])
+    broken.draw = killed
+    with pytest.raises(KeyboardInterrupt):
+        write_scan(broken, layout)
+    assert calls == [[0, 1]] and layout.unit("conv5", 1).is_file() and not layout.unit("conv5", 2).is_file()
+    again = []
+    write_scan(_result(model, data, topk, [0, 1, 2, 3, 4], calls=again), layout)
+    # the chunks 2-3 and 4; the panel's units (all five) came from the chunks drawn now or are drawn once more
+    assert again[:2] == [("conv5", [2, 3], "deconvnet"), ("conv5", [4], "deconvnet")]
+    assert again[2:] == [("conv5", [0, 1], "deconvnet")]
+    for u in range(5):
+        assert layout.unit("conv5", u).read_bytes() == Layout(whole).unit("conv5", u).read_bytes()
+    assert layout.layer_figure("fig2", "conv5").read_bytes() == Layout(whole).layer_figure("fig2", "conv5").read_bytes()
+    other = []
+    other_scan = _result(model, data, topk, [0, 1, 2, 3, 4], calls=other)
+    other_scan.identity = {"split": "test", "rules": ["deconvnet"]}
+    write_scan(other_scan, layout)
+    assert [c[1] for c in other[:3]] == [[0, 1], [2, 3], [4]]  # another scan's record: everything drawn again
 
 
 def test_units_subset_and_bad_input(setup):

@@ -269,6 +269,33 @@ class Projector:
             (grad,) = torch.autograd.grad(out, x, seed)
         return grad.detach().contiguous()
 
+    def project_at(
+        self, images: torch.Tensor, layer: str, channels: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One projection per image, each from its own activation: map ``channels[i]`` at ``positions[i]`` (row,
+        col) of image i, seeded with its value (section 2.1); one forward and one backward pass for the batch.
+        Returns the projections and the seeded values, so that a caller who cropped the images can check that
+        the crop reproduced the activation it meant to project."""
+        with self._forward(images, layer) as (x, out):
+            act = out.detach()
+            if act.dim() != 4:
+                raise ConvscopeError(f"layer {layer!r} has no feature maps (output {tuple(act.shape)}): "
+                                     "project_at seeds one position of a map")
+            n, c, h, w = act.shape
+            chans, pos = torch.as_tensor(channels).long().cpu(), torch.as_tensor(positions).long().cpu()
+            if chans.shape != (n,) or pos.shape != (n, 2):
+                raise ConvscopeError(f"give one channel and one (row, col) per image: {n} images, channels "
+                                     f"{tuple(chans.shape)}, positions {tuple(pos.shape)}")
+            _check_channels(chans, c)
+            if ((pos < 0) | (pos >= torch.tensor([h, w]))).any():
+                raise ConvscopeError(f"a position is out of range: the layer's maps are {h}x{w}")
+            rows, chans, r, q = (t.to(act.device) for t in (torch.arange(n), chans, pos[:, 0], pos[:, 1]))
+            values = act[rows, chans, r, q]
+            seed = torch.zeros_like(act)
+            seed[rows, chans, r, q] = values
+            (grad,) = torch.autograd.grad(out, x, seed)
+        return grad.detach().contiguous(), values.clone()
+
     def project_channels(
         self,
         image: torch.Tensor,

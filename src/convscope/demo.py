@@ -67,7 +67,7 @@ def steps(out: Path, quick: bool) -> list[tuple[str, Callable[[], object]]]:
                                                         out / "compare" / "alexnet_small")),
         ("train zfnet_small without renormalisation (Fig. 6)",
          lambda: train(replace(compare, renorm=False), out / "compare" / "zfnet_small-norenorm")),
-        ("scan and Fig. 2", analysis("scan", units=4 if quick else 16)),
+        ("scan and Fig. 2", analysis("scan", units=4 if quick else 0)),
         ("evolution (Fig. 4)", analysis("evolution", units=4 if quick else 8, n_images=500 if quick else 2000)),
         ("filters (Fig. 6)", analysis("filters")),
         ("occlusion (Fig. 7)", analysis("occlusion", n=n)),

@@ -5,11 +5,14 @@ written by ``convscope attach`` for the user's own model). Both hold the analyse
 
     config.json | attach.json     what the run is (training config, or model spec + weights + data)
     metrics.json  state.pt  model.safetensors  test.json  checkpoints/epoch_NNN.safetensors   (training)
-    scan/topk.safetensors  scan/state.pt                  Fig. 2's data-set scan and its resume state
+    scan/topk.safetensors  scan/state.pt  scan/drawn.json Fig. 2's data-set scan, its resume state, units drawn
     figures/<key>.png|json|txt                            one figure or table of the paper (fig5, fig7, table1)
     figures/<key>_<layer>.png                             one layer's panel (fig2_conv5, fig4_conv5)
     figures/units/<layer>/unit_NNNN.png                   one unit's top-k projections beside its patches
+    figures/units/<layer>/<rule>/unit_NNNN.png            the same under another rule (guided, gradient)
+    figures/units/<layer>/thumb/unit_NNNN.png             its thumbnail (strongest activation, projected)
     figures/evolution/<layer>/unit_NNNN.png               one unit's strongest activation at every epoch
+    figures/visualize/<layer>/unit_NNNN.png  visualize.json   the image optimised to excite one unit; the numbers
     probes/  transfer/<target>/  ablation/  compare/<run>/
     manifest.json  timings.json  report.html          what each analysis wrote; the demo's timings; the report
 
@@ -123,13 +126,40 @@ class Layout:
     def evolution(self) -> Path:
         return self.figures / "evolution"
 
-    def unit(self, layer: str, unit: int) -> Path:
-        """One unit's Fig. 2 tile."""
-        return self.units / layer / f"unit_{unit:04d}.png"
+    @property
+    def drawn(self) -> Path:
+        """Which units the scan has drawn so far, and for which scan: the drawing's resume state."""
+        return self.scan / "drawn.json"
+
+    def unit(self, layer: str, unit: int, rule: str | None = None) -> Path:
+        """One unit's Fig. 2 tile under the scan's main rule, or under another ``rule`` (in a folder of its name)."""
+        folder = self.units / layer if rule is None else self.units / layer / rule
+        return folder / f"unit_{unit:04d}.png"
+
+    def unit_thumb(self, layer: str, unit: int) -> Path:
+        """One unit's thumbnail for its layer's page: its strongest activation, projected."""
+        return self.units / layer / "thumb" / f"unit_{unit:04d}.png"
 
     def evolution_strip(self, layer: str, unit: int) -> Path:
         """One unit's Fig. 4 strip of epochs."""
         return self.evolution / layer / f"unit_{unit:04d}.png"
+
+    @property
+    def visualize(self) -> Path:
+        return self.figures / "visualize"
+
+    def visualization(self, layer: str, unit: int) -> Path:
+        """The image optimised to excite one unit (``convscope visualize``, Olah et al. 2017)."""
+        return self.visualize / layer / f"unit_{unit:04d}.png"
+
+    def visualizations(self) -> dict[str, dict[int, Path]]:
+        """layer -> unit -> optimised image, of every unit visualised."""
+        return self.unit_files(self.visualize)
+
+    @property
+    def visualize_numbers(self) -> Path:
+        """Per layer: the units visualised, their activations in their images, the seed and the steps."""
+        return self.visualize / "visualize.json"
 
     @staticmethod
     def unit_files(folder: Path) -> dict[str, dict[int, Path]]:

@@ -14,6 +14,8 @@ sits against the side it was clipped on.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -49,6 +51,7 @@ class UnitViews:
     boxes: torch.Tensor
     projections: torch.Tensor
     patches: torch.Tensor
+    cropped: int = 0  # projections computed from crops of their images (the rest from whole images)
 
 
 def select_units(n_channels: int, n: int | None, seed: int = 0) -> torch.Tensor:
@@ -67,16 +70,32 @@ def _place(crop: torch.Tensor, box, image_hw, canvas_hw, fill: float) -> torch.T
     return out
 
 
-def field_size(model: nn.Module, layer: str, image_hw: tuple[int, int]) -> tuple[int, int]:
-    """The side of a unit's receptive field where the border does not clip it (measured at the centre of an
-    image four times larger), capped at the image: the canvas every crop of the layer is placed on."""
-    big = (4 * image_hw[0], 4 * image_hw[1])
+def grid(model: nn.Module, layer: str, image_hw: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """A unit's receptive field (height, width) where the border does not clip it, and the step in pixels between
+    neighbouring units (rows, columns; 0 along a side with one unit): measured at the centre of an image four
+    times larger (at the image's own size where the model takes no other)."""
     param = next(model.parameters())
-    x = torch.zeros(1, input_channels(model) or 3, *big, dtype=param.dtype, device=param.device)
-    with torch.no_grad(), eval_mode(model):
-        h, w = run_to(model, site(model, layer), x).shape[-2:]
-    box = receptive_field(model, layer, (h // 2, w // 2), input_size=big)
-    return min(box.y1 - box.y0, image_hw[0]), min(box.x1 - box.x0, image_hw[1])
+    for side in (4, 1):
+        big = (side * image_hw[0], side * image_hw[1])
+        x = torch.zeros(1, input_channels(model) or 3, *big, dtype=param.dtype, device=param.device)
+        try:
+            with torch.no_grad(), eval_mode(model):
+                h, w = run_to(model, site(model, layer), x).shape[-2:]
+            break
+        except (RuntimeError, ValueError, ConvscopeError):
+            if side == 1:
+                raise
+    r, c = h // 2, w // 2
+    box, down, right = receptive_field(model, layer, [(r, c), (min(r + 1, h - 1), c), (r, min(c + 1, w - 1))],
+                                       input_size=big)
+    return (box.y1 - box.y0, box.x1 - box.x0), (down.y0 - box.y0, right.x0 - box.x0)
+
+
+def field_size(model: nn.Module, layer: str, image_hw: tuple[int, int]) -> tuple[int, int]:
+    """The side of a unit's receptive field where the border does not clip it, capped at the image: the canvas
+    every crop of the layer is placed on."""
+    (h, w), _ = grid(model, layer, image_hw)
+    return min(h, image_hw[0]), min(w, image_hw[1])
 
 
 def unit_views(model: nn.Module, data, topk: TopK, layer: str, units=None, rule: str = "deconvnet",
@@ -90,20 +109,55 @@ def unit_views(model: nn.Module, data, topk: TopK, layer: str, units=None, rule:
     if (images_idx < 0).any():
         raise ConvscopeError("the scan saw fewer images than k: scan more images")
     flat_idx = images_idx.reshape(-1)
-    boxes, projections, patches = _crops(
-        model, layer, lambda a, b: data.batch(flat_idx[a:b])[0], units.repeat_interleave(images_idx.shape[1]),
-        positions.reshape(-1, 2), rule, nonlinearities, batch_size)
     k = images_idx.shape[1]
+    boxes, projections, patches, cropped = _crops(
+        model, layer, lambda i: data.batch(flat_idx[i])[0], units.repeat_interleave(k), positions.reshape(-1, 2),
+        topk.values[layer][units].reshape(-1), rule, nonlinearities, batch_size)
     return UnitViews(layer, units, topk.values[layer][units], images_idx, boxes.view(-1, k, 4),
-                     projections.view(-1, k, *projections.shape[1:]), patches.view(-1, k, *patches.shape[1:]))
+                     projections.view(-1, k, *projections.shape[1:]), patches.view(-1, k, *patches.shape[1:]),
+                     cropped)
 
 
-def _crops(model: nn.Module, layer: str, fetch, channels: torch.Tensor, positions: torch.Tensor, rule: str,
-           nonlinearities: str, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For M (image, channel, position) triples, ``fetch(a, b)`` giving images a..b: the receptive fields
-    (M, 4) and the projections and patches cropped to them on the layer's canvas (M, 3, h, w). Each image is
-    projected from its channel's strongest activation, which the triple's position is."""
-    x0 = fetch(0, 1)
+def _window(box, size: tuple[int, int], field: tuple[int, int], step: tuple[int, int]) -> tuple[int, int, int, int]:
+    """The crop (top, left, height, width) of an image that holds a unit's whole receptive field ``box`` and keeps
+    the layer's grid: its corner a multiple of the step between units, so every layer below computes on the same
+    grid and the unit sits at its position minus corner / step. Same-sized for units away from the far borders,
+    so they batch together."""
+    out = []
+    for b0, b1, n, f, s in ((box[0], box[2], size[0], field[0], step[0]), (box[1], box[3], size[1], field[1], step[1])):
+        if s <= 0 or f + s - 1 >= n:
+            out.append((0, n))
+            continue
+        o = b0 // s * s
+        e = min(o + f + s - 1, n)
+        out.append((o, e - o) if e >= b1 else (0, n))
+    (top, h), (left, w) = out
+    return top, left, h, w
+
+
+@contextmanager
+def _cropped(model: nn.Module, origins: torch.Tensor):
+    """Tell every module that needs to know (a per-pixel mean, say: ``cropped(origins)``) where the crops sit."""
+    with ExitStack() as stack:
+        for m in model.modules():
+            if callable(getattr(m, "cropped", None)):
+                stack.enter_context(m.cropped(origins))
+        yield
+
+
+def _crops(model: nn.Module, layer: str, fetch, channels: torch.Tensor, positions: torch.Tensor,
+           values: torch.Tensor, rule: str, nonlinearities: str, batch_size: int = 64
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """For M (image, channel, position) triples whose activations are ``values``, ``fetch(index)`` giving the
+    images of the triples ``index``: the receptive fields (M, 4), the projections and patches cropped to them on
+    the layer's canvas (M, 3, h, w), and how many projections came from crops.
+
+    Each projection is computed from a crop of its image that holds the unit's receptive field (:func:`_window`):
+    nothing outside the field reaches the unit, so on a convolutional stack the crop gives the same projection at
+    a fraction of the cost, batched across units and images. Where the crop does not reproduce the unit's
+    activation (a model that is not translation-equivariant below the layer), that projection is computed from
+    the whole image instead: the crop is an optimisation, never an approximation."""
+    x0 = fetch(torch.tensor([0]))
     with torch.no_grad(), eval_mode(model):
         act = run_to(model, site(model, layer), x0)
     if act.dim() != 4:
@@ -114,18 +168,59 @@ def _crops(model: nn.Module, layer: str, fetch, channels: torch.Tensor, position
     distinct = sorted(set(flat_pos))
     box_of = dict(zip(distinct, receptive_field(model, layer, distinct, input_size=size)))
     boxes = torch.tensor([list(box_of[p]) for p in flat_pos], dtype=torch.long).view(-1, 4)
-    canvas = field_size(model, layer, size)
+    field, step = grid(model, layer, size)
+    canvas = (min(field[0], size[0]), min(field[1], size[1]))
+    windows = torch.tensor([_window(b, size, field, step) for b in boxes.tolist()], dtype=torch.long).view(-1, 4)
     projector = Projector(model, rule, nonlinearities)
-    projections, patches = [], []
-    for start in range(0, len(flat_pos), batch_size):
-        imgs = fetch(start, start + batch_size)
-        proj = projector.project(imgs, layer, channel=channels[start:start + batch_size]).detach().cpu()
-        for j in range(len(imgs)):
-            b = box_of[flat_pos[start + j]]
-            y0, x0_, y1, x1 = b
-            projections.append(_place(proj[j, :, y0:y1, x0_:x1], b, size, canvas, 0.0))
-            patches.append(_place(imgs[j, :, y0:y1, x0_:x1].cpu(), b, size, canvas, 0.5))
-    return boxes, torch.stack(projections), torch.stack(patches)
+    m, c = len(flat_pos), x0.shape[1]
+    projections, patches = torch.zeros(m, c, *canvas), torch.zeros(m, c, *canvas)
+    full = windows[:, 2:].eq(torch.tensor(size)).all(1)  # crops that are the whole image: nothing to gain
+    crop_ok, cropped = True, 0
+    shapes = sorted({tuple(w) for w in windows[~full, 2:].tolist()}, reverse=True)
+    groups = [torch.nonzero(~full & windows[:, 2:].eq(torch.tensor(s)).all(1)).flatten() for s in shapes]
+    for index in [*groups, torch.nonzero(full).flatten()]:
+        for start in range(0, len(index), batch_size):
+            idx = index[start:start + batch_size]
+            imgs = fetch(idx)
+            proj, redo = None, torch.ones(len(idx), dtype=torch.bool)
+            win = windows[idx]
+            if crop_ok and not full[idx[0]]:
+                top_left, (h, w) = win[:, :2], win[0, 2:].tolist()
+                crops = torch.stack([imgs[j, :, y:y + h, x:x + w] for j, (y, x) in enumerate(top_left.tolist())])
+                where = positions[idx] - top_left // torch.tensor(step).clamp_min(1)
+                try:
+                    with _cropped(model, top_left):
+                        proj, got = projector.project_at(crops, layer, channels[idx], where)
+                    redo = ~torch.isclose(got.float().cpu(), values[idx].float(), rtol=1e-4, atol=1e-6)
+                except (RuntimeError, ConvscopeError):  # the model takes no crop of this size: whole images
+                    crop_ok = False
+                if redo.all():
+                    crop_ok = False  # not one crop reproduced its unit: stop trying on this layer
+            if redo.any():
+                whole, _ = projector.project_at(imgs[redo], layer, channels[idx][redo], positions[idx][redo])
+                if proj is None:
+                    proj, win = whole, torch.tensor([[0, 0, *size]]).expand(len(idx), 4)
+                else:
+                    proj = _paste(proj, whole, redo, size)
+                    win = win.clone()
+                    win[redo] = torch.tensor([0, 0, *size])
+            cropped += int((~redo).sum()) if proj is not None and not full[idx[0]] else 0
+            proj = proj.detach().cpu()
+            for j, i in enumerate(idx.tolist()):
+                y0, x0_, y1, x1 = b = box_of[flat_pos[i]]
+                oy, ox = win[j, :2].tolist()
+                projections[i] = _place(proj[j][:, y0 - oy:y1 - oy, x0_ - ox:x1 - ox], b, size, canvas, 0.0)
+                patches[i] = _place(imgs[j, :, y0:y1, x0_:x1].cpu(), b, size, canvas, 0.5)
+    return boxes, projections, patches, cropped
+
+
+def _paste(proj: torch.Tensor, whole: torch.Tensor, rows: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The batch's cropped projections with ``rows`` replaced by whole-image ones (so all are image-sized)."""
+    out = torch.zeros(len(proj), proj.shape[1], *size, dtype=whole.dtype, device=whole.device)
+    out[rows] = whole
+    keep = ~rows
+    out[keep, :, :proj.shape[2], :proj.shape[3]] = proj[keep]  # placed at (0, 0); the caller's window says so
+    return out
 
 
 def unit_tile(views: UnitViews, u: int, min_side: int = 40) -> np.ndarray:
@@ -141,9 +236,9 @@ def unit_tile(views: UnitViews, u: int, min_side: int = 40) -> np.ndarray:
     return np.concatenate([left, gap, right], axis=1)
 
 
-def layer_grid(views: UnitViews, ncol: int = 4, min_side: int = 40) -> np.ndarray:
-    """All units of a UnitViews as one picture, like one layer's panel of Fig. 2."""
-    tiles = [unit_tile(views, u, min_side) for u in range(len(views.units))]
+def layer_grid(views: UnitViews | list[np.ndarray], ncol: int = 4, min_side: int = 40) -> np.ndarray:
+    """All units of a UnitViews (or their tiles) as one picture, like one layer's panel of Fig. 2."""
+    tiles = views if isinstance(views, list) else [unit_tile(views, u, min_side) for u in range(len(views.units))]
     return make_grid(tiles, nrow=ncol, pad=6, fill=255)
 
 
@@ -216,8 +311,8 @@ def project_images(model: nn.Module, images: torch.Tensor, layer: str, channels=
     positions = torch.stack([where // w, where % w], dim=-1)
     k = chans.shape[1]
     image_of = torch.arange(n).repeat_interleave(k)
-    boxes, proj, patches = _crops(model, layer, lambda a, b: images[image_of[a:b]], chans.reshape(-1),
-                                  positions.reshape(-1, 2), rule, nonlinearities)
+    boxes, proj, patches, _ = _crops(model, layer, lambda i: images[image_of[i]], chans.reshape(-1),
+                                     positions.reshape(-1, 2), values.reshape(-1), rule, nonlinearities)
     return ProjectionSheet(layer, names or [str(i) for i in range(n)], chans.clone(), values, positions,
                            boxes.view(n, k, 4), proj.view(n, k, *proj.shape[1:]), patches.view(n, k, *proj.shape[1:]),
                            rule, nonlinearities)
@@ -258,52 +353,142 @@ def gradient_note(rule: str, nonlinearities: str) -> str | None:
     return None
 
 
+def thumbnail(views: UnitViews, u: int, side: int = 48) -> np.ndarray:
+    """A unit's thumbnail for its layer's page: the projection of its strongest activation, ``side`` px."""
+    from PIL import Image
+
+    image = Image.fromarray(to_image(views.projections[u, :1])[0])
+    return np.asarray(image.resize((side, side), Image.Resampling.NEAREST if image.width < side
+                                   else Image.Resampling.LANCZOS))
+
+
+PANEL = 16  # units in a layer's Fig. 2 panel: a seeded sample, as the paper's panels show a few per layer
+CHUNK = 32  # units drawn at once: the projections of a chunk are all in memory together
+
+
 @dataclass
 class ScanResult:
-    """Fig. 2 over a run: the scan of one split (``topk``) and the drawn units of every layer (``views``)."""
+    """Fig. 2 over a run: the scan of one split (``topk``) and the units to draw per layer (``units``), under each
+    of ``rules`` (the first the main one). Every unit of a large model does not fit in memory at once, so the
+    projections are made as :func:`write_scan` asks for them, a chunk of units at a time (``draw(layer, units,
+    rule) -> UnitViews``), and a killed write resumes at the first chunk it had not written. ``identity`` says
+    which scan this is (split, data, model, k, rules): the drawing's resume state must match it."""
 
     topk: TopK
     split: str
-    views: dict[str, UnitViews]
-    rule: str
+    units: dict[str, torch.Tensor]
+    rules: list[str]
     nonlinearities: str
+    identity: dict
+    draw: Callable[[str, torch.Tensor, str], UnitViews]
+    seed: int = 0
+
+    @property
+    def rule(self) -> str:
+        return self.rules[0]
 
 
-def compute(run: Run, layers: list[str] | None = None, k: int = 9, split: str | None = None, units: int = 16,
+def parse_rules(rule: str) -> list[str]:
+    """``deconvnet`` or ``deconvnet,guided,gradient``: the rules, each once, the first the main one."""
+    rules = list(dict.fromkeys(r.strip() for r in str(rule).split(",") if r.strip()))
+    if not rules:
+        raise ConvscopeError(f"no projection rule named in {rule!r}; valid: {', '.join(RULES)}")
+    for r in rules:
+        if r not in RULES:
+            raise unknown("rule", r, RULES)
+    return rules
+
+
+def compute(run: Run, layers: list[str] | None = None, k: int = 9, split: str | None = None, units: int = 0,
             seed: int = 0, rule: str = "deconvnet", progress: bool | None = None) -> ScanResult:
     """Fig. 2: scan ``split`` for the top-``k`` of every map of ``layers`` (resuming an interrupted scan from
-    the run's scan state), then project the top-k of ``units`` seeded units per layer (0: all)."""
-    if rule not in RULES:
-        raise unknown("rule", rule, RULES)
+    the run's scan state); the units to draw are every unit of each layer (``units`` 0), or a seeded subset of
+    ``units`` per layer, under each of the comma-separated ``rule``."""
+    rules = parse_rules(rule)
     check_int(units, "units (0 for all)", 0)
     check_seed(seed)
     layers = run.check_layers(list(layers)) if layers is not None else run.map_layers()
     split = split or run.default_split("val")
     data = run.split(split)
-    # A model the rule cannot project fails here, before the scan rather than after it.
-    Projector(run.model, rule, run.nonlinearities).project(data.batch(torch.tensor([0]))[0], layers[-1])
+    # A model the rules cannot project fails here, before the scan rather than after it.
+    for r in rules:
+        Projector(run.model, r, run.nonlinearities).project(data.batch(torch.tensor([0]))[0], layers[-1])
+    identity = {"split": split, "data": data.name, "model": run.fingerprint}
     topk = scan(run.model, data, layers, k=k, state_path=run.layout.scan_state, progress=progress,
-                identity={"split": split, "data": data.name, "model": run.fingerprint})
-    views = {layer: unit_views(run.model, data, topk, layer, select_units(topk.values[layer].shape[0], units or None,
-                                                                           seed), rule=rule,
-                               nonlinearities=run.nonlinearities) for layer in layers}
-    return ScanResult(topk, split, views, rule, run.nonlinearities)
+                identity=identity)
+    chosen = {layer: select_units(topk.values[layer].shape[0], units or None, seed) for layer in layers}
+
+    def draw(layer: str, which: torch.Tensor, rule: str) -> UnitViews:
+        return unit_views(run.model, data, topk, layer, which, rule=rule, nonlinearities=run.nonlinearities)
+
+    return ScanResult(topk, split, chosen, rules, run.nonlinearities,
+                      {**identity, "layers": layers, "k": k, "rules": rules, "nonlinearities": run.nonlinearities},
+                      draw, seed)
 
 
-def write_scan(result: ScanResult, layout: Layout, ncol: int = 4) -> list[Path]:
-    """The scan (``scan/topk.safetensors``, which makes its resume state obsolete), each layer's panel
-    (``fig2_<layer>.png``) and each drawn unit's tile."""
-    meta = {"split": result.split, "rule": result.rule, "nonlinearities": result.nonlinearities}
+def _drawn(layout: Layout, identity: dict) -> dict[str, set[int]]:
+    """The units a killed write of this same scan had drawn (layer -> units); nothing for another scan's state."""
+    import json
+
+    try:
+        state = json.loads(layout.drawn.read_text())
+        if state.get("identity") == identity:
+            return {layer: {int(u) for u in units} for layer, units in state["units"].items()}
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        pass
+    return {}
+
+
+def write_scan(result: ScanResult, layout: Layout, ncol: int = 4, progress: bool | None = None) -> list[Path]:
+    """The scan (``scan/topk.safetensors``), every chosen unit's tile under each rule and its thumbnail, and each
+    layer's panel (``fig2_<layer>.png``, a sample of :data:`PANEL` units). Units are drawn a chunk at a time, and
+    ``scan/drawn.json`` records them: a killed write skips what it had drawn when started again. The scan's
+    resume state is removed when all is written."""
+    from tqdm.auto import tqdm
+
+    meta = {"split": result.split, "rule": result.rule, "rules": result.rules,
+            "nonlinearities": result.nonlinearities}
     paths = [save_topk(layout.topk, result.topk, meta)]
+    note = {r: gradient_note(r, result.nonlinearities) for r in result.rules}
+    done = _drawn(layout, result.identity)
+    total = sum(len(u) for u in result.units.values())
+    bar = tqdm(total=total, disable=None if progress is None else not progress, desc="draw", unit="unit")
+    for layer, chosen in result.units.items():
+        panel_units = chosen[select_units(len(chosen), PANEL, result.seed)].tolist()
+        panel: dict[int, tuple[UnitViews, int]] = {}
+        todo = torch.tensor([u for u in chosen.tolist() if u not in done.get(layer, set()) or not all(
+            layout.unit(layer, u, None if r == result.rule else r).is_file() for r in result.rules)], dtype=torch.long)
+        bar.update(len(chosen) - len(todo))
+        for start in range(0, len(todo), CHUNK):
+            chunk = todo[start:start + CHUNK]
+            for rule in result.rules:
+                views = result.draw(layer, chunk, rule)
+                for u, unit in enumerate(chunk.tolist()):
+                    path = layout.unit(layer, unit, None if rule == result.rule else rule)
+                    artifacts.save_image(path, caption(unit_tile(views, u), note[rule]))
+                    if rule == result.rule:
+                        artifacts.save_image(layout.unit_thumb(layer, unit), thumbnail(views, u))
+                        if unit in panel_units:
+                            panel[unit] = (views, u)
+            done.setdefault(layer, set()).update(chunk.tolist())
+            artifacts.write_json(layout.drawn, {"identity": result.identity,
+                                                "units": {n: sorted(us) for n, us in done.items()}})
+            bar.update(len(chunk))
+        missing = torch.tensor([u for u in panel_units if u not in panel], dtype=torch.long)
+        if len(missing):
+            views = result.draw(layer, missing, result.rule)
+            panel.update({unit: (views, u) for u, unit in enumerate(missing.tolist())})
+        picture = layer_grid([unit_tile(*panel[u]) for u in panel_units], ncol)
+        paths.append(artifacts.save_image(layout.layer_figure("fig2", layer), caption(picture, note[result.rule])))
+        for unit in chosen.tolist():  # drawn now or by the killed write this one resumed
+            paths.extend([*(layout.unit(layer, unit, None if r == result.rule else r) for r in result.rules),
+                          layout.unit_thumb(layer, unit)])
+    bar.close()
     artifacts.remove(layout.scan_state)
-    note = gradient_note(result.rule, result.nonlinearities)
-    for layer, views in result.views.items():
-        paths.append(artifacts.save_image(layout.layer_figure("fig2", layer), caption(layer_grid(views, ncol), note)))
-        for u, unit in enumerate(views.units.tolist()):
-            paths.append(artifacts.save_image(layout.unit(layer, unit), caption(unit_tile(views, u), note)))
     return paths
 
 
 def summary(result: ScanResult) -> str:
     return (f"scanned {result.topk.seen} images of split {result.split!r}; drew "
-            + ", ".join(f"{len(v.units)} units of {layer}" for layer, v in result.views.items()))
+            + ", ".join(f"{len(u)} units of {layer}" for layer, u in result.units.items())
+            + (f" under {', '.join(result.rules)}" if len(result.rules) > 1 else ""))

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -75,9 +77,29 @@ class Normalize(nn.Module):
         super().__init__()
         self.register_buffer("mean", torch.zeros(3, size, size))
         self.register_buffer("std", torch.ones(()))
+        self.origins: torch.Tensor | None = None
+
+    @contextmanager
+    def cropped(self, origins: torch.Tensor) -> Iterator[None]:
+        """For the call, inputs are crops of full-size images with their top-left corners at ``origins`` (N, 2):
+        each crop has the matching part of the per-pixel mean subtracted, so it computes what the whole image
+        computes there (the scan draws units from crops of their receptive fields)."""
+        self.origins = origins
+        try:
+            yield
+        finally:
+            self.origins = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean = self.mean if self.mean.shape[-2:] == x.shape[-2:] else self.mean.mean((-2, -1), keepdim=True)
+        h, w = x.shape[-2:]
+        size = self.mean.shape[-1]
+        if (self.origins is not None and len(self.origins) == len(x)
+                and all(y + h <= size and x0 + w <= size for y, x0 in self.origins.tolist())):
+            mean = torch.stack([self.mean[:, y:y + h, x0:x0 + w] for y, x0 in self.origins.tolist()])
+        elif self.mean.shape[-2:] == (h, w):
+            mean = self.mean
+        else:
+            mean = self.mean.mean((-2, -1), keepdim=True)
         return (x - mean) / self.std
 
 
