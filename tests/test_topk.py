@@ -163,7 +163,7 @@ def test_a_scan_never_resumes_from_another_scans_or_a_damaged_state(tmp_path):
     model, data, state = _Probe(), _dataset(), tmp_path / "state.pt"
     whole = scan(model, data, ["relu"], k=2, batch_size=1, progress=False)
     half = scan_shard(model, data, range(3), ["relu"], k=2)
-    key = {"layers": ["relu"], "k": 2, "n": len(data), "batch_size": 1}
+    key = {"layers": ["relu"], "k": 2, "n": len(data), "batch_size": 1, "class_k": 0}
     saved = {"key": {**key, "split": "val"}, "done": 3, "topk": topk._to_state(half)}
     pickled = tmp_path / "evil.pt"
 
@@ -204,3 +204,45 @@ def test_bad_input():
         scan(model, data.subset([]), ["relu"], k=1)
     with pytest.raises(ConvscopeError, match="valid layers"):
         scan(model, data, ["conv9"], k=1)
+
+
+def test_per_class_statistics_are_the_brute_force_ones_and_merge_exactly(tmp_path):
+    """Each map's top class_k per class (zennit-crp's per-class reference statistics) equals sorting, per class,
+    every image's strongest activation (value descending, lower index first); shards merge exactly; the class
+    histogram of a map is the count of the classes of its class_k strongest images."""
+    from convscope.models import create_model
+    from convscope.topk import class_histogram
+
+    torch.manual_seed(0)
+    model = create_model("zfnet_small", num_classes=4, widths=[8, 8, 12, 12, 8], fc=[16, 16]).eval()
+    g = torch.Generator().manual_seed(1)
+    labels = torch.tensor([0, 1, 2, 3, 0, 0, 1, 2] * 5 + [1])  # 41 images; class 3 has 5, fewer than class_k
+    data = ImageSet(torch.randint(0, 256, (41, 3, 64, 64), generator=g, dtype=torch.uint8), labels, list("abcd"))
+    whole = scan(model, data, ["conv2", "conv5"], k=7, batch_size=6, progress=False, class_k=7)
+    from convscope.forward import run_to
+    from convscope.layers import site
+
+    with torch.no_grad():
+        best = run_to(model, site(model, "conv2"), data.batch(torch.arange(41))[0]).flatten(2).amax(2)
+    assert whole.class_values["conv2"].shape == (8, 4, 7)
+    for ch in range(8):
+        for cls in range(4):
+            members = torch.nonzero(labels == cls).flatten().tolist()
+            ranked = sorted(members, key=lambda i: (-best[i, ch].item(), i))[:7]
+            got = whole.class_images["conv2"][ch, cls]
+            assert got[:len(ranked)].tolist() == ranked and (got[len(ranked):] == -1).all()
+            torch.testing.assert_close(whole.class_values["conv2"][ch, cls, :len(ranked)], best[ranked, ch])
+    # the histogram: the classes of each map's 7 strongest images, counted from the scan's own top-7 indices
+    hist = class_histogram(whole, "conv5")
+    for ch in range(whole.values["conv5"].shape[0]):
+        counted = torch.bincount(labels[whole.images["conv5"][ch]], minlength=4)
+        assert hist[ch].tolist() == counted.tolist() and hist[ch].sum() == 7
+    parts = merge([scan_shard(model, data, range(0, 17), ["conv2", "conv5"], 7, batch_size=5, class_k=7),
+                   scan_shard(model, data, range(17, 41), ["conv2", "conv5"], 7, batch_size=9, class_k=7)])
+    for layer in ("conv2", "conv5"):
+        assert torch.equal(parts.class_images[layer], whole.class_images[layer])
+        assert torch.equal(parts.class_values[layer], whole.class_values[layer])
+    saved, _ = load_topk(save_topk(tmp_path / "t.safetensors", whole))
+    assert saved.class_k == 7 and torch.equal(saved.class_images["conv5"], whole.class_images["conv5"])
+    with pytest.raises(ConvscopeError, match="no per-class statistics"):
+        class_histogram(scan(model, data, ["conv5"], k=3, progress=False), "conv5")

@@ -110,6 +110,8 @@ REGISTRY: list[Analysis] = [
         help={"layers": _LAYERS + " [conv1..conv5, or the model's stages]",
               "k": "Strongest activations kept per feature map.", "split": _SPLIT.replace("val / test", "val"),
               "units": "Units per layer to draw (a seeded subset); 0 = all.", "seed": "Seed of the unit subset.",
+              "class_k": "Strongest images kept per map and class (zennit-crp's per-class statistics); a unit's "
+                         "class histogram counts the classes of its class-k strongest images. 0 = none.",
               "rule": _RULE + " Several, comma-separated (deconvnet,guided,gradient), draw each unit under "
                               "each; the viewer switches between them."},
         summary=units.summary),

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,17 +31,28 @@ from .layers import site
 class TopK:
     """Per layer: ``values`` (C, k) float32 (-inf where fewer than k images were seen), ``images`` (C, k) int64
     data-set indices (-1 where empty), ``positions`` (C, k, 2) int64 (row, col); fully connected layers have
-    position (0, 0). ``seen`` counts the images scanned."""
+    position (0, 0). ``seen`` counts the images scanned.
+
+    Per class, as zennit-crp's statistics keep reference images per class: ``class_values`` (C, classes,
+    class_k) and ``class_images`` (C, classes, class_k), each map's strongest activations among the images of
+    each class (by the images' labels), ordered as above; empty when the scan kept none."""
 
     k: int
     values: dict[str, torch.Tensor]
     images: dict[str, torch.Tensor]
     positions: dict[str, torch.Tensor]
     seen: int = 0
+    class_values: dict[str, torch.Tensor] = field(default_factory=dict)
+    class_images: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def layers(self) -> list[str]:
         return list(self.values)
+
+    @property
+    def class_k(self) -> int:
+        """How many images per class each map keeps (0: the scan kept no per-class statistics)."""
+        return next(iter(self.class_values.values())).shape[2] if self.class_values else 0
 
 
 def _select(values: torch.Tensor, images: torch.Tensor, positions: torch.Tensor, k: int):
@@ -51,6 +62,50 @@ def _select(values: torch.Tensor, images: torch.Tensor, positions: torch.Tensor,
     positions = positions.gather(1, by_index[..., None].expand(-1, -1, 2))
     order = values.argsort(dim=1, descending=True, stable=True)[:, :k]
     return values.gather(1, order), images.gather(1, order), positions.gather(1, order[..., None].expand(-1, -1, 2))
+
+
+def _select_ranked(values: torch.Tensor, images: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_select` without positions, over the last dimension of any shape."""
+    by_index = images.argsort(dim=-1, stable=True)
+    values, images = values.gather(-1, by_index), images.gather(-1, by_index)
+    order = values.argsort(dim=-1, descending=True, stable=True)[..., :k]
+    return values.gather(-1, order), images.gather(-1, order)
+
+
+def class_top(best: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, n_classes: int, k: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per map and class, the k strongest images of a batch among those of that class: ``best`` (C, N) the
+    images' strongest activation per map, ``labels`` and ``index`` (N,) their classes and data-set indices.
+    Values (C, n_classes, k) (-inf where a class has fewer images) and data-set indices (-1 there)."""
+    c = best.shape[0]
+    values = torch.full((c, n_classes, k), float("-inf"))
+    images = torch.full((c, n_classes, k), -1, dtype=torch.long)
+    best, labels, index = best.float().cpu(), labels.long().cpu(), index.long().cpu()
+    for cls in labels.unique().tolist():
+        if not 0 <= cls < n_classes:
+            continue  # an image of no class the data names (label -1): in no class's statistics
+        cols = torch.nonzero(labels == cls).flatten()
+        v, i = _select_ranked(best[:, cols], index[cols].expand(c, -1), k)
+        values[:, cls, :v.shape[1]], images[:, cls, :v.shape[1]] = v, i
+    return values, images
+
+
+def class_histogram(topk: TopK, layer: str) -> torch.Tensor:
+    """(C, classes) counts: for each map, the classes of its ``class_k`` strongest images over the whole data
+    set (the union of the per-class lists holds them all, so the count is exact)."""
+    if layer not in topk.class_values:
+        raise ConvscopeError(f"the scan kept no per-class statistics for {layer!r}: scan again with --class-k > 0")
+    v, i = topk.class_values[layer], topk.class_images[layer]
+    c, n_classes, k = v.shape
+    cls = torch.arange(n_classes).view(1, n_classes, 1).expand(c, -1, k).reshape(c, -1)
+    flat_v, flat_i = v.reshape(c, -1), i.reshape(c, -1)
+    by_index = flat_i.argsort(dim=1, stable=True)
+    flat_v, cls = flat_v.gather(1, by_index), cls.gather(1, by_index)
+    order = flat_v.argsort(dim=1, descending=True, stable=True)[:, :k]
+    top_cls = cls.gather(1, order)
+    seen = flat_v.gather(1, order) > float("-inf")
+    counts = torch.zeros(c, n_classes, dtype=torch.long)
+    return counts.scatter_add_(1, top_cls, seen.long())
 
 
 def empty(k: int, channels: dict[str, int]) -> TopK:
@@ -89,13 +144,16 @@ def from_activations(activations: dict[str, torch.Tensor], index: torch.Tensor, 
 
 
 def from_batch_top(tops: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]], index: torch.Tensor,
-                   k: int) -> TopK:
-    """The partial TopK of one batch from :func:`batch_top` of each layer; ``index``: the batch's image indices."""
+                   k: int, classes: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> TopK:
+    """The partial TopK of one batch from :func:`batch_top` of each layer; ``index``: the batch's image indices;
+    ``classes``: each layer's :func:`class_top`, if kept."""
     out = empty(k, {})
     index = index.long()
     for name, (values, offsets, positions) in tops.items():
         v, i, p = _select(values, index[offsets], positions, k)
         out.values[name], out.images[name], out.positions[name] = _pad(v, i, p, k)
+    for name, (v, i) in (classes or {}).items():
+        out.class_values[name], out.class_images[name] = v, i
     out.seen = len(index)
     return out
 
@@ -119,21 +177,39 @@ def merge(parts: Iterable[TopK]) -> TopK:
     for p in parts[1:]:
         if p.k != k or p.layers != layers:
             raise ConvscopeError(f"cannot merge scans of different k or layers ({p.k}, {p.layers} vs {k}, {layers})")
+    class_k = parts[0].class_k
+    if any(p.class_k != class_k or list(p.class_values) != list(parts[0].class_values) for p in parts[1:]):
+        raise ConvscopeError("cannot merge scans that kept different per-class statistics")
     out = empty(k, {})
     for name in layers:
         v, i, p = _select(torch.cat([q.values[name] for q in parts], 1), torch.cat([q.images[name] for q in parts], 1),
                           torch.cat([q.positions[name] for q in parts], 1), k)
         out.values[name], out.images[name], out.positions[name] = v, i, p
+    for name in parts[0].class_values:
+        out.class_values[name], out.class_images[name] = _select_ranked(
+            torch.cat([q.class_values[name] for q in parts], -1), torch.cat([q.class_images[name] for q in parts], -1),
+            class_k)
     out.seen = sum(p.seen for p in parts)
     return out
 
 
-def _capture(model: nn.Module, modules: dict[str, nn.Module], x: torch.Tensor, k: int, index: torch.Tensor) -> dict:
-    """Each layer's :func:`batch_top`, reduced as the forward pass produces the layer."""
+def _capture(model: nn.Module, modules: dict[str, nn.Module], x: torch.Tensor, k: int, index: torch.Tensor,
+             labels: torch.Tensor | None = None, n_classes: int = 0, class_k: int = 0) -> tuple[dict, dict]:
+    """Each layer's :func:`batch_top` (and :func:`class_top` when ``class_k``), reduced as the forward pass
+    produces the layer."""
     def keep(act: torch.Tensor):
-        return batch_top(act, k, index)
+        if not class_k:
+            return batch_top(act, k, index), None
+        best = act.detach().float().flatten(2).amax(2).T.cpu()
+        return batch_top(act, k, index), class_top(best, labels, index, n_classes, class_k)
 
-    return dict(zip(modules, run_to_all(model, list(modules.values()), x, keep=keep)))
+    kept = dict(zip(modules, run_to_all(model, list(modules.values()), x, keep=keep)))
+    return {n: t for n, (t, _) in kept.items()}, {n: c for n, (_, c) in kept.items() if c is not None}
+
+
+def _class_k(data, layers: Sequence[str], class_k: int) -> int:
+    """``class_k`` where the data has labels and classes, else 0 (nothing to count per class)."""
+    return class_k if class_k and getattr(data, "classes", None) and hasattr(data, "batch") else 0
 
 
 def _check(data, layers: Sequence[str], k: int) -> None:
@@ -148,54 +224,67 @@ def _check(data, layers: Sequence[str], k: int) -> None:
 
 
 def scan_shard(model: nn.Module, data, indices: torch.Tensor | Sequence[int], layers: Sequence[str], k: int = 9,
-               batch_size: int = 128, progress: bool | None = False) -> TopK:
-    """Scan the images ``indices`` of ``data`` (an ImageSet or any data set of (image, label)): a partial TopK."""
+               batch_size: int = 128, progress: bool | None = False, class_k: int = 0) -> TopK:
+    """Scan the images ``indices`` of ``data`` (an ImageSet or any data set of (image, label)): a partial TopK,
+    with each map's top ``class_k`` per class of the data (by the images' labels) when ``class_k`` > 0."""
     indices = torch.as_tensor(indices, dtype=torch.long)
     modules = {layer: site(model, layer) for layer in layers}
     device = next(model.parameters()).device
+    class_k = _class_k(data, layers, class_k)
+    n_classes = len(data.classes) if class_k else 0
     parts: list[TopK] = []
     with eval_mode(model), torch.inference_mode():
         for start in tqdm(range(0, len(indices), batch_size), disable=None if progress is None else not progress,
                           desc="scan", unit="batch", leave=False):
             idx = indices[start:start + batch_size]
-            x = _images(data, idx).to(device)
-            parts.append(from_batch_top(_capture(model, modules, x, k, idx), idx, k))
+            x, labels = _batch(data, idx)
+            tops, classes = _capture(model, modules, x.to(device), k, idx, labels, n_classes, class_k)
+            parts.append(from_batch_top(tops, idx, k, classes))
             if len(parts) == 8:  # bounded memory: fold partials as we go
                 parts = [merge(parts)]
-        return merge(parts) if parts else _empty_for(model, modules, data, k)
+        return merge(parts) if parts else _empty_for(model, modules, data, k, n_classes, class_k)
 
 
-def _images(data, idx: torch.Tensor) -> torch.Tensor:
+def _batch(data, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if hasattr(data, "batch"):
-        return data.batch(idx)[0]
-    return torch.stack([data[int(i)][0] for i in idx])
+        x, labels = data.batch(idx)
+        return x, torch.as_tensor(labels)
+    items = [data[int(i)] for i in idx]
+    return torch.stack([x for x, _ in items]), torch.tensor([int(y) for _, y in items])
 
 
-def _empty_for(model, modules, data, k) -> TopK:
-    x = _images(data, torch.tensor([0]))
+def _empty_for(model, modules, data, k, n_classes: int = 0, class_k: int = 0) -> TopK:
+    x, _ = _batch(data, torch.tensor([0]))
     with torch.inference_mode():
-        tops = _capture(model, modules, x.to(next(model.parameters()).device), k, torch.tensor([0]))
-    return empty(k, {n: values.shape[0] for n, (values, _, _) in tops.items()})
+        tops, _ = _capture(model, modules, x.to(next(model.parameters()).device), k, torch.tensor([0]))
+    out = empty(k, {n: values.shape[0] for n, (values, _, _) in tops.items()})
+    if class_k:
+        for n, (values, _, _) in tops.items():
+            out.class_values[n] = torch.full((values.shape[0], n_classes, class_k), float("-inf"))
+            out.class_images[n] = torch.full((values.shape[0], n_classes, class_k), -1, dtype=torch.long)
+    return out
 
 
 def scan(model: nn.Module, data, layers: Sequence[str], k: int = 9, batch_size: int = 128,
          state_path: str | Path | None = None, save_every: int = 20, progress: bool | None = None,
-         identity: dict | None = None) -> TopK:
+         identity: dict | None = None, class_k: int = 0) -> TopK:
     """Scan a whole data set. With ``state_path``, the partial result is saved every ``save_every`` batches and an
     interrupted scan resumes from it, ending with the same result as an uninterrupted one. ``identity`` (JSON
     values: which split, which model, say) joins the layers, k and sizes in the key a saved state must match; a
-    state that does not match, or is damaged, is discarded with a warning and the scan starts over."""
+    state that does not match, or is damaged, is discarded with a warning and the scan starts over. ``class_k``:
+    also keep each map's top ``class_k`` images per class (see :class:`TopK`)."""
     _check(data, layers, k)
+    class_k = _class_k(data, layers, class_k)
     n = len(data)
     chunk = batch_size * save_every
     done, partial = 0, None
-    key = {"layers": list(layers), "k": k, "n": n, "batch_size": batch_size, **(identity or {})}
+    key = {"layers": list(layers), "k": k, "n": n, "batch_size": batch_size, "class_k": class_k, **(identity or {})}
     if state_path is not None and Path(state_path).is_file():
         done, partial = _resume(Path(state_path), key)
     bar = tqdm(total=n, initial=done, disable=None if progress is None else not progress, desc="scan", unit="img")
     while done < n:
         stop = min(done + chunk, n)
-        part = scan_shard(model, data, torch.arange(done, stop), layers, k, batch_size)
+        part = scan_shard(model, data, torch.arange(done, stop), layers, k, batch_size, class_k=class_k)
         partial = part if partial is None else merge([partial, part])
         done = stop
         bar.update(stop - bar.n)
@@ -236,11 +325,13 @@ def _resume(path: Path, key: dict) -> tuple[int, TopK | None]:
 
 
 def _to_state(t: TopK) -> dict:
-    return {"k": t.k, "seen": t.seen, "values": t.values, "images": t.images, "positions": t.positions}
+    return {"k": t.k, "seen": t.seen, "values": t.values, "images": t.images, "positions": t.positions,
+            "class_values": t.class_values, "class_images": t.class_images}
 
 
 def _from_state(d: dict) -> TopK:
-    return TopK(d["k"], dict(d["values"]), dict(d["images"]), dict(d["positions"]), d["seen"])
+    return TopK(d["k"], dict(d["values"]), dict(d["images"]), dict(d["positions"]), d["seen"],
+                dict(d["class_values"]), dict(d["class_images"]))
 
 
 def save_topk(path: str | Path, topk: TopK, meta: dict | None = None) -> Path:
@@ -250,6 +341,9 @@ def save_topk(path: str | Path, topk: TopK, meta: dict | None = None) -> Path:
         tensors[f"{name}/values"] = topk.values[name]
         tensors[f"{name}/images"] = topk.images[name]
         tensors[f"{name}/positions"] = topk.positions[name]
+        if name in topk.class_values:
+            tensors[f"{name}/class_values"] = topk.class_values[name]
+            tensors[f"{name}/class_images"] = topk.class_images[name]
     info = {"k": topk.k, "seen": topk.seen, "layers": topk.layers, **(meta or {})}
     return artifacts.save_safetensors(path, tensors, {"convscope_topk": json.dumps(info)})
 
@@ -264,6 +358,12 @@ def load_topk(path: str | Path) -> tuple[TopK, dict]:
     except (OSError, KeyError, ValueError, SafetensorError) as e:
         raise ConvscopeError(f"{str(path)!r} is not a readable convscope scan ({e}); run `convscope scan` again") from e
     layers = info["layers"]
-    topk = TopK(info["k"], {n: tensors[f"{n}/values"] for n in layers}, {n: tensors[f"{n}/images"] for n in layers},
-                {n: tensors[f"{n}/positions"] for n in layers}, info["seen"])
+    try:
+        topk = TopK(info["k"], {n: tensors[f"{n}/values"] for n in layers}, {n: tensors[f"{n}/images"] for n in layers},
+                    {n: tensors[f"{n}/positions"] for n in layers}, info["seen"],
+                    {n: tensors[f"{n}/class_values"] for n in layers if f"{n}/class_values" in tensors},
+                    {n: tensors[f"{n}/class_images"] for n in layers if f"{n}/class_images" in tensors})
+    except (KeyError, TypeError) as e:
+        raise ConvscopeError(f"{str(path)!r} is not a readable convscope scan (it lacks {e}); run `convscope scan` "
+                             "again") from e
     return topk, info

@@ -399,23 +399,33 @@ def parse_rules(rule: str) -> list[str]:
     return rules
 
 
+CLASS_BYTES = 2 << 30  # the most memory the per-class statistics may take
+
+
 def compute(run: Run, layers: list[str] | None = None, k: int = 9, split: str | None = None, units: int = 0,
-            seed: int = 0, rule: str = "deconvnet", progress: bool | None = None) -> ScanResult:
+            seed: int = 0, rule: str = "deconvnet", class_k: int = 25, progress: bool | None = None) -> ScanResult:
     """Fig. 2: scan ``split`` for the top-``k`` of every map of ``layers`` (resuming an interrupted scan from
-    the run's scan state); the units to draw are every unit of each layer (``units`` 0), or a seeded subset of
-    ``units`` per layer, under each of the comma-separated ``rule``."""
+    the run's scan state), and each map's top ``class_k`` images per class (what a unit is about); the units to
+    draw are every unit of each layer (``units`` 0), or a seeded subset of ``units`` per layer, under each of
+    the comma-separated ``rule``."""
     rules = parse_rules(rule)
     check_int(units, "units (0 for all)", 0)
+    check_int(class_k, "class-k", 0, 10000)
     check_seed(seed)
     layers = run.check_layers(list(layers)) if layers is not None else run.map_layers()
     split = split or run.default_split("val")
     data = run.split(split)
+    need = sum(run.channels(layer) for layer in layers) * len(data.classes) * class_k * 12
+    if need > CLASS_BYTES:
+        raise ConvscopeError(f"--class-k {class_k} keeps {need / 2**30:.1f} GiB of per-class statistics for "
+                             f"{len(data.classes)} classes, more than {CLASS_BYTES / 2**30:.0f} GiB: ask for fewer "
+                             "(--class-k 5), or 0 for none")
     # A model the rules cannot project fails here, before the scan rather than after it.
     for r in rules:
         Projector(run.model, r, run.nonlinearities).project(data.batch(torch.tensor([0]))[0], layers[-1])
     identity = {"split": split, "data": data.name, "model": run.fingerprint}
     topk = scan(run.model, data, layers, k=k, state_path=run.layout.scan_state, progress=progress,
-                identity=identity)
+                identity=identity, class_k=class_k)
     chosen = {layer: select_units(topk.values[layer].shape[0], units or None, seed) for layer in layers}
 
     def draw(layer: str, which: torch.Tensor, rule: str) -> UnitViews:
