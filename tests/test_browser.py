@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_report import EVIL, make_fake_run
+from test_report import EVIL, ODD, make_fake_run
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -85,16 +85,24 @@ class Watched:
                                   "i.naturalWidth])")
 
 
-def test_report_from_file_shows_every_image(browser, run_dir):
+@pytest.mark.parametrize("out", [None, "elsewhere/sub dir/r #2.html"])
+def test_report_from_file_shows_every_image(browser, tmp_path, out):
+    """Opened from file:// (no server), the page shows each of its 7 images, linked from files of a run whose name
+    needs percent-encoding, whether it is written in the run or elsewhere (``out=``); each image links to its
+    file (the full size, a click away)."""
     from convscope.report import build_report
 
-    report = build_report(run_dir)
+    run = make_fake_run(tmp_path / ODD)
+    report = build_report(run, out=None if out is None else tmp_path / out)
+    assert report.stat().st_size < 40_000
     w = Watched(browser)
     w.page.goto(report.as_uri())
     w.page.wait_for_load_state("load")
     images = w.images()
     assert len(images) == 7
     assert all(complete and width > 0 for _, complete, width in images), images
+    assert w.page.evaluate("Array.from(document.images).every(i => i.src.startsWith('file:///') && "
+                           "!i.src.includes('data:') && i.closest('a').href === i.src)")
     assert w.page.get_by_text(EVIL, exact=False).count() == 1  # the class name, shown as text
     assert w.page.locator("img[src='x']").count() == 0
     assert w.errors == [] and w.dialogs == []

@@ -56,4 +56,5 @@ def test_quick_demo_runs_every_step_and_resumes(tmp_path):
     for entry in REGISTRY:  # every figure and table of the paper is in the report, none listed as missing
         assert f'id="{entry.key}"' in html, entry.key
     assert 'id="missing"' not in html and "38.4" in html
+    assert (out / "report.html").stat().st_size < 2_000_000 and "data:image" not in html  # figures linked, not inlined
 

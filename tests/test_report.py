@@ -4,7 +4,10 @@ paper's reference and numbers; missing ones are listed with the command that mak
 import json
 import re
 import shutil
+from html import unescape
 from pathlib import Path
+from urllib.parse import urljoin, urlsplit
+from urllib.request import url2pathname
 
 import pytest
 from markupsafe import escape
@@ -62,6 +65,15 @@ def fake_run(tmp_path):
     return make_fake_run(tmp_path / "run")
 
 
+def shown_files(report: Path) -> list[Path]:
+    """The file each ``<img>`` of the report shows, found as a browser finds it (the src joined to the page's
+    ``file://`` URL, then percent-decoded); each image also links to its file, for the full size."""
+    html = report.read_text()
+    srcs = re.findall(r'<img src="([^"]*)"', html)
+    assert re.findall(r'<a href="([^"]*)"><img', html) == srcs
+    return [Path(url2pathname(urlsplit(urljoin(report.absolute().as_uri(), unescape(s))).path)) for s in srcs]
+
+
 PRESENT = {"fig2", "fig4", "fig6", "fig7", "table1", "table7"}
 ABSENT = {"fig5": "convscope invariance {run}", "table3": "convscope ablate --config pairs --out {run}/ablation",
           "transfer": "convscope transfer {run}"}
@@ -75,9 +87,11 @@ def test_report_shows_every_present_artifact_with_caption_and_paper_reference(fa
         if entry.key in PRESENT:
             assert f'id="{entry.key}"' in html, entry.key
             assert f"<b>{escape(entry.ref)}.</b> {escape(entry.caption)}" in html, entry.key
-    # images inlined: 2 Fig. 2 grids, Fig. 4, Fig. 6, Fig. 7, Table 7's plot, the training curve
-    assert html.count('src="data:image/png;base64,') == 7
-    assert all(src.startswith("data:image/png;base64,") for src in re.findall(r'src="([^"]*)"', html))
+    # images linked, not inlined: 2 Fig. 2 grids, Fig. 4, Fig. 6, Fig. 7, Table 7's plot, the training curve
+    assert "data:image" not in html and len(html) < 40_000
+    assert shown_files(path) == [fake_run / "figures" / f for f in (
+        "training_curve.png", "fig2_conv1.png", "fig2_conv5.png", "fig4_conv5.png", "fig6.png", "fig7.png")] + [
+        fake_run / "probes" / "probes.png"]
     assert "left_eye | 0.0612 +- 0.0040" in html and "| conv5 | 77.7 |" in html
     # the paper's numbers beside the run's
     assert "<td>convscope: this run, test split</td><td class=\"num\">12.3</td>" in html
@@ -88,6 +102,32 @@ def test_report_shows_every_present_artifact_with_caption_and_paper_reference(fa
     for what, value in PAPER["table1"] + PAPER["table7"]:
         assert f"<td>{what}</td><td class=\"num\">{value}</td>" in html
     assert "0.067 / 0.069 / 0.079" in html and "86.2" in html
+
+
+ODD = "run #1 ?%é"  # a space, a fragment, a query, an escape and non-ASCII: each must be percent-encoded
+
+
+def test_report_images_are_files_found_from_the_page_wherever_it_is_written(tmp_path):
+    """The page links the run's figures by relative, percent-encoded URLs: from the run (default), from another
+    folder (``out=``), from a folder reached through a symlink, and to a run named through one, every image is an
+    existing file of the run."""
+    run = make_fake_run(tmp_path / ODD)
+    expected = sorted([*run.glob("figures/*.png"), run / "figures" / "training_curve.png",
+                       run / "probes" / "probes.png"])
+    (tmp_path / "real" / "deep").mkdir(parents=True)
+    (tmp_path / "linked ü").symlink_to(tmp_path / "real" / "deep")
+    (tmp_path / "real" / "run link").symlink_to(run)
+    for named, out in ((run, None), (run, tmp_path / "elsewhere" / "sub dir" / "r #2.html"),
+                       (run, tmp_path / "linked ü" / "r.html"), (tmp_path / "real" / "run link", tmp_path / "r.html")):
+        report = build_report(named, out=out)
+        assert report == (out or run / "report.html")
+        html = report.read_text()
+        assert "data:image" not in html and html.count("<img ") == 7 and report.stat().st_size < 40_000
+        assert "#1" not in " ".join(re.findall(r'src="([^"]*)"', html))  # encoded as %231
+        files = shown_files(report)
+        assert len(files) == 7 and all(f.is_file() for f in files), files
+        assert sorted(f.resolve() for f in files) == expected
+    assert render_report(run) == (run / "report.html").read_text()
 
 
 def test_report_lists_missing_artifacts_with_their_commands(fake_run):
