@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from test_report import EVIL, ODD, make_fake_run
 
 CHROMIUM = "/usr/bin/chromium"
@@ -184,3 +185,94 @@ def test_serve_refuses_a_port_in_use(server, run_dir):
         serve(run_dir, port=server[1])
     with socket.create_connection(server, timeout=5):
         pass  # the running server is untouched
+
+
+@pytest.fixture(scope="module")
+def scanned_run(trained_run, tmp_path_factory):
+    """A copy of the trained zfnet_small run with every unit of every conv layer drawn (deconvnet and guided),
+    the class statistics over each unit's top 9."""
+    import shutil
+
+    from convscope import analyses
+    from convscope.run import open_run
+
+    root = tmp_path_factory.mktemp("scanned") / "run"
+    shutil.copytree(trained_run.path, root, ignore=shutil.ignore_patterns("checkpoints", "scan", "figures", ".lock"))
+    run = open_run(root)
+    result, _ = analyses.get("scan").run(run, split="val", rule="deconvnet,guided", class_k=9)
+    return root, result, run.split("val")
+
+
+def test_every_unit_of_a_trained_run_in_the_viewer(browser, scanned_run, monkeypatch):
+    """Every conv unit of zfnet_small has a unit page; the layer page shows all its units (paged), jumps to a
+    unit by number, sorts by class specificity; the keys move; every image shows; bad unit numbers are 404 pages
+    that link back to the layer; the class counts are those of the scan's own top-9 images and labels."""
+    from starlette.testclient import TestClient
+
+    import convscope.viewer as viewer
+    from convscope.layout import Layout
+    from convscope.topk import class_histogram
+
+    root, result, data = scanned_run
+    layout = Layout(root)
+    widths = {"conv1": 32, "conv2": 64, "conv3": 96, "conv4": 96, "conv5": 64}
+    client = TestClient(viewer.make_app(root), base_url="http://127.0.0.1")
+    for layer, n in widths.items():
+        assert result.units[layer].tolist() == list(range(n))
+        for u in range(n):
+            assert layout.unit(layer, u).is_file() and layout.unit(layer, u, "guided").is_file()
+            assert layout.unit_thumb(layer, u).is_file()
+        hist = class_histogram(result.topk, layer)
+        for u in range(n):
+            counted = torch.bincount(data.labels[result.topk.images[layer][u]], minlength=len(data.classes))
+            assert hist[u].tolist() == counted.tolist()
+    assert [client.get(f"/layer/{layer}/unit/{u}").status_code for layer, n in widths.items()
+            for u in range(n)] == [200] * sum(widths.values())
+    # the unit page names the classes of its top 9 with their counts, most first
+    hist = class_histogram(result.topk, "conv5")[17]
+    best = int(hist.argmax())
+    page = client.get("/layer/conv5/unit/17").text
+    assert f"{data.classes[best]} <b>{int(hist[best])}</b>" in page and "strongest images" in page
+    # sorted by class specificity: the share of the top class never rises down the page
+    sorted_page = client.get("/layer/conv5?sort=class").text
+    import re
+
+    order = [int(u) for u in re.findall(r'id="u(\d+)"', sorted_page)]
+    hist = class_histogram(result.topk, "conv5")
+    shares = [hist[u].max().item() / 9 for u in order]
+    assert sorted(order) == list(range(64)) and shares == sorted(shares, reverse=True) and shares[0] > shares[-1]
+    for bad in ("/layer/conv3/unit/96", "/layer/conv3/unit/abc", "/layer/conv3/unit/" + "9" * 5000,
+                "/layer/conv3/goto?unit=x", "/layer/conv3?page=9"):
+        r = client.get(bad)
+        assert r.status_code == 404 and 'id="back" href="/layer/conv3"' in r.text, bad
+    monkeypatch.setattr(viewer, "PAGE", 40)  # a layer of thousands pages: here conv3's 96 in three pages
+    pages = [client.get(f"/layer/conv3?page={n}").text for n in (1, 2, 3)]
+    assert [len(re.findall(r'<img src="/files/figures/units/conv3/thumb/', p)) for p in pages] == [40, 40, 16]
+    assert all('loading="lazy"' in p for p in pages)
+    monkeypatch.undo()
+
+    with serving(root) as (host, port):
+        w = Watched(browser)
+        base = f"http://{host}:{port}"
+        w.page.goto(f"{base}/layer/conv3")
+        for _ in range(20):  # scroll through: lazy thumbnails load as they come into view
+            w.page.mouse.wheel(0, 600)
+            w.page.wait_for_timeout(50)
+        w.page.wait_for_function("Array.from(document.images).every(i => i.complete)")
+        images = w.images()
+        assert len(images) == 96 + 1 and all(width > 0 for _, _, width in images)  # 96 thumbnails + Fig. 2
+        w.page.fill("#jump", "42")
+        w.page.press("#jump", "Enter")
+        w.page.wait_for_url(f"{base}/layer/conv3/unit/42")
+        assert all(width > 0 for _, _, width in w.images())
+        w.page.keyboard.press("ArrowRight")
+        w.page.wait_for_url(f"{base}/layer/conv3/unit/43")
+        w.page.keyboard.press("ArrowDown")
+        w.page.wait_for_url(f"{base}/layer/conv4/unit/0")
+        w.page.keyboard.press("ArrowLeft")
+        w.page.wait_for_url(f"{base}/layer/conv3/unit/95")
+        w.page.click("a.rule")
+        w.page.wait_for_url(f"{base}/layer/conv3/unit/95?rule=guided")
+        src = w.page.get_attribute("#unit-img", "src")
+        assert src.endswith("/units/conv3/guided/unit_0095.png") and all(x > 0 for _, _, x in w.images())
+        assert w.errors == [] and w.dialogs == []

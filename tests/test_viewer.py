@@ -84,7 +84,7 @@ def test_missing_unit_and_layer_are_404_with_a_helpful_message(client):
     r = client.get("/layer/conv5/unit/99")
     assert r.status_code == 404
     assert "layer &#39;conv5&#39; has no unit 99 in this run; its units: 2, 3, 7" in r.text
-    assert "convscope scan RUN --units N" in r.text
+    assert "`convscope scan RUN` draws every unit" in r.text and 'id="back" href="/layer/conv5"' in r.text
     r = client.get("/layer/fc9/unit/1")
     assert r.status_code == 404 and "no figures for layer &#39;fc9&#39;; its layers: conv1, conv5" in r.text
     assert client.get("/layer/conv5/unit/abc").status_code == 404

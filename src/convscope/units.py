@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -98,10 +98,27 @@ def field_size(model: nn.Module, layer: str, image_hw: tuple[int, int]) -> tuple
     return min(h, image_hw[0]), min(w, image_hw[1])
 
 
+@dataclass
+class _Geometry:
+    """What one layer's crops need, measured once per layer and image size: the unclipped field and the step
+    between units (:func:`grid`), the receptive field of each position met so far, and whether crops work."""
+
+    size: tuple[int, int]
+    extent: tuple[int, int]
+    step: tuple[int, int]
+    boxes: dict = field(default_factory=dict)
+    crops: bool = True
+
+    @property
+    def canvas(self) -> tuple[int, int]:
+        return min(self.extent[0], self.size[0]), min(self.extent[1], self.size[1])
+
+
 def unit_views(model: nn.Module, data, topk: TopK, layer: str, units=None, rule: str = "deconvnet",
-               batch_size: int = 64, nonlinearities: str = "error") -> UnitViews:
+               batch_size: int = 64, nonlinearities: str = "error", cache: dict | None = None) -> UnitViews:
     """Fig. 2 for ``units`` (default all) of ``layer``: each of their top-k images projected from the unit's
-    strongest activation in it (paper section 2.1), and the image patch under that activation."""
+    strongest activation in it (paper section 2.1), and the image patch under that activation. ``cache``: a dict
+    the caller keeps between calls on the same model, so each layer's geometry is measured once."""
     if layer not in topk.values:
         raise ConvscopeError(f"the scan has no layer {layer!r}; scanned layers: {', '.join(topk.layers)}")
     units = torch.as_tensor(select_units(topk.values[layer].shape[0], None) if units is None else units).long()
@@ -112,7 +129,7 @@ def unit_views(model: nn.Module, data, topk: TopK, layer: str, units=None, rule:
     k = images_idx.shape[1]
     boxes, projections, patches, cropped = _crops(
         model, layer, lambda i: data.batch(flat_idx[i])[0], units.repeat_interleave(k), positions.reshape(-1, 2),
-        topk.values[layer][units].reshape(-1), rule, nonlinearities, batch_size)
+        topk.values[layer][units].reshape(-1), rule, nonlinearities, batch_size, cache)
     return UnitViews(layer, units, topk.values[layer][units], images_idx, boxes.view(-1, k, 4),
                      projections.view(-1, k, *projections.shape[1:]), patches.view(-1, k, *patches.shape[1:]),
                      cropped)
@@ -146,7 +163,7 @@ def _cropped(model: nn.Module, origins: torch.Tensor):
 
 
 def _crops(model: nn.Module, layer: str, fetch, channels: torch.Tensor, positions: torch.Tensor,
-           values: torch.Tensor, rule: str, nonlinearities: str, batch_size: int = 64
+           values: torch.Tensor, rule: str, nonlinearities: str, batch_size: int = 64, cache: dict | None = None
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """For M (image, channel, position) triples whose activations are ``values``, ``fetch(index)`` giving the
     images of the triples ``index``: the receptive fields (M, 4), the projections and patches cropped to them on
@@ -158,24 +175,30 @@ def _crops(model: nn.Module, layer: str, fetch, channels: torch.Tensor, position
     activation (a model that is not translation-equivariant below the layer), that projection is computed from
     the whole image instead: the crop is an optimisation, never an approximation."""
     x0 = fetch(torch.tensor([0]))
-    with torch.no_grad(), eval_mode(model):
-        act = run_to(model, site(model, layer), x0)
-    if act.dim() != 4:
-        raise ConvscopeError(f"layer {layer!r} has no spatial map, so its units have no image patches: "
-                             "Fig. 2 needs a convolutional layer (use Projector.project for fc units)")
     size = tuple(x0.shape[-2:])
+    cache = {} if cache is None else cache
+    geo = cache.get((layer, size))
+    if geo is None:
+        with torch.no_grad(), eval_mode(model):
+            act = run_to(model, site(model, layer), x0)
+        if act.dim() != 4:
+            raise ConvscopeError(f"layer {layer!r} has no spatial map, so its units have no image patches: "
+                                 "Fig. 2 needs a convolutional layer (use Projector.project for fc units)")
+        geo = cache[(layer, size)] = _Geometry(size, *grid(model, layer, size))
     flat_pos = [tuple(p) for p in positions.tolist()]
-    distinct = sorted(set(flat_pos))
-    box_of = dict(zip(distinct, receptive_field(model, layer, distinct, input_size=size)))
+    new = sorted(set(flat_pos) - set(geo.boxes))
+    if new:
+        geo.boxes.update(zip(new, receptive_field(model, layer, new, input_size=size)))
+    box_of, canvas = geo.boxes, geo.canvas
     boxes = torch.tensor([list(box_of[p]) for p in flat_pos], dtype=torch.long).view(-1, 4)
-    field, step = grid(model, layer, size)
-    canvas = (min(field[0], size[0]), min(field[1], size[1]))
-    windows = torch.tensor([_window(b, size, field, step) for b in boxes.tolist()], dtype=torch.long).view(-1, 4)
+    windows = torch.tensor([_window(b, size, geo.extent, geo.step) for b in boxes.tolist()],
+                           dtype=torch.long).view(-1, 4)
+    step = geo.step
     projector = Projector(model, rule, nonlinearities)
     m, c = len(flat_pos), x0.shape[1]
     projections, patches = torch.zeros(m, c, *canvas), torch.zeros(m, c, *canvas)
     full = windows[:, 2:].eq(torch.tensor(size)).all(1)  # crops that are the whole image: nothing to gain
-    crop_ok, cropped = True, 0
+    crop_ok, cropped = geo.crops, 0
     shapes = sorted({tuple(w) for w in windows[~full, 2:].tolist()}, reverse=True)
     groups = [torch.nonzero(~full & windows[:, 2:].eq(torch.tensor(s)).all(1)).flatten() for s in shapes]
     for index in [*groups, torch.nonzero(full).flatten()]:
@@ -205,6 +228,7 @@ def _crops(model: nn.Module, layer: str, fetch, channels: torch.Tensor, position
                     win = win.clone()
                     win[redo] = torch.tensor([0, 0, *size])
             cropped += int((~redo).sum()) if proj is not None and not full[idx[0]] else 0
+            geo.crops = crop_ok
             proj = proj.detach().cpu()
             for j, i in enumerate(idx.tolist()):
                 y0, x0_, y1, x1 = b = box_of[flat_pos[i]]
@@ -382,6 +406,7 @@ class ScanResult:
     identity: dict
     draw: Callable[[str, torch.Tensor, str], UnitViews]
     seed: int = 0
+    classes: list[str] = field(default_factory=list)  # the data's class names (the per-class statistics' order)
 
     @property
     def rule(self) -> str:
@@ -428,12 +453,15 @@ def compute(run: Run, layers: list[str] | None = None, k: int = 9, split: str | 
                 identity=identity, class_k=class_k)
     chosen = {layer: select_units(topk.values[layer].shape[0], units or None, seed) for layer in layers}
 
+    cache: dict = {}  # each layer's geometry, measured once for all its chunks and rules
+
     def draw(layer: str, which: torch.Tensor, rule: str) -> UnitViews:
-        return unit_views(run.model, data, topk, layer, which, rule=rule, nonlinearities=run.nonlinearities)
+        return unit_views(run.model, data, topk, layer, which, rule=rule, nonlinearities=run.nonlinearities,
+                          cache=cache)
 
     return ScanResult(topk, split, chosen, rules, run.nonlinearities,
                       {**identity, "layers": layers, "k": k, "rules": rules, "nonlinearities": run.nonlinearities},
-                      draw, seed)
+                      draw, seed, list(data.classes))
 
 
 def _drawn(layout: Layout, identity: dict) -> dict[str, set[int]]:
@@ -457,7 +485,7 @@ def write_scan(result: ScanResult, layout: Layout, ncol: int = 4, progress: bool
     from tqdm.auto import tqdm
 
     meta = {"split": result.split, "rule": result.rule, "rules": result.rules,
-            "nonlinearities": result.nonlinearities}
+            "nonlinearities": result.nonlinearities, "classes": result.classes}
     paths = [save_topk(layout.topk, result.topk, meta)]
     note = {r: gradient_note(r, result.nonlinearities) for r in result.rules}
     done = _drawn(layout, result.identity)
@@ -465,7 +493,7 @@ def write_scan(result: ScanResult, layout: Layout, ncol: int = 4, progress: bool
     bar = tqdm(total=total, disable=None if progress is None else not progress, desc="draw", unit="unit")
     for layer, chosen in result.units.items():
         panel_units = chosen[select_units(len(chosen), PANEL, result.seed)].tolist()
-        panel: dict[int, tuple[UnitViews, int]] = {}
+        panel: dict[int, np.ndarray] = {}
         todo = torch.tensor([u for u in chosen.tolist() if u not in done.get(layer, set()) or not all(
             layout.unit(layer, u, None if r == result.rule else r).is_file() for r in result.rules)], dtype=torch.long)
         bar.update(len(chosen) - len(todo))
@@ -474,12 +502,13 @@ def write_scan(result: ScanResult, layout: Layout, ncol: int = 4, progress: bool
             for rule in result.rules:
                 views = result.draw(layer, chunk, rule)
                 for u, unit in enumerate(chunk.tolist()):
-                    path = layout.unit(layer, unit, None if rule == result.rule else rule)
-                    artifacts.save_image(path, caption(unit_tile(views, u), note[rule]))
+                    tile = unit_tile(views, u)
+                    artifacts.save_image(layout.unit(layer, unit, None if rule == result.rule else rule),
+                                         caption(tile, note[rule]))
                     if rule == result.rule:
                         artifacts.save_image(layout.unit_thumb(layer, unit), thumbnail(views, u))
                         if unit in panel_units:
-                            panel[unit] = (views, u)
+                            panel[unit] = tile
             done.setdefault(layer, set()).update(chunk.tolist())
             artifacts.write_json(layout.drawn, {"identity": result.identity,
                                                 "units": {n: sorted(us) for n, us in done.items()}})
@@ -487,8 +516,8 @@ def write_scan(result: ScanResult, layout: Layout, ncol: int = 4, progress: bool
         missing = torch.tensor([u for u in panel_units if u not in panel], dtype=torch.long)
         if len(missing):
             views = result.draw(layer, missing, result.rule)
-            panel.update({unit: (views, u) for u, unit in enumerate(missing.tolist())})
-        picture = layer_grid([unit_tile(*panel[u]) for u in panel_units], ncol)
+            panel.update({unit: unit_tile(views, u) for u, unit in enumerate(missing.tolist())})
+        picture = layer_grid([panel[u] for u in panel_units], ncol)
         paths.append(artifacts.save_image(layout.layer_figure("fig2", layer), caption(picture, note[result.rule])))
         for unit in chosen.tolist():  # drawn now or by the killed write this one resumed
             paths.extend([*(layout.unit(layer, unit, None if r == result.rule else r) for r in result.rules),

@@ -19,7 +19,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
-from starlette.responses import FileResponse, HTMLResponse, Response
+from starlette.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
@@ -29,6 +29,8 @@ from ..layout import Layout, natural_key
 from ..report import NONLINEARITY_NOTE, environment, label_of, read_json, read_run, require_run
 
 STATIC = Path(__file__).parent / "static"
+PAGE = 256  # units per page of a layer: its thumbnails load lazily, and a layer of thousands pages
+INDEXED = 64  # unit links per layer on the index page (the layer's page has them all)
 LOCAL_HOSTS = ("127.0.0.1", "localhost")
 # Pages load scripts and styles from the viewer only; images from the viewer (and data: in the report).
 HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
@@ -111,50 +113,83 @@ def make_app(run_dir: str | Path, allowed_hosts: list[str] | tuple[str, ...] | N
                                figure_links=figures, attached=attached is not None, **{"nav": {}, **context})
         return HTMLResponse(html, status_code=status, headers=HEADERS)
 
-    def not_found(request: Request, message: str, art: Artifacts | None = None) -> HTMLResponse:
-        return page(request, 404, art=art, kind="missing", title="not found", message=message)
+    def not_found(request: Request, message: str, art: Artifacts | None = None, back: str | None = None
+                  ) -> HTMLResponse:
+        """A 404 page saying what was wrong, with a link back to the layer (``back``) or the index."""
+        return page(request, 404, art=art, kind="missing", title="not found", message=message,
+                    back=(printable(back), layer_url(back)) if back else None)
 
     async def index(request: Request) -> Response:
         art = Artifacts(root)
-        layers = [{"name": n, "url": layer_url(n), "units": [(u, unit_url(n, u)) for u in art.layer_units(n)]}
-                  for n in art.layers]
+        layers = [{"name": n, "url": layer_url(n), "units": [(u, unit_url(n, u)) for u in art.layer_units(n)[:INDEXED]],
+                   "count": len(art.layer_units(n))} for n in art.layers]
         seq = art.sequence()
         nav = {"next": unit_url(*seq[0])} if seq else {}
         now = read_run(layout)  # read at every request: the run may be written while the viewer runs
         return page(request, art=art, kind="index", title=root.name, index_layers=layers, nav=nav, classes=classes,
                     test=now.test, epochs=len(now.metrics), damaged=now.damaged)
 
+    def missing_layer(request: Request, layer: str, art: Artifacts) -> HTMLResponse:
+        return not_found(request, f"this run has no figures for layer {layer!r}; its layers: "
+                                  f"{', '.join(art.layers) or 'none yet (run `convscope scan RUN`)'}", art)
+
     async def layer_page(request: Request) -> Response:
         layer = request.path_params["layer"]
         art = Artifacts(root)
         if layer not in art.layers:
-            return not_found(request, f"this run has no figures for layer {layer!r}; its layers: "
-                                      f"{', '.join(art.layers) or 'none yet (run `convscope scan RUN`)'}", art)
+            return missing_layer(request, layer, art)
         units = art.layer_units(layer)
+        stats = _unit_classes(layout, topk_cache, layer)
+        sort = request.query_params.get("sort", "unit")
+        if sort == "class" and stats is not None:  # most class-specific first: the share of the top class
+            units = sorted(units, key=lambda u: (-stats[u]["share"], u) if u in stats else (1, u))
+        pages = max(1, -(-len(units) // PAGE))
+        number = request.query_params.get("page", "1")
+        page_no = int(number) if number.isdigit() and len(number) < 7 else 0
+        if not 1 <= page_no <= pages:
+            return not_found(request, f"layer {layer!r} has {pages} page(s) of units; there is no page "
+                                      f"{number[:20]!r}", art, back=layer)
         i = art.layers.index(layer)
+
+        def paged(n: int) -> str:
+            return f"{layer_url(layer)}?page={n}" + (f"&sort={sort}" if sort != "unit" else "")
+
         nav = {"next": unit_url(layer, units[0]) if units else None,
                "prev-layer": layer_url(art.layers[i - 1]) if i > 0 else None,
                "next-layer": layer_url(art.layers[i + 1]) if i + 1 < len(art.layers) else None}
-        thumbs = [{"unit": u, "url": unit_url(layer, u), "img": art.url(art.units.get(layer, {}).get(u))}
-                  for u in units]
+        shown = units[(page_no - 1) * PAGE:page_no * PAGE]
+        thumbs = [{"unit": u, "url": unit_url(layer, u),
+                   "img": art.url(_first_file(layout.unit_thumb(layer, u), art.units.get(layer, {}).get(u))),
+                   "top": stats.get(u) if stats else None} for u in shown]
         return page(request, art=art, kind="layer", title=layer, layer=layer, nav=nav, thumbs=thumbs, note=note,
-                    fig2=art.layer_figure("fig2", layer), fig4=art.layer_figure("fig4", layer))
+                    fig2=art.layer_figure("fig2", layer), fig4=art.layer_figure("fig4", layer),
+                    n_units=len(units), pages=[(n, paged(n)) for n in range(1, pages + 1)], page_no=page_no,
+                    sort=sort, sortable=stats is not None, layer_link=layer_url(layer),
+                    jump=f"{layer_url(layer)}/goto", biggest=max(units) if units else 0)
+
+    async def goto(request: Request) -> Response:
+        """The jump box of a layer page: ``?unit=N`` to that unit's page, or a 404 that links back."""
+        layer, number = request.path_params["layer"], request.query_params.get("unit", "").strip()
+        if number.isdigit() and len(number) <= 9:
+            return RedirectResponse(unit_url(layer, int(number)), status_code=303, headers=HEADERS)
+        return not_found(request, f"{number[:20]!r}{'...' if len(number) > 20 else ''} is not a unit number",
+                         back=layer)
 
     async def unit_page(request: Request) -> Response:
         layer, number = request.path_params["layer"], request.path_params["unit"]
         if not number.isdigit() or len(number) > 9:  # no 5,000-digit number reaches int()
-            return not_found(request, f"{number[:20]!r}{'...' if len(number) > 20 else ''} is not a unit number")
+            return not_found(request, f"{number[:20]!r}{'...' if len(number) > 20 else ''} is not a unit number",
+                             back=layer)
         unit = int(number)
         art = Artifacts(root)
         units = art.layer_units(layer)
         if layer not in art.layers:
-            return not_found(request, f"this run has no figures for layer {layer!r}; its layers: "
-                                      f"{', '.join(art.layers) or 'none yet (run `convscope scan RUN`)'}", art)
+            return missing_layer(request, layer, art)
         if unit not in units:
-            shown = ", ".join(map(str, units[:40])) + (" ..." if len(units) > 40 else "")
-            return not_found(request, f"layer {layer!r} has no unit {unit} in this run; its units: {shown or 'none'}."
-                                      " `convscope scan RUN --units N` projects more units (all with --units 0 or "
-                                      "a large N)", art)
+            listed = ", ".join(map(str, units[:40])) + (" ..." if len(units) > 40 else "")
+            return not_found(request, f"layer {layer!r} has no unit {unit} in this run; its units: "
+                                      f"{listed or 'none'}. `convscope scan RUN` draws every unit (--units N: a "
+                                      "sample of N)", art, back=layer)
         seq = art.sequence()
         i = seq.index((layer, unit))
         li = art.layers.index(layer)
@@ -170,10 +205,21 @@ def make_app(run_dir: str | Path, allowed_hosts: list[str] | tuple[str, ...] | N
         epochs = entry.get("epochs") if isinstance(entry, dict) else None
         if not isinstance(epochs, list) or not all(isinstance(e, int) for e in epochs):
             epochs = None  # a damaged fig4.json: the strip is shown without its epoch labels
+        main, rules = _rules(layout, topk_cache)
+        rule = request.query_params.get("rule", main)
+        if rule not in rules:
+            rule = main
+        drawn = [(r, f"{unit_url(layer, unit)}?rule={r}", r == rule) for r in rules
+                 if layout.unit(layer, unit, None if r == main else r).is_file()]
+        unit_img = art.url(_first_file(layout.unit(layer, unit, None if rule == main else rule)))
+        stats = _unit_classes(layout, topk_cache, layer)
         return page(request, art=art, kind="unit", title=f"{layer} unit {unit}", layer=layer, unit=unit, nav=nav,
-                    unit_img=art.url(art.units.get(layer, {}).get(unit)), note=note,
+                    unit_img=unit_img, rule=rule, rules=drawn if len(drawn) > 1 else [], note=note,
                     evolution_img=art.url(art.evolution.get(layer, {}).get(unit)), epochs=epochs,
-                    top=_top(layout, topk_cache, layer, unit), position=(units.index(unit) + 1, len(units)))
+                    top=_top(layout, topk_cache, layer, unit), position=(units.index(unit) + 1, len(units)),
+                    unit_classes=stats.get(unit) if stats else None,
+                    visual=art.url(_first_file(layout.visualization(layer, unit))),
+                    occluded=_occluded(layout, layer, unit))
 
     def figures(art: Artifacts, only: str | None = None) -> list[dict]:
         return [{"entry": a, "images": [(label_of(p, root), art.url(p)) for p in images],
@@ -202,7 +248,7 @@ def make_app(run_dir: str | Path, allowed_hosts: list[str] | tuple[str, ...] | N
         return FileResponse(target, media_type=media, headers=HEADERS)
 
     routes = [Route("/", index), Route("/figures", figures_page), Route("/figures/{key}", figure_page),
-              Route("/layer/{layer}", layer_page),
+              Route("/layer/{layer}", layer_page), Route("/layer/{layer}/goto", goto),
               Route("/layer/{layer}/unit/{unit}", unit_page), Route("/files/{path:path}", files),
               Mount("/static", app=StaticFiles(directory=STATIC), name="static")]
     hosts = list(dict.fromkeys([*LOCAL_HOSTS, *(allowed_hosts or ())]))
@@ -236,8 +282,9 @@ def _other_figures(layout: Layout) -> list[tuple[object, tuple[list[Path], list[
     return out
 
 
-def _top(layout: Layout, cache: dict, layer: str, unit: int) -> list[dict] | None:
-    """The unit's top-k activations from the scan (value, data-set image index, position), if scanned."""
+def _scan(layout: Layout, cache: dict):
+    """The run's scan (TopK, its metadata), read again only when the file changed; None if there is none or it
+    is damaged (the index names it)."""
     path = layout.topk
     if not path.is_file():
         return None
@@ -245,12 +292,75 @@ def _top(layout: Layout, cache: dict, layer: str, unit: int) -> list[dict] | Non
     if cache.get("key") != key:
         from ..topk import load_topk
 
+        cache.clear()
         try:
             cache["topk"], cache["info"] = load_topk(path)
         except ConvscopeError:
             return None
         cache["key"] = key
-    topk = cache["topk"]
+    return cache["topk"], cache["info"]
+
+
+def _rules(layout: Layout, cache: dict) -> tuple[str, list[str]]:
+    """The scan's main rule and every rule it drew units under."""
+    scanned = _scan(layout, cache)
+    info = scanned[1] if scanned else {}
+    rules = [r for r in info.get("rules") or [info.get("rule") or "deconvnet"] if isinstance(r, str)]
+    return (rules[0] if rules else "deconvnet"), rules or ["deconvnet"]
+
+
+def _unit_classes(layout: Layout, cache: dict, layer: str) -> dict[int, dict] | None:
+    """unit -> its top classes ((name, count) pairs, most first), the share of its top class, and how many images
+    were counted: from the scan's per-class statistics (None where the scan kept none)."""
+    scanned = _scan(layout, cache)
+    if scanned is None or layer not in scanned[0].class_values:
+        return None
+    memo = cache.setdefault("classes", {})
+    if layer not in memo:
+        from ..topk import class_histogram
+
+        names = scanned[1].get("classes") if isinstance(scanned[1].get("classes"), list) else []
+        try:
+            hist = class_histogram(scanned[0], layer)
+        except (RuntimeError, ValueError, IndexError):  # tensors of the wrong shape: shown without classes
+            return None
+        memo[layer] = {}
+        for u, counts in enumerate(hist.tolist()):
+            total = sum(counts)
+            ranked = sorted(((c, i) for i, c in enumerate(counts) if c), reverse=True)[:5]
+            memo[layer][u] = {"classes": [(printable(str(names[i])) if i < len(names) else str(i), c)
+                                          for c, i in ranked],
+                              "share": ranked[0][0] / total if total else 0.0, "counted": total}
+    return memo[layer]
+
+
+def _occluded(layout: Layout, layer: str, unit: int) -> list[dict]:
+    """The images of Fig. 7 whose tracked map is this unit (occlusion ran on it): label, clean activation and the
+    lowest under the grey square."""
+    saved = read_json(layout.figure("fig7", ".json"))
+    images = saved.get("images") if isinstance(saved, dict) else None
+    out = []
+    for i, im in enumerate(images if isinstance(images, list) else []):
+        if isinstance(im, dict) and im.get("layer") == layer and im.get("channel") == unit:
+            grid, clean = im.get("activation"), im.get("activation_clean")
+            values = [v for row in grid if isinstance(row, list) for v in row] if isinstance(grid, list) else []
+            values = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
+            out.append({"image": i, "label": printable(str(im.get("label", "?"))),
+                        "clean": clean if isinstance(clean, int | float) and not isinstance(clean, bool) else None,
+                        "lowest": min(values) if values else None})
+    return out
+
+
+def _first_file(*paths: Path | None) -> Path | None:
+    return next((p for p in paths if p is not None and p.is_file()), None)
+
+
+def _top(layout: Layout, cache: dict, layer: str, unit: int) -> list[dict] | None:
+    """The unit's top-k activations from the scan (value, data-set image index, position), if scanned."""
+    scanned = _scan(layout, cache)
+    if scanned is None:
+        return None
+    topk = scanned[0]
     if layer not in topk.values or unit >= topk.values[layer].shape[0]:
         return None
     return [{"value": float(v), "image": int(i), "position": tuple(p)} for v, i, p in
