@@ -37,6 +37,7 @@ OPTIONS = {
     "correspondence": {"parts_json": "parts.json", "draws": 2},
     "transfer": {"target": "run", "shots": (1,), "folds": 2, "scratch_steps": 2},
     "probe-layers": {"target": "run", "n_per_class": 2},
+    "visualize": {"units": 2, "steps": 8},
 }
 
 
@@ -120,9 +121,21 @@ def check_probes(result, layout):
     assert layout.probe(".md").read_text() == probe_table(result)
 
 
+def check_visualize(result, layout):
+    from convscope.imaging import tensor_to_pil
+
+    saved = json.loads(layout.visualize_numbers.read_text())
+    assert sorted(layout.visualizations()) == sorted(saved) == sorted(result.layers)
+    for layer, vis in result.layers.items():
+        assert saved[layer]["units"] == vis.units.tolist() and saved[layer]["activations"] == vis.activations.tolist()
+        assert saved[layer]["seed"] == 0 and saved[layer]["steps"] == 8
+        for unit, image in zip(vis.units.tolist(), vis.images):
+            assert (png(layout.visualization(layer, unit)) == np.asarray(tensor_to_pil(image))).all()
+
+
 CHECKS = {"scan": check_scan, "evolution": check_evolution, "invariance": check_invariance,
           "filters": check_filters, "occlusion": check_occlusion, "correspondence": check_correspondence,
-          "transfer": check_transfer, "probe-layers": check_probes}
+          "transfer": check_transfer, "probe-layers": check_probes, "visualize": check_visualize}
 RUNNABLE = [a for a in analyses.REGISTRY if a.compute is not None]
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import artifacts, correspondence, evolution, filters, invariance, occlusion, probes, transfer, units
+from . import artifacts, correspondence, evolution, filters, invariance, occlusion, probes, transfer, units, visualize
 from .errors import unknown
 from .layout import Layout
 
@@ -205,6 +205,20 @@ REGISTRY: list[Analysis] = [
               "pool": "Pooling of conv maps to a fixed grid: max or avg.", "grid": "Side of that grid.",
               "seed": "Seed of the examples drawn."},
         summary=probes.probe_table),
+    Analysis(
+        "visualize", "visualize", "Olah et al. 2017", "Feature visualisation by optimisation",
+        "Not in the paper: per unit, the image optimised to excite it most (Adam on a decorrelated Fourier "
+        "parameterisation, jittered, scaled and rotated at every step, as Lucid does). Fig. 2 shows what excites "
+        "a unit among the data's images; this asks the model itself.",
+        files=lambda layout: (list(layout.layer_figures("visualize").values()), []), compute=visualize.compute,
+        write=visualize.write_visualize,
+        help={"layers": _LAYERS + " [conv1..conv5, or the model's stages]",
+              "units": "Units per layer to visualise (a seeded subset); 0 = all.",
+              "objective": "neuron: the unit at the centre of its map (compares with its strongest activation "
+                           "in the data); channel: its mean over the map (a texture).",
+              "steps": "Optimisation steps (Adam, lr 0.05), all of a layer's units in one batch.",
+              "seed": "Seed of the unit subset, the starting images and the random transforms."},
+        summary=visualize.summary),
 ]
 
 

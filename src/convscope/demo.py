@@ -69,6 +69,8 @@ def steps(out: Path, quick: bool) -> list[tuple[str, Callable[[], object]]]:
          lambda: train(replace(compare, renorm=False), out / "compare" / "zfnet_small-norenorm")),
         ("scan and Fig. 2", analysis("scan", units=4 if quick else 0)),
         ("evolution (Fig. 4)", analysis("evolution", units=4 if quick else 8, n_images=500 if quick else 2000)),
+        ("feature visualisation (Olah et al.)",
+         analysis("visualize", units=2 if quick else 8, steps=16 if quick else 256)),
         ("filters (Fig. 6)", analysis("filters")),
         ("occlusion (Fig. 7)", analysis("occlusion", n=n)),
         ("invariance (Fig. 5)", lambda: (analysis("invariance", n=n)(), analysis("invariance", n=n, mode="render")())),
