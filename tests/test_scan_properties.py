@@ -52,7 +52,8 @@ def test_scan_command_writes_the_figures(trained_run, tmp_path):
     _, paths = get("scan").run(open_run(run_dir), layers=["conv2", "conv5"], k=9, split="test", units=4)
     names = sorted(p.relative_to(run_dir).as_posix() for p in paths)
     assert names[:2] == ["figures/fig2_conv2.png", "figures/fig2_conv5.png"]
-    assert len([n for n in names if n.startswith("figures/units/conv5/")]) == 4
+    assert len([n for n in names if n.startswith("figures/units/conv5/unit_")]) == 4
+    assert len([n for n in names if n.startswith("figures/units/conv5/thumb/unit_")]) == 4
     assert not (run_dir / "scan" / "state.pt").exists()
     topk, info = load_topk(run_dir / "scan" / "topk.safetensors")
     assert info["split"] == "test" and topk.seen == 1000 and topk.k == 9

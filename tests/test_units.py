@@ -132,3 +132,36 @@ def test_units_subset_and_bad_input(setup):
         unit_views(model, data, topk, "fc6", [0])
     with pytest.raises(cs.ConvscopeError, match="scanned layers: conv2, conv5, fc6"):
         unit_views(model, data, topk, "conv1", [0])
+
+
+def test_crops_are_exact_and_fall_back_to_whole_images_where_they_are_not(setup):
+    """Units are projected from crops of their receptive fields, batched: the same projections as from whole
+    images. The built-in net's per-pixel mean is told where each crop sits (Normalize.cropped); a model that
+    cannot be told (here: the same net with that hook taken away, so a crop sees the wrong mean) fails the check
+    of the unit's activation, and every projection is made from the whole image instead."""
+    model, data, _ = setup
+    g = torch.Generator().manual_seed(3)
+    model.normalize.mean.copy_(torch.rand(3, 64, 64, generator=g))
+    try:
+        topk = scan(model, data, ["conv2"], k=9, batch_size=8, progress=False)
+        units = torch.arange(0, 64, 9)
+        cropped = unit_views(model, data, topk, "conv2", units)
+        assert cropped.cropped == len(units) * 9  # every projection from a crop of 27 + 3 px
+        model.normalize.cropped = None  # no longer callable: the crops are not told where they sit
+        whole = unit_views(model, data, topk, "conv2", units)
+        assert whole.cropped == 0
+        torch.testing.assert_close(cropped.projections, whole.projections, rtol=1e-4, atol=1e-6)
+        assert torch.equal(cropped.patches, whole.patches) and torch.equal(cropped.boxes, whole.boxes)
+        proj = cs.Projector(model)
+        for u, unit in enumerate(units.tolist()[:3]):
+            i, (r, c) = int(topk.images["conv2"][unit, 0]), topk.positions["conv2"][unit, 0].tolist()
+            full = proj.project(data.batch(torch.tensor([i]))[0], "conv2", channel=unit, position=(r, c))[0]
+            b = whole.boxes[u, 0].tolist()
+            crop = full[:, b[0]:b[2], b[1]:b[3]]
+            top = 27 - crop.shape[1] if b[0] == 0 else 0
+            left = 27 - crop.shape[2] if b[1] == 0 else 0
+            torch.testing.assert_close(cropped.projections[u, 0][:, top:top + crop.shape[1], left:left + crop.shape[2]],
+                                       crop, rtol=1e-4, atol=1e-6)
+    finally:
+        model.normalize.__dict__.pop("cropped", None)
+        model.normalize.mean.zero_()

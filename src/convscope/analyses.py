@@ -206,7 +206,7 @@ REGISTRY: list[Analysis] = [
               "seed": "Seed of the examples drawn."},
         summary=probes.probe_table),
     Analysis(
-        "visualize", "visualize", "Olah et al. 2017", "Feature visualisation by optimisation",
+        "visualize", "visualize", "Olah et al. 2017", "Images optimised to excite each unit",
         "Not in the paper: per unit, the image optimised to excite it most (Adam on a decorrelated Fourier "
         "parameterisation, jittered, scaled and rotated at every step, as Lucid does). Fig. 2 shows what excites "
         "a unit among the data's images; this asks the model itself.",
