@@ -61,7 +61,11 @@ def test_a_damaged_training_record_is_named_and_the_advised_command_rebuilds_it(
     assert command[:2] == ["convscope", "train"]
     r = CliRunner().invoke(main, command[1:])
     assert r.exit_code == 0, r.output
-    assert json.loads((run / file).read_text()) == pytest.approx(good)
+    rebuilt = json.loads((run / file).read_text())
+    pairs = list(zip(rebuilt, good)) if isinstance(good, list) else [(rebuilt, good)]
+    assert len(pairs) == (len(good) if isinstance(good, list) else 1) == (len(rebuilt) if isinstance(good, list) else 1)
+    for new, old in pairs:  # approx per value: newer pytest compares no nested structures
+        assert new.keys() == old.keys() and all(new[k] == pytest.approx(old[k]) for k in old)
     assert damaged(render_report(run)) == ""
 
 
