@@ -16,7 +16,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import artifacts, correspondence, evolution, filters, invariance, occlusion, probes, transfer, units, visualize
+from . import (
+    artifacts,
+    correspondence,
+    distributed,
+    evolution,
+    filters,
+    invariance,
+    occlusion,
+    probes,
+    transfer,
+    units,
+    visualize,
+)
 from .errors import unknown
 from .layout import Layout
 
@@ -44,6 +56,7 @@ class Analysis:
     make: str = ""
     per_layer: bool = False  # Fig. 2 and 4: one panel per layer, and a page per unit in the viewer
     projects: bool = False  # its pictures are projections (what --nonlinearities gradient changes)
+    distributed: bool = False  # its work is split across the processes of torchrun (else rank 0 does it all)
 
     @property
     def command(self) -> str:
@@ -59,11 +72,16 @@ class Analysis:
 
     def run(self, run, **options) -> tuple[Any, list[Path]]:
         """Compute over ``run`` and write into its directory (holding its lock: one writer at a time); the result
-        and the files written."""
-        with artifacts.lock(run.path, f"convscope {self.name}"):
+        and the files written. Under torchrun, rank 0 holds the lock; a distributed analysis splits its work
+        across the ranks, another runs on rank 0 alone (the other ranks return (None, []))."""
+        group = distributed.init()
+        with distributed.locked(run.path, f"convscope {self.name}", group):
+            if not (self.distributed or group.main):
+                return None, []
             result = self.compute(run, **options)
             paths = self.write(result, run.layout)
-            record(run.layout, self.key, paths)
+            if group.main:
+                record(run.layout, self.key, paths)
             return result, paths
 
 
@@ -106,7 +124,7 @@ REGISTRY: list[Analysis] = [
         "Per layer, a subset of feature maps; per map its top-9 activations over the validation set, each "
         "projected to pixels by the deconvnet (left 3x3), beside the image patches under them (right 3x3).",
         files=lambda layout: (list(layout.layer_figures("fig2").values()), []),
-        compute=units.compute, write=units.write_scan, per_layer=True, projects=True,
+        compute=units.compute, write=units.write_scan, per_layer=True, projects=True, distributed=True,
         help={"layers": _LAYERS + " [conv1..conv5, or the model's stages]",
               "k": "Strongest activations kept per feature map.", "split": _SPLIT.replace("val / test", "val"),
               "units": "Units per layer to draw (a seeded subset); 0 = all.", "seed": "Seed of the unit subset.",

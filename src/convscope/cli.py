@@ -188,12 +188,16 @@ def _option(param, analysis) -> click.Option:
 
 def _analysis_command(analysis) -> click.Command:
     def callback(run: str, **options) -> None:
+        from .distributed import init
         from .run import open_run
 
+        main_rank = init().main  # under torchrun, rank 0 speaks for the job
         r = open_run(run)
-        if any(k in options and options[k] is None for k in ("layers", "layer")) and r.names_defaults():
+        if any(k in options and options[k] is None for k in ("layers", "layer")) and r.names_defaults() and main_rank:
             click.echo(r.names_defaults())
         result, paths = analysis.run(r, **options)
+        if not main_rank:
+            return
         if analysis.summary is not None:
             click.echo(analysis.summary(result))
         click.echo(f"wrote {len(paths)} files: " + ", ".join(str(p) for p in paths[:8])

@@ -131,6 +131,11 @@ class Layout:
         """Which units the scan has drawn so far, and for which scan: the drawing's resume state."""
         return self.scan / "drawn.json"
 
+    def of_rank(self, path: Path, rank: int, world: int) -> Path:
+        """A resume state's file for one process of a distributed job (``state.rank1of2.pt``); the file itself
+        for a single process."""
+        return path if world == 1 else path.with_name(f"{path.stem}.rank{rank}of{world}{path.suffix}")
+
     def unit(self, layer: str, unit: int, rule: str | None = None) -> Path:
         """One unit's Fig. 2 tile under the scan's main rule, or under another ``rule`` (in a folder of its name)."""
         folder = self.units / layer if rule is None else self.units / layer / rule

@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import artifacts
+from .distributed import Group
 from .errors import ConvscopeError
 from .forward import eval_mode, run_to_all
 from .layers import site
@@ -44,6 +45,7 @@ class TopK:
     seen: int = 0
     class_values: dict[str, torch.Tensor] = field(default_factory=dict)
     class_images: dict[str, torch.Tensor] = field(default_factory=dict)
+    shards: list[list[int]] = field(default_factory=list)  # per rank of a distributed scan: first, end, scanned
 
     @property
     def layers(self) -> list[str]:
@@ -267,34 +269,52 @@ def _empty_for(model, modules, data, k, n_classes: int = 0, class_k: int = 0) ->
 
 def scan(model: nn.Module, data, layers: Sequence[str], k: int = 9, batch_size: int = 128,
          state_path: str | Path | None = None, save_every: int = 20, progress: bool | None = None,
-         identity: dict | None = None, class_k: int = 0) -> TopK:
+         identity: dict | None = None, class_k: int = 0, group: Group | None = None) -> TopK:
     """Scan a whole data set. With ``state_path``, the partial result is saved every ``save_every`` batches and an
     interrupted scan resumes from it, ending with the same result as an uninterrupted one. ``identity`` (JSON
     values: which split, which model, say) joins the layers, k and sizes in the key a saved state must match; a
     state that does not match, or is damaged, is discarded with a warning and the scan starts over. ``class_k``:
-    also keep each map's top ``class_k`` images per class (see :class:`TopK`)."""
+    also keep each map's top ``class_k`` images per class (see :class:`TopK`).
+
+    ``group`` (several processes, :mod:`convscope.distributed`): this process scans only its shard, saving its
+    own state at ``state_path`` (one per rank), and every rank returns the merge of all shards, which is the
+    single-pass result; ``shards`` records each rank's (first, end, images scanned)."""
     _check(data, layers, k)
     class_k = _class_k(data, layers, class_k)
+    group = group or Group()
     n = len(data)
+    shard = group.shard(n)
     chunk = batch_size * save_every
     done, partial = 0, None
     key = {"layers": list(layers), "k": k, "n": n, "batch_size": batch_size, "class_k": class_k, **(identity or {})}
+    if group.world > 1:
+        key.update(rank=group.rank, world=group.world, shard=[shard.start, shard.stop])
     if state_path is not None and Path(state_path).is_file():
-        done, partial = _resume(Path(state_path), key)
-    bar = tqdm(total=n, initial=done, disable=None if progress is None else not progress, desc="scan", unit="img")
-    while done < n:
-        stop = min(done + chunk, n)
-        part = scan_shard(model, data, torch.arange(done, stop), layers, k, batch_size, class_k=class_k)
+        done, partial = _resume(Path(state_path), key, len(shard))
+    bar = tqdm(total=len(shard), initial=done, disable=None if progress is None else not progress or not group.main,
+               desc="scan", unit="img")
+    while done < len(shard):
+        stop = min(done + chunk, len(shard))
+        part = scan_shard(model, data, torch.arange(shard.start + done, shard.start + stop), layers, k, batch_size,
+                          class_k=class_k)
         partial = part if partial is None else merge([partial, part])
         done = stop
         bar.update(stop - bar.n)
         if state_path is not None:
             artifacts.save_torch(state_path, {"key": key, "done": done, "topk": _to_state(partial)})
     bar.close()
-    return partial
+    if group.world == 1:
+        return partial
+    from .distributed import gather
+
+    parts = gather(partial, group)  # a shard of no image (fewer images than ranks) sends None
+    merged = merge([p for p in parts if p is not None])
+    merged.shards = [[Group(r, group.world).shard(n).start, Group(r, group.world).shard(n).stop,
+                      p.seen if p is not None else 0] for r, p in enumerate(parts)]
+    return merged
 
 
-def _resume(path: Path, key: dict) -> tuple[int, TopK | None]:
+def _resume(path: Path, key: dict, total: int) -> tuple[int, TopK | None]:
     """Where a saved scan left off: (images done, partial result); (0, None), with a warning saying why, for a
     state that is damaged or was left by another scan (another split, layer list, k, model or data): the scan
     then starts over rather than mix the two."""
@@ -312,7 +332,7 @@ def _resume(path: Path, key: dict) -> tuple[int, TopK | None]:
                           "over", stacklevel=3)
             return 0, None
         done, partial = state["done"], _from_state(state["topk"])
-        if isinstance(done, bool) or not isinstance(done, int) or not 0 < done <= key["n"] or partial.seen != done:
+        if isinstance(done, bool) or not isinstance(done, int) or not 0 < done <= total or partial.seen != done:
             raise ValueError(f"it says {done!r} images done")
         for name in key["layers"]:
             if partial.values[name].shape[1] != key["k"] or partial.images[name].shape != partial.values[name].shape:

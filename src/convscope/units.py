@@ -24,9 +24,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import artifacts
+from . import artifacts, distributed
 from .data import seeded_subset
 from .deconvnet import RULES, Projector
+from .distributed import Group, barrier
 from .errors import ConvscopeError, check_int, check_seed, unknown
 from .forward import eval_mode, input_channels, run_to
 from .imaging import caption, make_grid, to_image, upscale
@@ -413,6 +414,7 @@ class ScanResult:
     draw: Callable[[str, torch.Tensor, str], UnitViews]
     seed: int = 0
     classes: list[str] = field(default_factory=list)  # the data's class names (the per-class statistics' order)
+    group: Group = field(default_factory=Group)  # the processes that share the drawing (torchrun)
 
     @property
     def rule(self) -> str:
@@ -455,8 +457,9 @@ def compute(run: Run, layers: list[str] | None = None, k: int = 9, split: str | 
     for r in rules:
         Projector(run.model, r, run.nonlinearities).project(data.batch(torch.tensor([0]))[0], layers[-1])
     identity = {"split": split, "data": data.name, "model": run.fingerprint}
-    topk = scan(run.model, data, layers, k=k, state_path=run.layout.scan_state, progress=progress,
-                identity=identity, class_k=class_k)
+    group = distributed.init()
+    topk = scan(run.model, data, layers, k=k, progress=progress, identity=identity, class_k=class_k, group=group,
+                state_path=run.layout.of_rank(run.layout.scan_state, group.rank, group.world))
     chosen = {layer: select_units(topk.values[layer].shape[0], units or None, seed) for layer in layers}
 
     cache: dict = {}  # each layer's geometry, measured once for all its chunks and rules
@@ -467,15 +470,15 @@ def compute(run: Run, layers: list[str] | None = None, k: int = 9, split: str | 
 
     return ScanResult(topk, split, chosen, rules, run.nonlinearities,
                       {**identity, "layers": layers, "k": k, "rules": rules, "nonlinearities": run.nonlinearities},
-                      draw, seed, list(data.classes))
+                      draw, seed, list(data.classes), group)
 
 
-def _drawn(layout: Layout, identity: dict) -> dict[str, set[int]]:
-    """The units a killed write of this same scan had drawn (layer -> units); nothing for another scan's state."""
+def _drawn(path: Path, identity: dict) -> dict[str, set[int]]:
+    """The units a killed write of this same scan had drawn (layer -> units); nothing for another scan's record."""
     import json
 
     try:
-        state = json.loads(layout.drawn.read_text())
+        state = json.loads(path.read_text())
         if state.get("identity") == identity:
             return {layer: {int(u) for u in units} for layer, units in state["units"].items()}
     except (OSError, ValueError, AttributeError, KeyError, TypeError):
@@ -483,26 +486,28 @@ def _drawn(layout: Layout, identity: dict) -> dict[str, set[int]]:
     return {}
 
 
-def write_scan(result: ScanResult, layout: Layout, ncol: int = 4, progress: bool | None = None) -> list[Path]:
-    """The scan (``scan/topk.safetensors``), every chosen unit's tile under each rule and its thumbnail, and each
-    layer's panel (``fig2_<layer>.png``, a sample of :data:`PANEL` units). Units are drawn a chunk at a time, and
-    ``scan/drawn.json`` records them: a killed write skips what it had drawn when started again. The scan's
-    resume state is removed when all is written."""
+def _tile_paths(result: ScanResult, layout: Layout, layer: str, unit: int) -> list[Path]:
+    return [*(layout.unit(layer, unit, None if r == result.rule else r) for r in result.rules),
+            layout.unit_thumb(layer, unit)]
+
+
+def _draw(result: ScanResult, layout: Layout, mine: dict[str, torch.Tensor], keep: dict[str, list[int]],
+          progress: bool | None) -> dict[str, dict[int, np.ndarray]]:
+    """Draw ``mine`` (layer -> units) a chunk at a time, each unit's tiles and thumbnail written and recorded in
+    this process's drawing record, skipping what a killed write of the same scan recorded; the tiles of the
+    units in ``keep`` (layer -> units) are returned for the layer panels."""
     from tqdm.auto import tqdm
 
-    meta = {"split": result.split, "rule": result.rule, "rules": result.rules,
-            "nonlinearities": result.nonlinearities, "classes": result.classes}
-    paths = [save_topk(layout.topk, result.topk, meta)]
+    record = layout.of_rank(layout.drawn, result.group.rank, result.group.world)
+    done = _drawn(record, result.identity)
     note = {r: gradient_note(r, result.nonlinearities) for r in result.rules}
-    done = _drawn(layout, result.identity)
-    total = sum(len(u) for u in result.units.values())
-    bar = tqdm(total=total, disable=None if progress is None else not progress, desc="draw", unit="unit")
-    for layer, chosen in result.units.items():
-        panel_units = chosen[select_units(len(chosen), PANEL, result.seed)].tolist()
-        panel: dict[int, np.ndarray] = {}
-        todo = torch.tensor([u for u in chosen.tolist() if u not in done.get(layer, set()) or not all(
-            layout.unit(layer, u, None if r == result.rule else r).is_file() for r in result.rules)], dtype=torch.long)
-        bar.update(len(chosen) - len(todo))
+    kept: dict[str, dict[int, np.ndarray]] = {layer: {} for layer in mine}
+    bar = tqdm(total=sum(len(u) for u in mine.values()), desc="draw", unit="unit",
+               disable=(None if progress is None else not progress) or not result.group.main)
+    for layer, units in mine.items():
+        todo = torch.tensor([u for u in units.tolist() if u not in done.get(layer, set())
+                             or not all(p.is_file() for p in _tile_paths(result, layout, layer, u))], dtype=torch.long)
+        bar.update(len(units) - len(todo))
         for start in range(0, len(todo), CHUNK):
             chunk = todo[start:start + CHUNK]
             for rule in result.rules:
@@ -513,23 +518,48 @@ def write_scan(result: ScanResult, layout: Layout, ncol: int = 4, progress: bool
                                          caption(tile, note[rule]))
                     if rule == result.rule:
                         artifacts.save_image(layout.unit_thumb(layer, unit), thumbnail(views, u))
-                        if unit in panel_units:
-                            panel[unit] = tile
+                        if unit in keep.get(layer, ()):
+                            kept[layer][unit] = tile
             done.setdefault(layer, set()).update(chunk.tolist())
-            artifacts.write_json(layout.drawn, {"identity": result.identity,
-                                                "units": {n: sorted(us) for n, us in done.items()}})
+            artifacts.write_json(record, {"identity": result.identity,
+                                          "units": {n: sorted(us) for n, us in done.items()}})
             bar.update(len(chunk))
-        missing = torch.tensor([u for u in panel_units if u not in panel], dtype=torch.long)
-        if len(missing):
-            views = result.draw(layer, missing, result.rule)
-            panel.update({unit: unit_tile(views, u) for u, unit in enumerate(missing.tolist())})
-        picture = layer_grid([panel[u] for u in panel_units], ncol)
-        paths.append(artifacts.save_image(layout.layer_figure("fig2", layer), caption(picture, note[result.rule])))
-        for unit in chosen.tolist():  # drawn now or by the killed write this one resumed
-            paths.extend([*(layout.unit(layer, unit, None if r == result.rule else r) for r in result.rules),
-                          layout.unit_thumb(layer, unit)])
     bar.close()
-    artifacts.remove(layout.scan_state)
+    return kept
+
+
+def write_scan(result: ScanResult, layout: Layout, ncol: int = 4, progress: bool | None = None) -> list[Path]:
+    """The scan (``scan/topk.safetensors``), every chosen unit's tile under each rule and its thumbnail, and each
+    layer's panel (``fig2_<layer>.png``, a sample of :data:`PANEL` units). Units are drawn a chunk at a time, and
+    ``scan/drawn.json`` records them: a killed write skips what it had drawn when started again. The scan's
+    resume state is removed when all is written.
+
+    Under torchrun every rank draws its share of the units (every world-th), with its own record; rank 0 writes
+    the scan, with how many processes made it (``world_size``) and each one's shard, and the panels, and returns
+    the paths (the other ranks an empty list)."""
+    group = result.group
+    panels = {layer: chosen[select_units(len(chosen), PANEL, result.seed)].tolist()
+              for layer, chosen in result.units.items()}
+    paths = []
+    if group.main:
+        meta = {"split": result.split, "rule": result.rule, "rules": result.rules, "world_size": group.world,
+                "nonlinearities": result.nonlinearities, "classes": result.classes, "shards": result.topk.shards}
+        paths.append(save_topk(layout.topk, result.topk, meta))
+    mine = {layer: chosen[group.rank::group.world] for layer, chosen in result.units.items()}
+    kept = _draw(result, layout, mine, panels if group.main else {}, progress)
+    barrier(group)  # every unit drawn before rank 0 lists them
+    if group.main:
+        note = gradient_note(result.rule, result.nonlinearities)
+        for layer, chosen in result.units.items():
+            missing = torch.tensor([u for u in panels[layer] if u not in kept[layer]], dtype=torch.long)
+            if len(missing):  # drawn by another rank, or by the killed write this one resumed
+                views = result.draw(layer, missing, result.rule)
+                kept[layer].update({unit: unit_tile(views, u) for u, unit in enumerate(missing.tolist())})
+            picture = layer_grid([kept[layer][u] for u in panels[layer]], ncol)
+            paths.append(artifacts.save_image(layout.layer_figure("fig2", layer), caption(picture, note)))
+            for unit in chosen.tolist():
+                paths.extend(_tile_paths(result, layout, layer, unit))
+    artifacts.remove(layout.of_rank(layout.scan_state, group.rank, group.world))
     return paths
 
 

@@ -1,0 +1,107 @@
+"""One command on several processes (``torchrun --nproc-per-node N -m convscope scan RUN``): the ranks, their
+shards, and the collectives that join their partial results.
+
+torchrun starts N copies of the command with ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` set;
+:func:`init` joins them into one ``torch.distributed`` group (gloo on the CPU, NCCL on CUDA). Without torchrun
+everything here is a group of one and costs nothing. The scan's partial results are exact to merge
+(:func:`convscope.topk.merge`), so every rank scans a contiguous shard of the images and :func:`gather_merge`
+gives every rank the single-pass result. One process writes into a run: rank 0 holds the run's lock for the
+whole job, and the other ranks stop with rank 0's message when it cannot take it (:func:`locked`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from . import artifacts
+from .errors import ConvscopeError
+
+TIMEOUT = timedelta(minutes=30)  # how long a rank waits for the others at a collective before giving up
+
+
+@dataclass(frozen=True)
+class Group:
+    """This process's ``rank`` among ``world`` processes (rank 0 writes the run's files)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, n: int) -> range:
+        """This rank's images of ``n``: a contiguous block, the blocks in rank order covering 0..n-1 once."""
+        return range(self.rank * n // self.world, (self.rank + 1) * n // self.world)
+
+
+def init(device: torch.device | str = "cpu") -> Group:
+    """Join the processes torchrun started (once per process), or a group of one without torchrun. A rank that
+    cannot reach the others is an error that says so."""
+    if dist.is_available() and dist.is_initialized():
+        return Group(dist.get_rank(), dist.get_world_size())
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return Group()
+    rank = int(os.environ.get("RANK", "0"))
+    backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
+    try:
+        dist.init_process_group(backend, timeout=TIMEOUT)
+    except (RuntimeError, ValueError, OSError) as e:
+        where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        raise ConvscopeError(f"rank {rank} of {world} cannot reach the other processes at {where} ({e}); start "
+                             "every process with the same torchrun command (--nproc-per-node, --nnodes, "
+                             "--rdzv-endpoint)") from None
+    return Group(dist.get_rank(), dist.get_world_size())
+
+
+def broadcast(obj, group: Group):
+    """Rank 0's ``obj`` on every rank."""
+    if group.world == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather(obj, group: Group) -> list:
+    """Every rank's ``obj``, in rank order, on every rank."""
+    if group.world == 1:
+        return [obj]
+    out = [None] * group.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier(group: Group) -> None:
+    if group.world > 1:
+        dist.barrier()
+
+
+@contextmanager
+def locked(folder: str | os.PathLike, what: str, group: Group) -> Iterator[None]:
+    """Rank 0 holds ``folder``'s lock (:func:`convscope.artifacts.lock`) while every rank works; when it cannot
+    take it (another job writes the run), every rank stops with its message before anything is written."""
+    with ExitStack() as stack:
+        error = None
+        if group.main:
+            try:
+                stack.enter_context(artifacts.lock(Path(folder), what))
+            except ConvscopeError as e:
+                error = str(e)
+        error = broadcast(error, group)
+        if error is not None:
+            raise ConvscopeError(error)
+        yield
+        barrier(group)  # rank 0 lets go of the lock only when every rank is done
+
+
+__all__ = ["Group", "barrier", "broadcast", "gather", "init", "locked"]
