@@ -131,8 +131,11 @@ def train(out: str, **kw) -> None:
 
     cfg = _resolve(**kw)
     result = run_train(cfg, out)
-    click.echo(f"{cfg.model} on {cfg.data}: {run_summary(result.metrics, result.test)}")
-    click.echo(f"run directory: {Path(out).resolve()}")
+    from .distributed import init
+
+    if init().main:  # under torchrun, rank 0 speaks for the job
+        click.echo(f"{cfg.model} on {cfg.data}: {run_summary(result.metrics, result.test)}")
+        click.echo(f"run directory: {Path(out).resolve()}")
 
 
 @main.command()

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import artifacts
+from . import artifacts, distributed
 from .checkpoint import load_state, save_state, save_weights
 from .config import TrainConfig
 from .data import SPLITS, ImageSet, Splits
@@ -151,12 +151,26 @@ def train(cfg: TrainConfig, run_dir: str | Path, splits: Splits | None = None,
     layout = Layout(run_dir)
     cfg.validate()
     cfg.data_spec().check()
-    check_run_dir(layout, cfg)  # a foreign directory is refused before the lock leaves a trace in it
-    with artifacts.lock(layout.root, f"convscope train {cfg.model} on {cfg.data}"):
-        artifacts.clean(layout.root)  # what a write killed half-way left
-        resuming = prepare_run(layout.root, cfg)
+    group = distributed.init(_device())
+    if group.main:
+        check_run_dir(layout, cfg)  # a foreign directory is refused before the lock leaves a trace in it
+    with distributed.locked(layout.root, f"convscope train {cfg.model} on {cfg.data}", group):
+        if group.main:
+            artifacts.clean(layout.root)  # what a write killed half-way left
+            prepare_run(layout.root, cfg)
+        distributed.barrier(group)  # the run directory exists before any rank reads it
+        resuming = check_run_dir(layout, cfg)
         finished = _finished(layout) if resuming else None
-        return finished or _train(cfg, layout, splits or load_data(cfg), resuming, progress)
+        return finished or _train(cfg, layout, splits or load_data(cfg), resuming, progress, group)
+
+
+def _device(group: distributed.Group | None = None) -> torch.device:
+    """This process's device: its own GPU under torchrun (LOCAL_RANK), the GPU, or the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    import os
+
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def _finished(layout: Layout) -> TrainResult | None:
@@ -195,9 +209,17 @@ def result_ok(value) -> bool:
     return _numbers(value, ("loss", "top1_err", "top5_err"))
 
 
-def _train(cfg: TrainConfig, layout: Layout, splits: Splits, resuming: bool, progress: bool | None) -> TrainResult:
+def _train(cfg: TrainConfig, layout: Layout, splits: Splits, resuming: bool, progress: bool | None,
+           group: distributed.Group | None = None) -> TrainResult:
+    """The epochs from where the run stands. Under torchrun (``group`` of several processes) the model is wrapped
+    in DistributedDataParallel: every rank takes its share of each global batch (the batch size stays the
+    config's), the gradients are averaged, the filters renormalised alike on every rank, the metrics summed
+    across ranks, and rank 0 alone writes."""
+    group = group or distributed.Group()
     classes = splits.train.classes
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device(group)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     model = build_model(cfg, splits).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -210,32 +232,36 @@ def _train(cfg: TrainConfig, layout: Layout, splits: Splits, resuming: bool, pro
         metrics, start = resume(layout.state, cfg, model, optimizer, scheduler)
     if cfg.renorm and start == 0:
         renormalize_filters_(model, cfg.renorm_radius)
+    trained = model
+    if group.world > 1:  # the same start everywhere: DDP broadcasts rank 0's parameters
+        trained = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
     for epoch in range(start + 1, cfg.epochs + 1):
         t0 = time.perf_counter()
-        loss, err = train_epoch(model, splits.train, cfg, epoch, optimizer, progress)
-        val = evaluate(model, splits.val)
+        loss, err = train_epoch(trained, splits.train, cfg, epoch, optimizer, progress, group)
+        val = evaluate(model, splits.val)  # the same weights on every rank: the same numbers, no exchange
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step(val["top1_err"])
         metrics.append({"epoch": epoch, "lr": lr, "train_loss": loss, "train_top1_err": err,
                         "val_loss": val["loss"], "val_top1_err": val["top1_err"], "val_top5_err": val["top5_err"],
                         "seconds": time.perf_counter() - t0})
-        # metrics and epoch weights first, the state last: the state is the commit point a resume starts from
-        artifacts.write_json(layout.metrics, metrics)
-        if epoch in cfg.save_epochs:
-            save_weights(layout.checkpoint(epoch), model, cfg.to_dict(), epoch, len(classes), classes)
-        save_state(layout.state, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                  "scheduler": scheduler.state_dict(), "metrics": metrics, "epoch": epoch,
-                                  "config": cfg.to_dict()})
-    if _read(layout.metrics) != json.loads(json.dumps(metrics)):  # missing or damaged: the state has them
-        artifacts.write_json(layout.metrics, metrics)
+        if group.main:  # metrics and epoch weights first, the state last: the state is the commit point
+            artifacts.write_json(layout.metrics, metrics)
+            if epoch in cfg.save_epochs:
+                save_weights(layout.checkpoint(epoch), model, cfg.to_dict(), epoch, len(classes), classes)
+            save_state(layout.state, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                      "scheduler": scheduler.state_dict(), "metrics": metrics, "epoch": epoch,
+                                      "config": cfg.to_dict()})
     test = _read(layout.test)
+    if group.main and _read(layout.metrics) != json.loads(json.dumps(metrics)):  # missing or damaged
+        artifacts.write_json(layout.metrics, metrics)
     if not result_ok(test) or not layout.final.is_file():
         # test result first, final weights last: the final weights say the run is finished, so a kill between the
         # two leaves a run that the same command finishes (it resumes from the state of the last epoch)
         test = evaluate(model, splits.test)
-        artifacts.write_json(layout.test, test)
-        save_weights(layout.final, model, cfg.to_dict(), cfg.epochs, len(classes), classes)
+        if group.main:
+            artifacts.write_json(layout.test, test)
+            save_weights(layout.final, model, cfg.to_dict(), cfg.epochs, len(classes), classes)
     return TrainResult(layout.root, model.eval(), classes, metrics, test)
 
 
@@ -279,10 +305,15 @@ def configure_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
 
 
 def train_epoch(model: nn.Module, data: ImageSet, cfg: TrainConfig, epoch: int, optimizer: torch.optim.Optimizer,
-                progress: bool | None = None) -> tuple[float, float]:
+                progress: bool | None = None, group: distributed.Group | None = None) -> tuple[float, float]:
     """One epoch of the paper's recipe; returns the running loss and top-1 error. Shuffling and augmentation
     come from a generator seeded by (seed, epoch), dropout from the global one seeded alike inside
-    ``fork_rng`` (the caller's generator state is left as it was), so a resumed run repeats the epoch exactly."""
+    ``fork_rng`` (the caller's generator state is left as it was), so a resumed run repeats the epoch exactly.
+
+    Under torchrun (``group``; ``model`` wrapped in DistributedDataParallel) every rank draws the same order and
+    augments the whole global batch alike, then trains on its own contiguous part of it; dropout is seeded per
+    rank. The running loss and error are summed over the ranks."""
+    group = group or distributed.Group()
     device = next(model.parameters()).device
     n = len(data)
     steps = math.ceil(n / cfg.batch_size)
@@ -290,18 +321,26 @@ def train_epoch(model: nn.Module, data: ImageSet, cfg: TrainConfig, epoch: int, 
     order = torch.randperm(n, generator=g)
     seen = wrong = 0
     loss_sum = 0.0
-    bar = tqdm(range(steps), desc=f"epoch {epoch}/{cfg.epochs}", disable=None if progress is None else not progress,
-               leave=False, unit="batch")
+    bar = tqdm(range(steps), desc=f"epoch {epoch}/{cfg.epochs}", leave=False, unit="batch",
+               disable=(None if progress is None else not progress) or not group.main)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(_seeded(cfg.seed, epoch) + 1)  # dropout
+        torch.manual_seed(_seeded(cfg.seed, epoch) + 1 + 7919 * group.rank)  # dropout
         model.train()
         for step in bar:
             x, y = data.batch(order[step * cfg.batch_size:(step + 1) * cfg.batch_size])
             x = random_crop_flip(x, cfg.crop_pad, g) if (cfg.crop_pad or cfg.flip) else x
+            batch = len(y)
+            mine = group.shard(batch)
+            x, y = x[mine.start:mine.stop], y[mine.start:mine.stop]
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with _autocast(device):
                 logits = model(x).float()
-            loss = F.cross_entropy(logits, y)
+            if group.world == 1:
+                loss = F.cross_entropy(logits, y)
+                local_sum = loss.item() * len(y)
+            else:  # DDP averages the ranks' gradients: each scaled so that they make the global batch's mean
+                total = F.cross_entropy(logits, y, reduction="sum")
+                loss, local_sum = total * (group.world / batch), total.item()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -309,8 +348,11 @@ def train_epoch(model: nn.Module, data: ImageSet, cfg: TrainConfig, epoch: int, 
                 renormalize_filters_(model, cfg.renorm_radius)
             seen += len(y)
             wrong += (logits.argmax(1) != y).sum().item()
-            loss_sum += loss.item() * len(y)
+            loss_sum += local_sum
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", err=f"{wrong / seen:.3f}")
+    if group.world > 1:
+        totals = distributed.gather((loss_sum, wrong, seen), group)
+        loss_sum, wrong, seen = (sum(t[i] for t in totals) for i in range(3))
     if not math.isfinite(loss_sum):
         raise ConvscopeError(f"training diverged at epoch {epoch} (loss is {loss_sum}); lower lr")
     return loss_sum / seen, wrong / seen
