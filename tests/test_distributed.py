@@ -77,6 +77,21 @@ def test_a_run_another_job_writes_is_refused_by_every_rank(copied_run):
     assert sorted(p.relative_to(copied_run) for p in copied_run.rglob("*")) == before
 
 
+def test_a_rank_that_cannot_reach_the_others_says_so_and_writes_nothing(copied_run):
+    before = sorted(p.relative_to(copied_run) for p in copied_run.rglob("*"))
+    env = {**os.environ, "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "CONVSCOPE_DIST_TIMEOUT": "2"}  # nobody listens: no rank 0
+    r = subprocess.run([sys.executable, "-m", "convscope", "scan", str(copied_run)], capture_output=True,
+                       text=True, env=env, timeout=300)
+    assert r.returncode == 2 and "error: rank 1 of 2 cannot reach the other processes at 127.0.0.1:" in r.stderr
+    assert "within 2 s" in r.stderr and "Traceback" not in r.stderr
+    assert sorted(p.relative_to(copied_run) for p in copied_run.rglob("*")) == before
+    env["CONVSCOPE_DIST_TIMEOUT"] = "soon"
+    r = subprocess.run([sys.executable, "-m", "convscope", "scan", str(copied_run)], capture_output=True,
+                       text=True, env=env, timeout=300)
+    assert r.returncode == 2 and "CONVSCOPE_DIST_TIMEOUT must be a whole number of seconds" in r.stderr
+
+
 def _rank(rank: int, port: int, run_dir: str, die_after: int, counts: str) -> None:
     """One rank of a 2-process scan (as torchrun would start it), saving its state every batch of 50 images;
     rank 1 dies (os._exit, as under SIGKILL) when it asks for batch ``die_after`` (0: never)."""

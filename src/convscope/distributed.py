@@ -24,7 +24,7 @@ import torch.distributed as dist
 from . import artifacts
 from .errors import ConvscopeError
 
-TIMEOUT = timedelta(minutes=30)  # how long a rank waits for the others at a collective before giving up
+TIMEOUT = 1800  # seconds a rank waits for the others (to join, at a collective); CONVSCOPE_DIST_TIMEOUT sets it
 
 
 @dataclass(frozen=True)
@@ -53,13 +53,18 @@ def init(device: torch.device | str = "cpu") -> Group:
         return Group()
     rank = int(os.environ.get("RANK", "0"))
     backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
+    seconds = os.environ.get("CONVSCOPE_DIST_TIMEOUT", str(TIMEOUT))
+    if not seconds.isdigit() or not 1 <= int(seconds) <= 7 * 86400:
+        raise ConvscopeError(f"CONVSCOPE_DIST_TIMEOUT must be a whole number of seconds from 1 to a week, got "
+                             f"{seconds[:20]!r}")
     try:
-        dist.init_process_group(backend, timeout=TIMEOUT)
+        dist.init_process_group(backend, timeout=timedelta(seconds=int(seconds)))
     except (RuntimeError, ValueError, OSError) as e:
         where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
-        raise ConvscopeError(f"rank {rank} of {world} cannot reach the other processes at {where} ({e}); start "
-                             "every process with the same torchrun command (--nproc-per-node, --nnodes, "
-                             "--rdzv-endpoint)") from None
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ConvscopeError(f"rank {rank} of {world} cannot reach the other processes at {where} within "
+                             f"{seconds} s ({first}); start every process with the same torchrun command "
+                             "(--nproc-per-node, --nnodes, --rdzv-endpoint)") from None
     return Group(dist.get_rank(), dist.get_world_size())
 
 
