@@ -75,8 +75,9 @@ TINY_ARGS = {"widths": [8, 8, 12, 12, 8], "fc": [16, 16]}  # a narrow zfnet_smal
 
 @pytest.fixture(scope="session")
 def tiny_files(tmp_path_factory):
-    """The user's files for a tiny attached run: 30 synthetic images (face, car, house) in an ImageFolder, a
-    parts file for the faces (their ground-truth eyes and nose), and two epoch checkpoints of TINY_ARGS."""
+    """The user's files for a tiny attached run: 30 synthetic images (face, car, house) in an ImageFolder, their
+    object masks (``masks/<class>/<name>.png``), a parts file for the faces (their ground-truth eyes and nose),
+    and two epoch checkpoints of TINY_ARGS."""
     import json
 
     import torch
@@ -92,6 +93,9 @@ def tiny_files(tmp_path_factory):
         folder = root / "images" / classes[int(data.labels[i])]
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(data.images[i].permute(1, 2, 0).numpy()).save(folder / f"{i:03d}.png")
+        masks = root / "masks" / classes[int(data.labels[i])]
+        masks.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(data.truth.masks[i].numpy().astype("uint8") * 255).save(masks / f"{i:03d}.png")
     faces = [i for i in range(len(data)) if classes[int(data.labels[i])] == "face"]
     parts = {name: [data.truth.parts[name][i].tolist() for i in faces] for name in ("left_eye", "right_eye", "nose")}
     (root / "parts.json").write_text(json.dumps({

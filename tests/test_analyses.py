@@ -21,7 +21,7 @@ from convscope.layout import Layout
 def tiny(tiny_files, tmp_path_factory):
     """A zfnet_small (narrow, untrained, seeded) attached to the tiny folder of synthetic images."""
     root = tmp_path_factory.mktemp("tiny")
-    for name in ("images", "parts.json", "epochs"):
+    for name in ("images", "masks", "parts.json", "epochs"):
         (root / name).symlink_to(tiny_files / name)
     run = cs.attach("zfnet_small", "folder", root / "run", data_root=root / "images", model_args=TINY_ARGS)
     assert run.image_size == 64 and run.classes == ["car", "face", "house"]
@@ -37,6 +37,7 @@ OPTIONS = {
     "correspondence": {"parts_json": "parts.json", "draws": 2},
     "transfer": {"target": "run", "shots": (1,), "folds": 2, "scratch_steps": 2},
     "probe-layers": {"target": "run", "n_per_class": 2},
+    "pointing": {"n": 6, "masks": "masks"},
     "visualize": {"units": 2, "steps": 8},
 }
 
@@ -133,7 +134,16 @@ def check_visualize(result, layout):
             assert (png(layout.visualization(layer, unit)) == np.asarray(tensor_to_pil(image))).all()
 
 
-CHECKS = {"scan": check_scan, "evolution": check_evolution, "invariance": check_invariance,
+def check_pointing(result, layout):
+    from convscope.pointing import pointing_table
+
+    saved = json.loads(layout.figure("pointing", ".json").read_text())
+    assert saved["accuracy"] == json.loads(json.dumps(result.table())) and len(saved["labels"]) == 6
+    assert saved["hits"]["deconvnet"]["true"] == result.hits["deconvnet"]["true"].tolist()
+    assert layout.figure("pointing", ".md").read_text() == pointing_table(result)
+
+
+CHECKS = {"pointing": check_pointing, "scan": check_scan, "evolution": check_evolution, "invariance": check_invariance,
           "filters": check_filters, "occlusion": check_occlusion, "correspondence": check_correspondence,
           "transfer": check_transfer, "probe-layers": check_probes, "visualize": check_visualize}
 RUNNABLE = [a for a in analyses.REGISTRY if a.compute is not None]
@@ -148,7 +158,7 @@ def test_every_registered_analysis_is_checked():
 @pytest.mark.parametrize("analysis", RUNNABLE, ids=[a.name for a in RUNNABLE])
 def test_analysis_writes_what_it_computed(analysis, tiny):
     run = cs.open_run(tiny / "run")
-    options = {k: str(tiny / v) if k in ("checkpoints", "parts_json") else v
+    options = {k: str(tiny / v) if k in ("checkpoints", "parts_json", "masks") else v
                for k, v in OPTIONS[analysis.name].items()}
     result, paths = analysis.run(run, **options)
     assert paths and all(p.is_file() and p.is_relative_to(run.path) for p in paths)

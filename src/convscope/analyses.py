@@ -24,6 +24,7 @@ from . import (
     filters,
     invariance,
     occlusion,
+    pointing,
     probes,
     transfer,
     units,
@@ -223,6 +224,20 @@ REGISTRY: list[Analysis] = [
               "pool": "Pooling of conv maps to a fixed grid: max or avg.", "grid": "Side of that grid.",
               "seed": "Seed of the examples drawn."},
         summary=probes.probe_table),
+    Analysis(
+        "pointing", "pointing", "TorchRay's pointing game", "Does a class's map point at its object?",
+        "Not in the paper: for each image and its class (true, and predicted), the maximum of each method's map "
+        "(deconvnet, guided, gradient: TorchRay's protocol; occlusion; the image centre as the baseline) is a hit "
+        "when it lies within 15 px at 224 of the object. Mean accuracy over classes, on all images and on the "
+        "difficult ones (small, off-centre objects), beside TorchRay's VGG-16 on VOC07, where the deconvnet is "
+        "below the centre baseline.",
+        files=lambda layout: ([], _existing(layout.figure("pointing", ".md"))), compute=pointing.compute,
+        write=pointing.write_pointing, projects=True,
+        help={"n": "How many images (the first of the split).", "split": _SPLIT,
+              "masks": "A folder of object masks for your own images: <class>/<image name>.png, white on the "
+                       "object. [the embedded data's own masks]",
+              "batch_size": "Images per forward and backward pass."},
+        summary=pointing.pointing_table),
     Analysis(
         "visualize", "visualize", "Olah et al. 2017", "Images optimised to excite each unit",
         "Not in the paper: per unit, the image optimised to excite it most (Adam on a decorrelated Fourier "

@@ -135,6 +135,15 @@ def penultimate(infos: list[ModuleInfo], logits_shape: tuple[int, ...]) -> str |
     return ordered[-1].name if ordered else None
 
 
+def output_layer(infos: list[ModuleInfo], logits_shape: tuple[int, ...]) -> str:
+    """The module whose output is the model's: the last (called once) to finish with the logits' shape."""
+    found = [i.name for i in _by_order(infos) if i.shape == tuple(logits_shape)]
+    if not found:
+        raise ConvscopeError("found no module whose output is the model's logits (the model computes them outside "
+                             "any module); wrap the last step in a module")
+    return found[-1]
+
+
 def map_layers(model: nn.Module, infos: list[ModuleInfo]) -> list[str]:
     """The layers with feature maps the analyses show by default: conv1..conv5, or the model's stages."""
     aliases = getattr(model, "paper_layers", {})

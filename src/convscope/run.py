@@ -178,6 +178,10 @@ class Run:
         """The paper's layer 7 (fc7), or the model's penultimate module (the last before the logits)."""
         return layers.vector_layer(self.model, self.modules, len(self.classes))
 
+    def output_layer(self) -> str:
+        """The module whose output is the model's logits (a class's map starts there)."""
+        return layers.output_layer(self.modules, (1, len(self.classes)))
+
     def feature_layers(self) -> list[str]:
         """Every layer whose features the probes read by default: conv1..fc7, or the stages and the penultimate."""
         return layers.feature_layers(self.model, self.modules, len(self.classes))
