@@ -38,6 +38,7 @@ OPTIONS = {
     "transfer": {"target": "run", "shots": (1,), "folds": 2, "scratch_steps": 2},
     "probe-layers": {"target": "run", "n_per_class": 2},
     "pointing": {"n": 6, "masks": "masks"},
+    "sanity": {"n": 2},
     "visualize": {"units": 2, "steps": 8},
 }
 
@@ -143,7 +144,18 @@ def check_pointing(result, layout):
     assert layout.figure("pointing", ".md").read_text() == pointing_table(result)
 
 
-CHECKS = {"pointing": check_pointing, "scan": check_scan, "evolution": check_evolution, "invariance": check_invariance,
+def check_sanity(result, layout):
+    from convscope.sanity import sanity_figure, sanity_table
+
+    saved = json.loads(layout.figure("sanity", ".json").read_text())
+    assert saved["layers"] == result.layers and saved["mean"] == json.loads(json.dumps(result.table()))
+    assert saved["per_image"]["guided"]["spearman_abs"] == result.spearman_abs["guided"].tolist()
+    assert layout.figure("sanity", ".md").read_text() == sanity_table(result)
+    assert (png(layout.figure("sanity")) == sanity_figure(result)).all()
+
+
+CHECKS = {"pointing": check_pointing, "sanity": check_sanity,
+          "scan": check_scan, "evolution": check_evolution, "invariance": check_invariance,
           "filters": check_filters, "occlusion": check_occlusion, "correspondence": check_correspondence,
           "transfer": check_transfer, "probe-layers": check_probes, "visualize": check_visualize}
 RUNNABLE = [a for a in analyses.REGISTRY if a.compute is not None]

@@ -19,7 +19,7 @@ def test_quick_demo_runs_every_step_and_resumes(tmp_path):
     assert set(timings) == {
         "train zfnet_small", "train alexnet_small (Fig. 6)", "train zfnet_small without renormalisation (Fig. 6)",
         "scan and Fig. 2", "evolution (Fig. 4)", "feature visualisation (Olah et al.)", "filters (Fig. 6)",
-        "occlusion (Fig. 7)", "pointing game (TorchRay)", "invariance (Fig. 5)",
+        "occlusion (Fig. 7)", "pointing game (TorchRay)", "sanity check (Adebayo et al.)", "invariance (Fig. 5)",
         "correspondence (Table 1)", "probes (Table 7)", "transfer to digits (Tables 4-5, Fig. 9)",
         "pretrain zfnet_small on six classes (transfer)", "transfer to held-out classes (Tables 4-5, Fig. 9)",
         "ablation on pairs (Table 3)", "report",

@@ -26,6 +26,7 @@ from . import (
     occlusion,
     pointing,
     probes,
+    sanity,
     transfer,
     units,
     visualize,
@@ -238,6 +239,20 @@ REGISTRY: list[Analysis] = [
                        "object. [the embedded data's own masks]",
               "batch_size": "Images per forward and backward pass."},
         summary=pointing.pointing_table),
+    Analysis(
+        "sanity", "sanity", "Adebayo et al. 2018", "Sanity check: the maps when the weights are randomised",
+        "Not in the paper: the model's modules re-initialised from the top down, one more at a time (Quantus's "
+        "MPRT), and each method's map of the same images compared with the trained model's (Spearman rank "
+        "correlation of the absolute maps). A map that barely changes shows the image or the architecture, not "
+        "what the network learnt: the deconvnet's critique (Adebayo et al. 2018, Nie et al. 2018), measured on "
+        "this model.",
+        files=lambda layout: (_existing(layout.figure("sanity")), _existing(layout.figure("sanity", ".md"))),
+        compute=sanity.compute, write=sanity.write_sanity, projects=True,
+        help={"n": "How many images (the first of the split).", "split": _SPLIT,
+              "order": "top_down: cascading, the layers above stay randomised (Adebayo's cascade); independent: "
+                       "one layer at a time.",
+              "seed": "Seed of the re-initialisation (Quantus's: torch seeded at seed + 1 per layer)."},
+        summary=sanity.sanity_table),
     Analysis(
         "visualize", "visualize", "Olah et al. 2017", "Images optimised to excite each unit",
         "Not in the paper: per unit, the image optimised to excite it most (Adam on a decorrelated Fourier "

@@ -74,6 +74,7 @@ def steps(out: Path, quick: bool) -> list[tuple[str, Callable[[], object]]]:
         ("filters (Fig. 6)", analysis("filters")),
         ("occlusion (Fig. 7)", analysis("occlusion", n=n)),
         ("pointing game (TorchRay)", analysis("pointing", n=10 if quick else 100)),
+        ("sanity check (Adebayo et al.)", analysis("sanity", n=2 if quick else 4)),
         ("invariance (Fig. 5)", lambda: (analysis("invariance", n=n)(), analysis("invariance", n=n, mode="render")())),
         ("correspondence (Table 1)", analysis("correspondence", draws=2 if quick else 10)),
         ("probes (Table 7)", analysis("probe-layers", n_per_class=5 if quick else 30)),
