@@ -32,7 +32,6 @@ from . import artifacts
 from .deconvnet import Projector
 from .errors import ConvscopeError, check_int, check_seed, unknown
 from .forward import eval_mode
-from .imaging import make_grid, to_image, upscale
 from .layout import Layout
 from .occlusion import as_fill, occlude, square_positions
 
@@ -190,18 +189,30 @@ def compute(run: Run, n: int = 8, split: str | None = None, order: str = "top_do
                         measures["ssim"], measures["image"])
 
 
-def sanity_figure(result: SanityResult, image: int = 0, min_side: int = 48) -> np.ndarray:
-    """Adebayo et al.'s layout for one image: rows the methods, columns the trained model then each step of
-    randomisation (the image first, at the left of every row)."""
-    rows = []
-    picture = (result.images[image].clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    for method, steps in result.maps.items():
-        cells = [upscale(picture, min_side)]
-        for s in steps:
-            m = s[image].abs().amax(0, keepdim=True).expand(3, -1, -1) if method != "occlusion" else s[image]
-            cells.append(upscale(to_image(m), min_side))
-        rows.extend(cells)
-    return make_grid(rows, nrow=len(result.maps[METHODS[0]]) + 1, pad=3, fill=255)
+def sanity_figure(result: SanityResult, image: int = 0):
+    """Adebayo et al.'s layout for one image: rows the methods, columns the image, the trained model's map, then
+    the map after each step of randomisation (|map|, largest over colours; occlusion: the drop of p(class))."""
+    from matplotlib.figure import Figure
+
+    steps = len(result.layers) + 1
+    fig = Figure(figsize=(1.1 * (steps + 1), 1.2 * len(result.maps) + 0.6))
+    axes = fig.subplots(len(result.maps), steps + 1, squeeze=False)
+    picture = result.images[image].clamp(0, 1).permute(1, 2, 0).numpy()
+    titles = ["image", "trained", *(f"-{(name or 'all').split('.')[-1]}" for name in result.layers)]
+    for row, (method, maps) in zip(axes, result.maps.items()):
+        row[0].imshow(picture)
+        row[0].set_ylabel(method, fontsize=8)
+        for ax, m in zip(row[1:], maps):
+            ax.imshow(m[image].abs().amax(0).numpy(), cmap="gray")
+        for ax in row:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    for ax, title in zip(axes[0], titles):
+        ax.set_title(title, fontsize=7)
+    fig.suptitle(f"Cascading randomisation ({result.order}, seed {result.seed}): each column re-initialises one more "
+                 "module from the top", fontsize=8)
+    fig.tight_layout()
+    return fig
 
 
 def sanity_table(result: SanityResult) -> str:
@@ -224,7 +235,7 @@ def write_sanity(result: SanityResult, layout: Layout) -> list[Path]:
                "per_image": {m: {"spearman_abs": result.spearman_abs[m].tolist(),
                                  "spearman": result.spearman[m].tolist(), "ssim": result.ssim[m].tolist(),
                                  "image_correlation": result.image_correlation[m].tolist()} for m in result.maps}}
-    return [artifacts.save_image(layout.figure("sanity"), sanity_figure(result)),
+    return [artifacts.save_figure(layout.figure("sanity"), sanity_figure(result)),
             artifacts.write_text(layout.figure("sanity", ".md"), sanity_table(result)),
             artifacts.write_json(layout.figure("sanity", ".json"), numbers)]
 
