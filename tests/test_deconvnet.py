@@ -311,6 +311,28 @@ def test_batch_rows_are_independent(small):
     assert torch.allclose(proj.project(x[:1], "conv4", channel=9)[0], both[0], atol=1e-7, rtol=1e-5)
 
 
+@pytest.mark.parametrize("rule", RULES)
+def test_project_at_seeds_each_image_at_its_own_unit_and_returns_its_value(small, rule):
+    """One forward and backward for a batch where image i is seeded at (channel i, position i): the same
+    projections as one call per image, and the seeded activations' values."""
+    model, x = small
+    proj = Projector(model, rule)
+    channels, positions = torch.tensor([9, 30]), torch.tensor([[1, 2], [3, 0]])
+    got, values = proj.project_at(x, "conv4", channels, positions)
+    act = activation(model, "conv4", x)
+    for i in range(2):
+        one = proj.project(x[i:i + 1], "conv4", channel=int(channels[i]), position=tuple(positions[i].tolist()))
+        assert close(got[i:i + 1], one)
+        assert values[i].item() == pytest.approx(act[i, channels[i], positions[i, 0], positions[i, 1]].item(),
+                                                 rel=1e-5)
+    with pytest.raises(cs.ConvscopeError, match="one channel and one \\(row, col\\) per image"):
+        proj.project_at(x, "conv4", channels[:1], positions)
+    with pytest.raises(cs.ConvscopeError, match="position is out of range: the layer's maps are 4x4"):
+        proj.project_at(x, "conv4", channels, torch.tensor([[4, 0], [0, 0]]))
+    with pytest.raises(cs.ConvscopeError, match="has no feature maps"):
+        proj.project_at(x, "fc6", channels, positions)
+
+
 def test_map_mode_is_linear_sum_of_unit_projections(small):
     # gradient rule: the backward is linear in the seed, so the map projection is the sum over its units
     model, x = small

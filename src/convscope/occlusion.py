@@ -120,6 +120,25 @@ def occlude(images: torch.Tensor, corners: torch.Tensor, size: int, fill: torch.
     return torch.where(mask, fill.view(1, -1, 1, 1), images)
 
 
+def default_square(side: int) -> tuple[int, int]:
+    """The grey square's side and step for an image of ``side`` px: 3/16 and 1/16 of it (12 px and 4 px at
+    64 px; the paper does not state its own)."""
+    return max(2, round(side * 3 / 16)), max(1, round(side / 16))
+
+
+def occluded_probs(model: nn.Module, image: torch.Tensor, size: int, stride: int, batch_size: int = 64
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The class probabilities of one image (C, H, W) with a grey square at every position: the positions
+    (rows, cols, 2) top-left (y, x), the probabilities (rows * cols, classes), and those of the clean image."""
+    positions = square_positions(image.shape[-2], image.shape[-1], size, stride)
+    corners, fill = positions.flatten(0, 1), as_fill(None, model, image)
+    with eval_mode(model), torch.inference_mode():
+        clean = model(image.unsqueeze(0)).softmax(-1)[0]
+        probs = torch.cat([model(occlude(image, corners[i:i + batch_size], size, fill)).softmax(-1)
+                           for i in range(0, len(corners), batch_size)])
+    return positions, probs, clean
+
+
 def _total(act: torch.Tensor) -> torch.Tensor:
     """Per image, per map: the sum over the map (a fully connected unit is its own map)."""
     return act.flatten(2).sum(-1) if act.dim() > 2 else act
@@ -284,9 +303,9 @@ def compute(run: Run, n: int = 5, split: str | None = None, layer: str | None = 
     labels, source = run.targets(data, index)
     layer = run.check_layers([layer])[0] if layer is not None else (
         "conv5" if "conv5" in getattr(run.model, "paper_layers", {}) else run.map_layers()[-1])
-    side = x.shape[-1]
-    size = size if size is not None else max(2, round(side * 3 / 16))
-    stride = stride if stride is not None else max(1, round(side / 16))
+    default_size, default_stride = default_square(x.shape[-1])
+    size = size if size is not None else default_size
+    stride = stride if stride is not None else default_stride
     results = [occlusion(run.model, x[i], int(labels[i]), layer=layer, size=size, stride=stride,
                          batch_size=batch_size, nonlinearities=run.nonlinearities) for i in range(len(x))]
     return OcclusionResults(results, list(run.classes), source, gradient_note("deconvnet", run.nonlinearities))

@@ -32,7 +32,7 @@ from .deconvnet import Projector
 from .errors import ConvscopeError, check_int
 from .forward import eval_mode
 from .layout import Layout
-from .occlusion import as_fill, occlude, square_positions
+from .occlusion import default_square, occluded_probs
 
 if TYPE_CHECKING:
     from .run import Run
@@ -90,14 +90,9 @@ def gradient_points(model: nn.Module, output: str, n_classes: int, images: torch
 def occlusion_points(model: nn.Module, image: torch.Tensor, classes: list[int], size: int, stride: int,
                      batch_size: int = 64) -> list[torch.Tensor]:
     """For one image, per class of ``classes``: the centre (x, y) of the square that lowers p(class) most."""
-    positions = square_positions(image.shape[-2], image.shape[-1], size, stride).flatten(0, 1)
-    fill = as_fill(None, model, image)
-    probs = []
-    with eval_mode(model), torch.inference_mode():
-        for start in range(0, len(positions), batch_size):
-            probs.append(model(occlude(image, positions[start:start + batch_size], size, fill)).softmax(-1))
-    probs = torch.cat(probs)
-    return [positions[int(probs[:, c].argmin())].flip(0).float() + size / 2 for c in classes]
+    positions, probs, _ = occluded_probs(model, image, size, stride, batch_size)
+    corners = positions.flatten(0, 1)
+    return [corners[int(probs[:, c].argmin())].flip(0).float() + size / 2 for c in classes]
 
 
 @dataclass
@@ -184,7 +179,7 @@ def compute(run: Run, n: int = 300, split: str | None = None, masks: str | None 
                                               cls[start:start + batch_size], rule, run.nonlinearities))
                 bar.update(len(points[-1]))
             found[rule][t] = hits(masks, torch.cat(points), tol)
-    size, stride = max(2, round(side * 3 / 16)), max(1, round(side / 16))
+    size, stride = default_square(side)
     occluded = {t: [] for t in targets}
     for i in range(len(x)):
         pts = occlusion_points(run.model, x[i], [int(labels[i]), int(predicted[i])], size, stride)

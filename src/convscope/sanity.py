@@ -31,9 +31,8 @@ from tqdm.auto import tqdm
 from . import artifacts
 from .deconvnet import Projector
 from .errors import ConvscopeError, check_int, check_seed, unknown
-from .forward import eval_mode
 from .layout import Layout
-from .occlusion import as_fill, occlude, square_positions
+from .occlusion import default_square, occluded_probs
 
 if TYPE_CHECKING:
     from .run import Run
@@ -72,15 +71,9 @@ def class_maps(model: nn.Module, images: torch.Tensor, classes: torch.Tensor, me
 
 
 def _occlusion_map(model: nn.Module, image: torch.Tensor, cls: int) -> torch.Tensor:
-    side = image.shape[-1]
-    size, stride = max(2, round(side * 3 / 16)), max(1, round(side / 16))
-    positions = square_positions(image.shape[-2], side, size, stride)
-    corners = positions.flatten(0, 1)
-    with eval_mode(model), torch.inference_mode():
-        clean = model(image.unsqueeze(0)).softmax(-1)[0, cls]
-        probs = torch.cat([model(occlude(image, corners[i:i + 64], size, as_fill(None, model, image)))
-                           .softmax(-1)[:, cls] for i in range(0, len(corners), 64)])
-    drop = (clean - probs).view(1, 1, *positions.shape[:2])
+    size, stride = default_square(image.shape[-1])
+    positions, probs, clean = occluded_probs(model, image, size, stride)
+    drop = (clean[cls] - probs[:, cls]).view(1, 1, *positions.shape[:2])
     return F.interpolate(drop, size=image.shape[-2:], mode="nearest")[0].expand(image.shape[0], -1, -1).clone()
 
 

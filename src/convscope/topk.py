@@ -309,8 +309,8 @@ def scan(model: nn.Module, data, layers: Sequence[str], k: int = 9, batch_size: 
 
     parts = gather(partial, group)  # a shard of no image (fewer images than ranks) sends None
     merged = merge([p for p in parts if p is not None])
-    merged.shards = [[Group(r, group.world).shard(n).start, Group(r, group.world).shard(n).stop,
-                      p.seen if p is not None else 0] for r, p in enumerate(parts)]
+    shards = [Group(r, group.world).shard(n) for r in range(group.world)]
+    merged.shards = [[s.start, s.stop, p.seen if p is not None else 0] for s, p in zip(shards, parts)]
     return merged
 
 

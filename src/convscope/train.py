@@ -164,7 +164,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, splits: Splits | None = None,
         return finished or _train(cfg, layout, splits or load_data(cfg), resuming, progress, group)
 
 
-def _device(group: distributed.Group | None = None) -> torch.device:
+def _device() -> torch.device:
     """This process's device: its own GPU under torchrun (LOCAL_RANK), the GPU, or the CPU."""
     if not torch.cuda.is_available():
         return torch.device("cpu")
@@ -217,7 +217,7 @@ def _train(cfg: TrainConfig, layout: Layout, splits: Splits, resuming: bool, pro
     across ranks, and rank 0 alone writes."""
     group = group or distributed.Group()
     classes = splits.train.classes
-    device = _device(group)
+    device = _device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
     model = build_model(cfg, splits).to(device)
