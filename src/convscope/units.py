@@ -92,13 +92,6 @@ def grid(model: nn.Module, layer: str, image_hw: tuple[int, int]) -> tuple[tuple
     return (box.y1 - box.y0, box.x1 - box.x0), (down.y0 - box.y0, right.x0 - box.x0)
 
 
-def field_size(model: nn.Module, layer: str, image_hw: tuple[int, int]) -> tuple[int, int]:
-    """The side of a unit's receptive field where the border does not clip it, capped at the image: the canvas
-    every crop of the layer is placed on."""
-    (h, w), _ = grid(model, layer, image_hw)
-    return min(h, image_hw[0]), min(w, image_hw[1])
-
-
 @dataclass
 class _Geometry:
     """What one layer's crops need, measured once per layer and image size: the unclipped field and the step
