@@ -51,6 +51,8 @@ def test_quick_demo_runs_every_step_and_resumes(tmp_path):
     r = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out)], catch_exceptions=False)
     assert r.exit_code == 0 and state.stat().st_mtime_ns == mtime
     assert "run directory:" in r.output
+    assert "[demo] scan and Fig. 2: done before" in r.output and "[demo] report ..." in r.output  # not recomputed
+    assert set(json.loads((out / "timings.json").read_text())) == set(timings)
     html = (out / "report.html").read_text()
     from convscope.report import REGISTRY
 

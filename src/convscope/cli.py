@@ -91,6 +91,15 @@ def data_preview(out: str, n: int, split: str, size: int, seed: int) -> None:
     click.echo(f"wrote {out}")
 
 
+def _compute_options() -> list[click.Option]:
+    """Where a command computes: the device, and the processes that decode images."""
+    return [click.Option(["--device"], default=None, help="Where the model computes: cpu, cuda (under torchrun "
+                         "each rank's own GPU), cuda:N, mps, auto. [cpu; train: auto]"),
+            click.Option(["--workers"], type=click.IntRange(0, 1024), default=0, show_default=True,
+                         help="Processes that decode the images of an ImageFolder (DataLoader workers); the "
+                              "result is the same.")]
+
+
 def _train_options(f):
     options = [
         click.option("--model", default=None, help="Model name (see `convscope models`). [zfnet_small]"),
@@ -118,11 +127,11 @@ def _resolve(config_file, data_name, **kw):
     return resolve(config_file, data=data_name, **kw)
 
 
-@main.command()
+@main.command(params=_compute_options())
 @_train_options
 @click.option("--out", required=True, type=_Path(file_okay=False),
               help="Run directory: created, or resumed when it holds this same run.")
-def train(out: str, **kw) -> None:
+def train(out: str, device: str | None, workers: int, **kw) -> None:
     """Train a model with the paper's recipe (SGD, momentum 0.9, dropout, filter renormalisation).
 
     Weights are saved at epochs 1, 2, 5, 10, 20, 30, 40, 64 and at the end; rerun the same command to resume."""
@@ -130,7 +139,7 @@ def train(out: str, **kw) -> None:
     from .train import train as run_train
 
     cfg = _resolve(**kw)
-    result = run_train(cfg, out)
+    result = run_train(cfg, out, device=device, workers=workers)
     from .distributed import init
 
     if init().main:  # under torchrun, rank 0 speaks for the job
@@ -195,7 +204,7 @@ def _analysis_command(analysis) -> click.Command:
         from .run import open_run
 
         main_rank = init().main  # under torchrun, rank 0 speaks for the job
-        r = open_run(run)
+        r = open_run(run, device=options.pop("device"), workers=options.pop("workers"))
         if any(k in options and options[k] is None for k in ("layers", "layer")) and r.names_defaults() and main_rank:
             click.echo(r.names_defaults())
         result, paths = analysis.run(r, **options)
@@ -209,7 +218,7 @@ def _analysis_command(analysis) -> click.Command:
     text = f"{analysis.ref}: {analysis.title}. {analysis.caption}"
     return click.Command(analysis.name, callback=callback, help=text, short_help=f"{analysis.ref}: {analysis.title}",
                          params=[click.Argument(["run"], type=_Path(file_okay=False)),
-                                 *(_option(p, analysis) for p in analysis.options())])
+                                 *(_option(p, analysis) for p in analysis.options()), *_compute_options()])
 
 
 def _register_analyses() -> None:

@@ -5,7 +5,9 @@ comparisons at the budget of zfnet_small's epoch-10 checkpoint (alexnet_small, a
 renormalisation) under ``compare/``; then every analysis over the main run (probes and transfer to
 scikit-learn's digits included); transfer to the synthetic classes held out of a second pretraining on the
 other six (``compare/zfnet_small-six``); the Table 3 ablation on the embedded ``pairs`` set under
-``ablation/``; then the report. Every step resumes or reuses what an interrupted demo left behind.
+``ablation/``; then the report. An interrupted demo started again goes on where it stopped: trainings resume
+(a finished one is loaded), an analysis that ``timings.json`` records as done is not run again (delete its line,
+or the file, to redo it), and the report is always written anew.
 """
 
 from __future__ import annotations
@@ -36,10 +38,11 @@ PAIRS = PRESETS["pairs"]
 ABLATION = ("full", "no_conv34", "no_fc67", "no_conv34_fc67")
 ABLATION_QUICK = ("full", "no_conv34")
 COMPARE_EPOCHS = 10  # the Fig. 6 runs stop here; zfnet_small's checkpoints/epoch_010 is their like-for-like
+AGAIN = ("train", "pretrain", "report")  # steps run on every start: a training resumes or loads, the report is new
 
 
 def steps(out: Path, quick: bool) -> list[tuple[str, Callable[[], object]]]:
-    """The demo's steps in order: (name, thunk)."""
+    """The demo's steps in order: (name, thunk). :data:`AGAIN` names those that run on every start."""
     from . import analyses
     from .ablation import ablate_run
     from .report import build_report
@@ -90,12 +93,28 @@ def steps(out: Path, quick: bool) -> list[tuple[str, Callable[[], object]]]:
     ]
 
 
+def _done(out: Path) -> dict[str, float]:
+    """The steps an earlier start of the demo in ``out`` finished (``timings.json``; nothing when it is damaged)."""
+    import json
+
+    try:
+        timings = json.loads(Layout(out).timings.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in timings.items() if isinstance(k, str) and isinstance(v, int | float)} \
+        if isinstance(timings, dict) else {}
+
+
 def run_demo(out: str | Path, quick: bool = False, echo: Callable[[str], None] = print) -> Path:
     """Run every step, write ``timings.json`` (step -> seconds), return the run directory (its ``report.html``
-    is the page to open)."""
+    is the page to open). Started again, it skips the analyses an earlier start finished."""
     out = Path(out)
-    timings: dict[str, float] = {}
+    timings = _done(out)
     for name, step in steps(out, quick):
+        if name in timings and not name.startswith(AGAIN):
+            echo(f"[demo] {name}: done before ({timings[name]:.0f} s); delete its line in {Layout(out).timings.name} "
+                 "to redo it")
+            continue
         echo(f"[demo] {name} ...")
         t0 = time.perf_counter()
         step()

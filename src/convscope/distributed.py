@@ -43,6 +43,41 @@ class Group:
         return range(self.rank * n // self.world, (self.rank + 1) * n // self.world)
 
 
+DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
+
+
+def device(spec: str | torch.device | None = "auto") -> torch.device:
+    """The device this process computes on: ``cpu``, ``cuda`` (under torchrun, this rank's GPU: ``LOCAL_RANK``),
+    ``cuda:N``, ``mps``, or ``auto`` (this rank's GPU where there is one, else the CPU). A device this machine
+    does not have is an error that says what it has."""
+    spec = "auto" if spec is None else str(spec).strip().lower()
+    local = int(os.environ.get("LOCAL_RANK", "0") or 0)
+    if spec == "auto":
+        return torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise ConvscopeError(f"unknown device {spec!r}; valid devices: {', '.join(DEVICES)}") from None
+    if dev.type == "cpu":
+        return torch.device("cpu")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConvscopeError(f"device {spec!r}: PyTorch sees no CUDA GPU here (torch {torch.__version__}: "
+                                 "torch.cuda.is_available() is False; no GPU, no driver, or a CPU build of "
+                                 "PyTorch); use --device cpu, or install PyTorch's CUDA build on a GPU machine")
+        index = local if dev.index is None else dev.index
+        count = torch.cuda.device_count()
+        if index >= count:
+            raise ConvscopeError(f"device {spec!r}: this machine has {count} CUDA GPU(s), cuda:0 to "
+                                 f"cuda:{count - 1}" + (f" (LOCAL_RANK is {local})" if dev.index is None else ""))
+        return torch.device("cuda", index)
+    if dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ConvscopeError(f"device {spec!r}: this machine has no Apple GPU (MPS); use --device cpu")
+        return dev
+    raise ConvscopeError(f"unknown device {spec!r}; valid devices: {', '.join(DEVICES)}")
+
+
 def init(device: torch.device | str = "cpu") -> Group:
     """Join the processes torchrun started (once per process), or a group of one without torchrun. A rank that
     cannot reach the others is an error that says so."""
@@ -109,4 +144,4 @@ def locked(folder: str | os.PathLike, what: str, group: Group) -> Iterator[None]
         barrier(group)  # rank 0 lets go of the lock only when every rank is done
 
 
-__all__ = ["Group", "barrier", "broadcast", "gather", "init", "locked"]
+__all__ = ["DEVICES", "Group", "barrier", "broadcast", "device", "gather", "init", "locked"]

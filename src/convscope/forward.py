@@ -83,6 +83,23 @@ def run_to_all(model: nn.Module, targets: Sequence, x: torch.Tensor, mode: Torch
     return [captured[i] for i in range(len(sites))]
 
 
+def on_device(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` moved to ``device``, its inputs moved there too as each forward pass starts (a pre-hook, as
+    Accelerate's device hooks do): every analysis then runs where the model is, whatever device its images come
+    from. Gradients still reach an input on the CPU (the move is differentiable)."""
+    model.to(device)
+    if not getattr(model, "_convscope_on_device", False):
+        def follow(module: nn.Module, args: tuple):
+            param = next(module.parameters(), None)
+            if param is None:
+                return None
+            return tuple(a.to(param.device) if isinstance(a, torch.Tensor) else a for a in args)
+
+        model.register_forward_pre_hook(follow)
+        model._convscope_on_device = True
+    return model
+
+
 def input_channels(model: nn.Module) -> int | None:
     """Channels the first convolution expects, if the model has one."""
     for m in model.modules():
@@ -105,4 +122,4 @@ def check_images(model: nn.Module, images: torch.Tensor) -> None:
         raise ConvscopeError("images contain NaN or infinite values")
 
 
-__all__ = ["check_images", "eval_mode", "input_channels", "run_to", "run_to_all"]
+__all__ = ["check_images", "eval_mode", "input_channels", "on_device", "run_to", "run_to_all"]

@@ -37,7 +37,8 @@ from .usermodel import FORMAT
 @dataclass
 class Run:
     """A model and its data, and the run directory (``layout``) analyses write into. ``classes`` names the
-    model's outputs. Trained runs carry their ``config``; attached runs their ``attach.json`` (``attached``)."""
+    model's outputs. Trained runs carry their ``config``; attached runs their ``attach.json`` (``attached``).
+    ``workers``: processes that decode an ImageFolder's images (:mod:`convscope.data.loader`)."""
 
     layout: Layout
     model: nn.Module
@@ -46,6 +47,7 @@ class Run:
     config: TrainConfig | None = None
     attached: dict[str, Any] | None = None
     nonlinearities: str = "error"
+    workers: int = 0
     _splits: dict[str, ImageSet] = field(default_factory=dict, repr=False)
 
     @property
@@ -81,7 +83,7 @@ class Run:
                 parts = stratified_split(every.labels, (0.7, 0.15), 0)
                 self._splits.update({s: every.subset(p) for s, p in zip(SPLITS, parts)})
             else:
-                self._splits[name] = self.data.load(name)
+                self._splits[name] = self.data.load(name, workers=self.workers)
         return self._splits[name]
 
     def default_split(self, preferred: str) -> str:
@@ -112,6 +114,22 @@ class Run:
         return labels, ["predicted" if u else "true" for u in unknown_.tolist()]
 
     # --- models
+    @property
+    def device(self) -> torch.device:
+        """Where the model computes (every analysis runs there: :meth:`to`)."""
+        param = next(self.model.parameters(), None)
+        return param.device if param is not None else torch.device("cpu")
+
+    def to(self, device: str | torch.device | None) -> Run:
+        """Move the model to ``device`` (``cpu``, ``cuda``, ``cuda:1``, ``auto``; see
+        :func:`convscope.distributed.device`), its inputs following it; None leaves it where it is."""
+        from .distributed import device as resolve
+        from .forward import on_device
+
+        if device is not None:
+            on_device(self.model, resolve(device))
+        return self
+
     @cached_property
     def fingerprint(self) -> str:
         """What identifies the run's weights: the SHA-256 of a trained run's final weights file, or of an attached
@@ -131,13 +149,14 @@ class Run:
     def model_at(self, path: str | Path) -> nn.Module:
         """The run's model with the weights of another file (an epoch checkpoint), in eval mode."""
         from .checkpoint import load_model
+        from .forward import on_device
         from .weights import load_weights
 
         if self.kind == "trained":
-            return load_model(path)[0]
+            return on_device(load_model(path)[0], self.device)
         model = self.new_model()
         load_weights(model, path)
-        return model.eval()
+        return on_device(model, self.device).eval()
 
     def new_model(self, num_classes: int | None = None, seed: int = 0) -> nn.Module:
         """A fresh model of the run's architecture (initialised under ``seed``; ``num_classes`` outputs, where
@@ -221,9 +240,20 @@ class Run:
 # ----------------------------------------------------------------------------------------------- opening
 
 
-def open_run(path: str | Path) -> Run:
-    """Open a trained or attached run directory; a directory that is neither says what is missing."""
-    layout = Layout(path)
+def open_run(path: str | Path, device: str | torch.device | None = None, workers: int = 0) -> Run:
+    """Open a trained or attached run directory; a directory that is neither says what is missing. ``device``: where
+    its model computes (default: the CPU, where it is loaded); ``workers``: processes that decode its images."""
+    from .distributed import device as resolve
+    from .errors import check_int
+
+    check_int(workers, "workers", 0, 1024)
+    device = None if device is None else resolve(device)  # a device this machine lacks fails before any reading
+    run = _open(Layout(path))
+    run.workers = workers
+    return run.to(device)
+
+
+def _open(layout: Layout) -> Run:
     if layout.attach.is_file():
         return _open_attached(layout)
     if not layout.config.is_file():

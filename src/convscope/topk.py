@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import artifacts
+from .data.loader import batches, fetch
 from .distributed import Group
 from .errors import ConvscopeError
 from .forward import eval_mode, run_to_all
@@ -226,9 +227,10 @@ def _check(data, layers: Sequence[str], k: int) -> None:
 
 
 def scan_shard(model: nn.Module, data, indices: torch.Tensor | Sequence[int], layers: Sequence[str], k: int = 9,
-               batch_size: int = 128, progress: bool | None = False, class_k: int = 0) -> TopK:
+               batch_size: int = 128, progress: bool | None = False, class_k: int = 0, workers: int = 0) -> TopK:
     """Scan the images ``indices`` of ``data`` (an ImageSet or any data set of (image, label)): a partial TopK,
-    with each map's top ``class_k`` per class of the data (by the images' labels) when ``class_k`` > 0."""
+    with each map's top ``class_k`` per class of the data (by the images' labels) when ``class_k`` > 0.
+    ``workers`` processes fetch (decode) the batches (:func:`convscope.data.loader.batches`)."""
     indices = torch.as_tensor(indices, dtype=torch.long)
     modules = {layer: site(model, layer) for layer in layers}
     device = next(model.parameters()).device
@@ -236,10 +238,9 @@ def scan_shard(model: nn.Module, data, indices: torch.Tensor | Sequence[int], la
     n_classes = len(data.classes) if class_k else 0
     parts: list[TopK] = []
     with eval_mode(model), torch.inference_mode():
-        for start in tqdm(range(0, len(indices), batch_size), disable=None if progress is None else not progress,
-                          desc="scan", unit="batch", leave=False):
-            idx = indices[start:start + batch_size]
-            x, labels = _batch(data, idx)
+        chunks = [indices[start:start + batch_size] for start in range(0, len(indices), batch_size)]
+        for idx, (x, labels) in tqdm(zip(chunks, batches(data, chunks, workers)), total=len(chunks), desc="scan",
+                                     disable=None if progress is None else not progress, unit="batch", leave=False):
             tops, classes = _capture(model, modules, x.to(device), k, idx, labels, n_classes, class_k)
             parts.append(from_batch_top(tops, idx, k, classes))
             if len(parts) == 8:  # bounded memory: fold partials as we go
@@ -247,16 +248,8 @@ def scan_shard(model: nn.Module, data, indices: torch.Tensor | Sequence[int], la
         return merge(parts) if parts else _empty_for(model, modules, data, k, n_classes, class_k)
 
 
-def _batch(data, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if hasattr(data, "batch"):
-        x, labels = data.batch(idx)
-        return x, torch.as_tensor(labels)
-    items = [data[int(i)] for i in idx]
-    return torch.stack([x for x, _ in items]), torch.tensor([int(y) for _, y in items])
-
-
 def _empty_for(model, modules, data, k, n_classes: int = 0, class_k: int = 0) -> TopK:
-    x, _ = _batch(data, torch.tensor([0]))
+    x, _ = fetch(data, torch.tensor([0]))
     with torch.inference_mode():
         tops, _ = _capture(model, modules, x.to(next(model.parameters()).device), k, torch.tensor([0]))
     out = empty(k, {n: values.shape[0] for n, (values, _, _) in tops.items()})
@@ -269,12 +262,13 @@ def _empty_for(model, modules, data, k, n_classes: int = 0, class_k: int = 0) ->
 
 def scan(model: nn.Module, data, layers: Sequence[str], k: int = 9, batch_size: int = 128,
          state_path: str | Path | None = None, save_every: int = 20, progress: bool | None = None,
-         identity: dict | None = None, class_k: int = 0, group: Group | None = None) -> TopK:
+         identity: dict | None = None, class_k: int = 0, group: Group | None = None, workers: int = 0) -> TopK:
     """Scan a whole data set. With ``state_path``, the partial result is saved every ``save_every`` batches and an
     interrupted scan resumes from it, ending with the same result as an uninterrupted one. ``identity`` (JSON
     values: which split, which model, say) joins the layers, k and sizes in the key a saved state must match; a
     state that does not match, or is damaged, is discarded with a warning and the scan starts over. ``class_k``:
-    also keep each map's top ``class_k`` images per class (see :class:`TopK`).
+    also keep each map's top ``class_k`` images per class (see :class:`TopK`). ``workers``: processes that decode
+    the batches (an ImageFolder read from disk), the result the same.
 
     ``group`` (several processes, :mod:`convscope.distributed`): this process scans only its shard, saving its
     own state at ``state_path`` (one per rank), and every rank returns the merge of all shards, which is the
@@ -296,7 +290,7 @@ def scan(model: nn.Module, data, layers: Sequence[str], k: int = 9, batch_size: 
     while done < len(shard):
         stop = min(done + chunk, len(shard))
         part = scan_shard(model, data, torch.arange(shard.start + done, shard.start + stop), layers, k, batch_size,
-                          class_k=class_k)
+                          class_k=class_k, workers=workers)
         partial = part if partial is None else merge([partial, part])
         done = stop
         bar.update(stop - bar.n)

@@ -25,8 +25,9 @@ from . import artifacts, distributed
 from .checkpoint import load_state, save_state, save_weights
 from .config import TrainConfig
 from .data import SPLITS, ImageSet, Splits
-from .data.transforms import mean_and_std, random_crop_flip
-from .errors import ConvscopeError, shown
+from .data.loader import batches, uint8_batches
+from .data.transforms import crop_flip, draw_crop_flip, mean_and_std
+from .errors import ConvscopeError, check_int, shown
 from .forward import eval_mode
 from .layout import Layout
 from .models import create_model
@@ -57,14 +58,15 @@ def _seeded(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7919) % (2**63)
 
 
-def evaluate(model: nn.Module, data: ImageSet, batch_size: int = 500) -> dict[str, float]:
-    """Loss, top-1 and top-5 error (Table 2's measures) of a model on a data set, in eval mode."""
+def evaluate(model: nn.Module, data: ImageSet, batch_size: int = 500, workers: int = 0) -> dict[str, float]:
+    """Loss, top-1 and top-5 error (Table 2's measures) of a model on a data set, in eval mode; ``workers``
+    processes decode the images (an ImageFolder read from disk)."""
     device = next(model.parameters()).device
     loss = top1 = top5 = 0.0
     k = min(5, len(data.classes))
+    chunks = [torch.arange(start, min(start + batch_size, len(data))) for start in range(0, len(data), batch_size)]
     with torch.no_grad(), eval_mode(model):
-        for start in range(0, len(data), batch_size):
-            x, y = data.batch(torch.arange(start, min(start + batch_size, len(data))))
+        for x, y in batches(data, chunks, workers):
             x, y = x.to(device), y.to(device)
             with _autocast(device):
                 logits = model(x).float()
@@ -118,14 +120,14 @@ def check_run_dir(layout: Layout, cfg: TrainConfig) -> bool:
     return False
 
 
-def build_model(cfg: TrainConfig, splits: Splits) -> nn.Module:
+def build_model(cfg: TrainConfig, splits: Splits, workers: int = 0) -> nn.Module:
     """A fresh ``cfg.model`` initialised under ``cfg.seed`` (the global generator is left as it was), its input
-    normalisation set from the training set."""
+    normalisation set from the training set (read by ``workers`` processes where it is on disk)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = create_model(cfg.model, num_classes=len(splits.train.classes), **cfg.model_options)
     if hasattr(model, "normalize"):
-        mean, std = mean_and_std(splits.train.images)
+        mean, std = mean_and_std(uint8_batches(splits.train, workers))
         if mean.shape != model.normalize.mean.shape:
             size = splits.train.image_size
             raise ConvscopeError(f"model {cfg.model!r} takes {model.input_size} px images but the data set has "
@@ -136,22 +138,27 @@ def build_model(cfg: TrainConfig, splits: Splits) -> nn.Module:
     return model
 
 
-def load_data(cfg: TrainConfig) -> Splits:
+def load_data(cfg: TrainConfig, workers: int = 0) -> Splits:
     spec = cfg.data_spec()
     spec.check()
-    return Splits(*(spec.load(split) for split in SPLITS))
+    return Splits(*(spec.load(split, workers=workers) for split in SPLITS))
 
 
 def train(cfg: TrainConfig, run_dir: str | Path, splits: Splits | None = None,
-          progress: bool | None = None) -> TrainResult:
+          progress: bool | None = None, device: str | torch.device | None = None, workers: int = 0) -> TrainResult:
     """Train ``cfg.model`` on ``cfg.data`` into ``run_dir``, resuming if the directory holds this run already.
 
     ``progress=None`` shows a progress bar only on a terminal. A finished run is loaded, not retrained.
+    ``device``: where to train (default ``auto``: this rank's GPU where there is one, else the CPU; see
+    :func:`convscope.distributed.device`); ``workers``: processes that decode the images of an ImageFolder.
+    Neither changes the run: they are not part of its config.
     """
     layout = Layout(run_dir)
     cfg.validate()
     cfg.data_spec().check()
-    group = distributed.init(_device())
+    check_int(workers, "workers", 0, 1024)
+    device = distributed.device(device)  # a device this machine lacks fails before anything is written
+    group = distributed.init(device)
     if group.main:
         check_run_dir(layout, cfg)  # a foreign directory is refused before the lock leaves a trace in it
     with distributed.locked(layout.root, f"convscope train {cfg.model} on {cfg.data}", group):
@@ -161,16 +168,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, splits: Splits | None = None,
         distributed.barrier(group)  # the run directory exists before any rank reads it
         resuming = check_run_dir(layout, cfg)
         finished = _finished(layout) if resuming else None
-        return finished or _train(cfg, layout, splits or load_data(cfg), resuming, progress, group)
-
-
-def _device() -> torch.device:
-    """This process's device: its own GPU under torchrun (LOCAL_RANK), the GPU, or the CPU."""
-    if not torch.cuda.is_available():
-        return torch.device("cpu")
-    import os
-
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return finished or _train(cfg, layout, splits or load_data(cfg, workers), resuming, progress, group,
+                                  device, workers)
 
 
 def _finished(layout: Layout) -> TrainResult | None:
@@ -210,17 +209,18 @@ def result_ok(value) -> bool:
 
 
 def _train(cfg: TrainConfig, layout: Layout, splits: Splits, resuming: bool, progress: bool | None,
-           group: distributed.Group | None = None) -> TrainResult:
+           group: distributed.Group | None = None, device: torch.device | None = None, workers: int = 0
+           ) -> TrainResult:
     """The epochs from where the run stands. Under torchrun (``group`` of several processes) the model is wrapped
     in DistributedDataParallel: every rank takes its share of each global batch (the batch size stays the
     config's), the gradients are averaged, the filters renormalised alike on every rank, the metrics summed
     across ranks, and rank 0 alone writes."""
     group = group or distributed.Group()
     classes = splits.train.classes
-    device = _device()
+    device = device or distributed.device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    model = build_model(cfg, splits).to(device)
+    model = build_model(cfg, splits, workers).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     optimizer = configure_optimizer(model, cfg)
@@ -238,8 +238,8 @@ def _train(cfg: TrainConfig, layout: Layout, splits: Splits, resuming: bool, pro
 
     for epoch in range(start + 1, cfg.epochs + 1):
         t0 = time.perf_counter()
-        loss, err = train_epoch(trained, splits.train, cfg, epoch, optimizer, progress, group)
-        val = evaluate(model, splits.val)  # the same weights on every rank: the same numbers, no exchange
+        loss, err = train_epoch(trained, splits.train, cfg, epoch, optimizer, progress, group, workers)
+        val = evaluate(model, splits.val, workers=workers)  # the same weights on every rank: the same numbers
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step(val["top1_err"])
         metrics.append({"epoch": epoch, "lr": lr, "train_loss": loss, "train_top1_err": err,
@@ -258,7 +258,7 @@ def _train(cfg: TrainConfig, layout: Layout, splits: Splits, resuming: bool, pro
     if not result_ok(test) or not layout.final.is_file():
         # test result first, final weights last: the final weights say the run is finished, so a kill between the
         # two leaves a run that the same command finishes (it resumes from the state of the last epoch)
-        test = evaluate(model, splits.test)
+        test = evaluate(model, splits.test, workers=workers)
         if group.main:
             artifacts.write_json(layout.test, test)
             save_weights(layout.final, model, cfg.to_dict(), cfg.epochs, len(classes), classes)
@@ -305,33 +305,37 @@ def configure_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
 
 
 def train_epoch(model: nn.Module, data: ImageSet, cfg: TrainConfig, epoch: int, optimizer: torch.optim.Optimizer,
-                progress: bool | None = None, group: distributed.Group | None = None) -> tuple[float, float]:
+                progress: bool | None = None, group: distributed.Group | None = None, workers: int = 0
+                ) -> tuple[float, float]:
     """One epoch of the paper's recipe; returns the running loss and top-1 error. Shuffling and augmentation
     come from a generator seeded by (seed, epoch), dropout from the global one seeded alike inside
     ``fork_rng`` (the caller's generator state is left as it was), so a resumed run repeats the epoch exactly.
+    ``workers`` processes decode the batches (an ImageFolder read from disk), in the same order.
 
     Under torchrun (``group``; ``model`` wrapped in DistributedDataParallel) every rank draws the same order and
-    augments the whole global batch alike, then trains on its own contiguous part of it; dropout is seeded per
-    rank. The running loss and error are summed over the ranks."""
+    the same augmentation of the whole global batch, then reads and trains on its own contiguous part of it;
+    dropout is seeded per rank. The running loss and error are summed over the ranks."""
     group = group or distributed.Group()
     device = next(model.parameters()).device
     n = len(data)
     steps = math.ceil(n / cfg.batch_size)
     g = torch.Generator().manual_seed(_seeded(cfg.seed, epoch))
     order = torch.randperm(n, generator=g)
+    globals_ = [order[step * cfg.batch_size:(step + 1) * cfg.batch_size] for step in range(steps)]
+    shards = [group.shard(len(chunk)) for chunk in globals_]
+    mine = [chunk[shard.start:shard.stop] for chunk, shard in zip(globals_, shards)]
     seen = wrong = 0
     loss_sum = 0.0
-    bar = tqdm(range(steps), desc=f"epoch {epoch}/{cfg.epochs}", leave=False, unit="batch",
+    bar = tqdm(total=steps, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, unit="batch",
                disable=(None if progress is None else not progress) or not group.main)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(_seeded(cfg.seed, epoch) + 1 + 7919 * group.rank)  # dropout
         model.train()
-        for step in bar:
-            x, y = data.batch(order[step * cfg.batch_size:(step + 1) * cfg.batch_size])
-            x = random_crop_flip(x, cfg.crop_pad, g) if (cfg.crop_pad or cfg.flip) else x
-            batch = len(y)
-            mine = group.shard(batch)
-            x, y = x[mine.start:mine.stop], y[mine.start:mine.stop]
+        for chunk, shard, (x, y) in zip(globals_, shards, batches(data, mine, workers)):
+            batch = len(chunk)
+            if cfg.crop_pad or cfg.flip:  # drawn for the global batch, so every rank advances g alike
+                offsets, flips = draw_crop_flip(batch, cfg.crop_pad, g, cfg.flip)
+                x = crop_flip(x, cfg.crop_pad, offsets[shard.start:shard.stop], flips[shard.start:shard.stop])
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with _autocast(device):
                 logits = model(x).float()
@@ -349,7 +353,9 @@ def train_epoch(model: nn.Module, data: ImageSet, cfg: TrainConfig, epoch: int, 
             seen += len(y)
             wrong += (logits.argmax(1) != y).sum().item()
             loss_sum += local_sum
+            bar.update(1)
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", err=f"{wrong / seen:.3f}")
+    bar.close()
     if group.world > 1:
         totals = distributed.gather((loss_sum, wrong, seen), group)
         loss_sum, wrong, seen = (sum(t[i] for t in totals) for i in range(3))

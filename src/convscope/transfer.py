@@ -138,7 +138,7 @@ def _steps(model: nn.Module, data: ImageSet, cfg: TrainConfig, steps: int, g: to
             order, pos = torch.randperm(n, generator=g), 0
         x, y = data.batch(order[pos:pos + batch])
         pos += batch
-        x = random_crop_flip(x, cfg.crop_pad, g) if (cfg.crop_pad or cfg.flip) else x
+        x = random_crop_flip(x, cfg.crop_pad, g, cfg.flip) if (cfg.crop_pad or cfg.flip) else x
         loss = F.cross_entropy(model(x.to(device)).float(), y.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -452,7 +452,7 @@ def compute(run: Run, layers: list[str] | None = None, k: int = 9, split: str | 
     identity = {"split": split, "data": data.name, "model": run.fingerprint}
     group = distributed.init()
     topk = scan(run.model, data, layers, k=k, progress=progress, identity=identity, class_k=class_k, group=group,
-                state_path=run.layout.of_rank(run.layout.scan_state, group.rank, group.world))
+                state_path=run.layout.of_rank(run.layout.scan_state, group.rank, group.world), workers=run.workers)
     chosen = {layer: select_units(topk.values[layer].shape[0], units or None, seed) for layer in layers}
 
     cache: dict = {}  # each layer's geometry, measured once for all its chunks and rules

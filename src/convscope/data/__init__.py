@@ -92,12 +92,20 @@ class DataSpec:
         """The side the images will have (None: CIFAR-10 at its own 32 px)."""
         return self.size or {"synthetic": 64, "pairs": 128, "digits": 32, "folder": 64}.get(self.name)
 
-    def load(self, split: str) -> ImageSet:
-        """One split (``train``, ``val``, ``test``, or ``all``); an empty one is an error."""
+    def load(self, split: str, workers: int = 0, lazy: bool | None = None) -> ImageSet:
+        """One split (``train``, ``val``, ``test``, or ``all``); an empty one is an error.
+
+        An ImageFolder split is decoded into memory by ``workers`` processes when it fits in half of this
+        machine's memory, else (or when ``lazy``) it is a :class:`~convscope.data.folder.FolderDataset`, whose
+        batches are decoded as they are needed (by ``workers`` processes: :mod:`convscope.data.loader`)."""
         if split not in (*SPLITS, ALL):
             raise unknown("split", split, (*SPLITS, ALL))
         self.check()
-        data = self._all() if split == ALL else self._truncate(self._split(split), split)
+        if self.name == "folder":
+            data = self._folder(split, workers, lazy)
+            data = data if split == ALL else self._truncate(data, split)
+        else:
+            data = self._all() if split == ALL else self._truncate(self._split(split), split)
         if len(data) == 0:
             raise ConvscopeError(f"the {split} split of data set {self.name!r} is empty")
         return data
@@ -129,13 +137,6 @@ class DataSpec:
             from .pairs import load_pairs
 
             return load_pairs(split, n=self._n(split), size=size, seed=self.seed)
-        if self.name == "folder":
-            from .folder import load_folder, scan_folder
-
-            _, samples = scan_folder(self.root)
-            labels = torch.tensor([label for _, label in samples])
-            parts = dict(zip(SPLITS, stratified_split(labels, (0.7, 0.15), self.seed)))
-            return load_folder(self.root, size=size, index=parts[split])
         source = "test" if split == "test" else "train"
         if self.name == "cifar10":
             from .cifar10 import load_cifar10
@@ -159,11 +160,22 @@ class DataSpec:
         return data.subset(seeded_subset(len(data), n, self.seed))
 
     def _all(self) -> ImageSet:
-        if self.name == "folder":
-            from .folder import load_folder
-
-            return load_folder(self.root, size=self.image_size)
         return concat([self.load(split) for split in SPLITS])
+
+    def _folder(self, split: str, workers: int, lazy: bool | None):
+        """A split of an ImageFolder tree (70/15/15 per class, seeded), or all of it in file order."""
+        from .base import fits_memory
+        from .folder import FolderDataset, load_folder, scan_folder
+
+        _, samples = scan_folder(self.root)
+        index = None
+        if split != ALL:
+            labels = torch.tensor([label for _, label in samples])
+            index = dict(zip(SPLITS, stratified_split(labels, (0.7, 0.15), self.seed)))[split]
+        n = len(samples) if index is None else len(index)
+        if lazy or (lazy is None and not fits_memory(n, self.image_size)):
+            return FolderDataset(self.root, self.image_size, index)
+        return load_folder(self.root, size=self.image_size, index=index, workers=workers)
 
 
 def load_splits(name: str = "synthetic", root: str | Path | None = None, size: int | None = None,

@@ -66,17 +66,27 @@ class ImageSet(Dataset):
         return self.images.shape[-1]
 
 
+def _memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system: let the allocation decide
+        return None
+
+
+def fits_memory(n: int, size: int, bytes_per_pixel: int = 3) -> bool:
+    """Whether ``n`` images of ``size`` px (``bytes_per_pixel`` per pixel) take at most half of this machine's
+    memory (the rule :func:`check_memory` enforces)."""
+    total = _memory()
+    return total is None or n * size * size * bytes_per_pixel <= total // 2
+
+
 def check_memory(n: int, size: int, what: str, bytes_per_pixel: int = 4) -> None:
     """Refuse, before allocating, a set of ``n`` images of ``size`` px whose arrays (``bytes_per_pixel`` per pixel
     in all: 3 colour bytes, a mask byte) would take more than half of this machine's memory."""
     from ..errors import ConvscopeError
 
-    need = n * size * size * bytes_per_pixel
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # not a POSIX system: let the allocation decide
-        return
-    if need > total // 2:
+    if not fits_memory(n, size, bytes_per_pixel):
+        need, total = n * size * size * bytes_per_pixel, _memory()
         raise ConvscopeError(f"{what}: {n} images of {size}x{size} px need {need / 2**30:.1f} GiB of memory, more "
                              f"than half of this machine's {total / 2**30:.0f} GiB; ask for fewer images (--n-train, "
                              "--n-val, --n-test) or a smaller --image-size")

@@ -12,6 +12,7 @@ files with one warning; :class:`FolderDataset` lists the files up front but deco
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 from pathlib import Path
@@ -121,27 +122,32 @@ def _check_size(size: int) -> None:
         raise ConvscopeError(f"image size must be a positive int, got {size!r}")
 
 
-def load_folder(root: str | Path, size: int = 64, index=None) -> ImageSet:
+def load_folder(root: str | Path, size: int = 64, index=None, workers: int = 0) -> ImageSet:
     """An ImageFolder tree decoded into memory as an :class:`ImageSet` of uint8 (N, 3, size, size), each image's
-    file path in ``sources``; ``index`` decodes only those files of :func:`scan_folder`'s list.
+    file path in ``sources``; ``index`` decodes only those files of :func:`scan_folder`'s list; ``workers``
+    processes decode them (0: this one), the result the same.
 
     Files Pillow cannot decode are skipped and reported in a single warning (how many, and the first few).
     """
+    from .loader import batches
+
     _check_size(size)
     classes, samples = scan_folder(root)
     if index is not None:
-        samples = [samples[i] for i in torch.as_tensor(index, dtype=torch.long).tolist()]
+        samples = [samples[i] for i in _indices(index)]
     check_memory(len(samples), size, f"image folder {root}", bytes_per_pixel=3)
     images = torch.empty((len(samples), 3, size, size), dtype=torch.uint8)
     labels, sources, bad = [], [], []
-    for path, label in samples:
-        try:
-            images[len(labels)] = read_image(path, size)
-        except _unreadable() as e:
-            bad.append(f"{path} ({type(e).__name__}: {e})")
-            continue
-        labels.append(label)
-        sources.append(str(path))
+    chunks = [range(start, min(start + DECODE_CHUNK, len(samples))) for start in range(0, len(samples), DECODE_CHUNK)]
+    for chunk, decoded in zip(chunks, batches((samples, size), chunks, workers, fn=_decode)):
+        for i, image in zip(chunk, decoded):
+            path, label = samples[i]
+            if isinstance(image, str):
+                bad.append(f"{path} ({image})")
+                continue
+            images[len(labels)] = image
+            labels.append(label)
+            sources.append(str(path))
     if not samples:
         return ImageSet(images, torch.zeros(0, dtype=torch.long), classes, name=Path(root).name, sources=[])
     if not labels:
@@ -154,28 +160,84 @@ def load_folder(root: str | Path, size: int = 64, index=None) -> ImageSet:
                     name=Path(root).name, sources=sources)
 
 
+DECODE_CHUNK = 64  # files a worker decodes per task
+
+
+def _decode(job: tuple[list[tuple[Path, int]], int], chunk: range) -> list[torch.Tensor | str]:
+    """Files ``chunk`` of ``job`` (samples, size) decoded, or for an unreadable one what was wrong with it."""
+    samples, size = job
+    out: list[torch.Tensor | str] = []
+    for i in chunk:
+        try:
+            out.append(read_image(samples[i][0], size))
+        except _unreadable() as e:
+            out.append(f"{type(e).__name__}: {e}")
+    return out
+
+
 class FolderDataset(Dataset):
     """An ImageFolder tree read lazily: items are (float (3, size, size) in [0, 1], label).
 
     The file list is made at construction (so a bad root fails at once and ``len`` is known); a file is decoded
     only when its item is asked for. An unreadable file then raises :class:`ConvscopeError` naming it, rather
-    than being skipped, because skipping would change what index ``i`` means.
+    than being skipped, because skipping would change what index ``i`` means. ``index`` keeps only those files
+    of :func:`scan_folder`'s list (a split).
+
+    It answers what the scan and training ask of an :class:`~convscope.data.ImageSet` (``batch``, ``labels``,
+    ``classes``, ``sources``, ``subset``), so a tree too large for memory is scanned and trained on as it is,
+    its batches decoded by worker processes (:func:`convscope.data.loader.batches`).
     """
 
-    def __init__(self, root: str | Path, size: int = 64):
+    truth = None
+
+    def __init__(self, root: str | Path, size: int = 64, index=None):
         _check_size(size)
         self.root, self.size = Path(root), size
-        self.classes, self.samples = scan_folder(root)
-        self.targets = [label for _, label in self.samples]
+        self.classes, samples = scan_folder(root)
+        self.name = self.root.name
+        self._keep(samples if index is None else [samples[i] for i in _indices(index)])
+
+    def _keep(self, samples: list[tuple[Path, int]]) -> None:
+        self.samples = samples
+        self.targets = [label for _, label in samples]
+        self.labels = torch.tensor(self.targets, dtype=torch.long)
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        path, label = self.samples[i]
+    @property
+    def image_size(self) -> int:
+        return self.size
+
+    @property
+    def sources(self) -> list[str]:
+        return [str(path) for path, _ in self.samples]
+
+    def read(self, i: int) -> torch.Tensor:
+        """Image ``i`` as uint8 (3, size, size)."""
+        path, _ = self.samples[i]
         try:
-            image = read_image(path, self.size)
+            return read_image(path, self.size)
         except _unreadable() as e:
             raise ConvscopeError(f"cannot read image {path} ({type(e).__name__}: {e}); remove or replace it, "
                                  "or use load_folder, which skips unreadable files") from e
-        return image.float() / 255.0, label
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.read(i).float() / 255.0, self.targets[i]
+
+    def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (float in [0, 1]) and labels of many items, decoded here (in a worker, when one calls it)."""
+        index = torch.as_tensor(index, dtype=torch.long).reshape(-1)
+        images = torch.empty((len(index), 3, self.size, self.size), dtype=torch.uint8)
+        for row, i in enumerate(index.tolist()):
+            images[row] = self.read(i)
+        return images.float() / 255.0, self.labels[index]
+
+    def subset(self, index) -> FolderDataset:
+        out = copy.copy(self)
+        out._keep([self.samples[i] for i in _indices(index)])
+        return out
+
+
+def _indices(index) -> list[int]:
+    return torch.as_tensor(index, dtype=torch.long).reshape(-1).tolist()

@@ -11,16 +11,27 @@ import torch
 import torch.nn.functional as F
 
 
-def random_crop_flip(x: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
-    """Random translation by up to ``pad`` pixels (zero fill) and a horizontal flip of half the images."""
-    n, _, h, w = x.shape
-    offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=generator).tolist()
-    flips = (torch.rand(n, generator=generator) < 0.5).tolist()
+def draw_crop_flip(n: int, pad: int, generator: torch.Generator, flip: bool = True
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The random choices of :func:`random_crop_flip` for ``n`` images: offsets (n, 2) in 0..2*pad and which
+    images are flipped (n,) (none when not ``flip``; the generator advances the same either way)."""
+    offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=generator)
+    flips = torch.rand(n, generator=generator) < 0.5
+    return offsets, flips & flip
+
+
+def crop_flip(x: torch.Tensor, pad: int, offsets: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    """Translate each image by its offset (zero fill, ``pad`` pixels at most) and flip the chosen ones."""
+    _, _, h, w = x.shape
     padded = F.pad(x, (pad, pad, pad, pad)) if pad else x
-    out = torch.stack([padded[i, :, dy:dy + h, dx:dx + w] for i, (dy, dx) in enumerate(offsets)])
-    flip = torch.tensor(flips)
-    out[flip] = out[flip].flip(-1)
+    out = torch.stack([padded[i, :, dy:dy + h, dx:dx + w] for i, (dy, dx) in enumerate(offsets.tolist())])
+    out[flips] = out[flips].flip(-1)
     return out
+
+
+def random_crop_flip(x: torch.Tensor, pad: int, generator: torch.Generator, flip: bool = True) -> torch.Tensor:
+    """Random translation by up to ``pad`` pixels (zero fill) and a horizontal flip of half the images."""
+    return crop_flip(x, pad, *draw_crop_flip(len(x), pad, generator, flip))
 
 
 def resize(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -37,15 +48,19 @@ def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
     return x[..., top:top + size, left:left + size]
 
 
-def mean_and_std(images: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-pixel mean image (3, H, W) and the global pixel std of uint8 images (N, 3, H, W), scaled to [0, 1]."""
-    total = torch.zeros(images.shape[1:], dtype=torch.float64)
-    squares = torch.zeros((), dtype=torch.float64)
-    for start in range(0, images.shape[0], chunk):
-        x = images[start:start + chunk].double() / 255.0
-        total += x.sum(0)
-        squares += (x * x).sum()
-    n = images.shape[0]
+def mean_and_std(images, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pixel mean image (3, H, W) and the global pixel std of uint8 images (N, 3, H, W), or of an iterable
+    of such batches (a set read from disk a batch at a time), scaled to [0, 1]."""
+    total = squares = None
+    n = 0
+    for part in [images] if isinstance(images, torch.Tensor) else images:
+        for start in range(0, part.shape[0], chunk):
+            x = part[start:start + chunk].double() / 255.0
+            total = x.sum(0) if total is None else total + x.sum(0)
+            squares = (x * x).sum() if squares is None else squares + (x * x).sum()
+            n += x.shape[0]
+    if not n:
+        raise ValueError("mean_and_std of no images")
     mean = total / n
     var = squares / (n * mean.numel()) - (mean * mean).mean()
     return mean.float(), var.clamp_min(1e-12).sqrt().float()
