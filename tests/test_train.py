@@ -114,3 +114,23 @@ def test_corrupt_and_truncated_checkpoints_are_refused(tmp_path):
         train(TrainConfig(**{**TINY, "epochs": 1, "n_train": 64}), run, progress=False)
     assert (run / "state.pt").read_bytes() == state[:100]  # left as found, for the user to inspect
     assert Path(run / "model.safetensors").read_bytes() == good
+
+
+def test_crop_flip_moves_and_flips_as_drawn_and_flip_false_never_flips():
+    """Zero-padded translation by the drawn offset, then a mirror where drawn; without flip the generator advances
+    alike (the rest of the run's random choices stay where they were) and nothing is mirrored."""
+    from convscope.data.transforms import crop_flip, draw_crop_flip, random_crop_flip
+
+    x = torch.arange(2 * 3 * 4, dtype=torch.float32).view(2, 1, 3, 4) + 1
+    out = crop_flip(x, 1, torch.tensor([[0, 2], [1, 1]]), torch.tensor([True, False]))
+    # image 0 is [[1..4], [5..8], [9..12]]: the window at (0, 2) of it padded by 1 keeps a zero row above and
+    # columns 2..4 with a zero column after, then it is mirrored
+    assert out[0, 0].tolist() == [[0, 0, 0, 0], [0, 4, 3, 2], [0, 8, 7, 6]]
+    assert torch.equal(out[1], x[1])  # offset (1, 1) with pad 1 is the image itself
+    offsets, flips = draw_crop_flip(64, 2, torch.Generator().manual_seed(3))
+    assert 0 <= offsets.min() and offsets.max() <= 4 and 16 < flips.sum() < 48
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    moved = random_crop_flip(x, 1, g1, flip=False)
+    offsets, _ = draw_crop_flip(2, 1, g2)
+    assert torch.equal(moved, crop_flip(x, 1, offsets, torch.tensor([False, False])))
+    assert torch.equal(torch.rand(3, generator=g1), torch.rand(3, generator=g2))

@@ -83,6 +83,19 @@ def run_to_all(model: nn.Module, targets: Sequence, x: torch.Tensor, mode: Torch
     return [captured[i] for i in range(len(sites))]
 
 
+@contextmanager
+def exact_float32() -> Iterator[None]:
+    """Convolutions and matrix products in IEEE float32 on CUDA for the duration (TF32 off; PyTorch lets cuDNN
+    convolve in TF32 by default, about 1e-3 relative, enough to reorder a top-k on near-ties and flip max-pool
+    switches), then the caller's settings back. Nothing changes on the CPU."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
 def on_device(model: nn.Module, device: torch.device) -> nn.Module:
     """``model`` moved to ``device``, its inputs moved there too as each forward pass starts (a pre-hook, as
     Accelerate's device hooks do): every analysis then runs where the model is, whatever device its images come
@@ -122,4 +135,4 @@ def check_images(model: nn.Module, images: torch.Tensor) -> None:
         raise ConvscopeError("images contain NaN or infinite values")
 
 
-__all__ = ["check_images", "eval_mode", "input_channels", "on_device", "run_to", "run_to_all"]
+__all__ = ["check_images", "eval_mode", "exact_float32", "input_channels", "on_device", "run_to", "run_to_all"]

@@ -25,7 +25,7 @@ from . import artifacts
 from .data.loader import batches, fetch
 from .distributed import Group
 from .errors import ConvscopeError
-from .forward import eval_mode, run_to_all
+from .forward import eval_mode, exact_float32, run_to_all
 from .layers import site
 
 
@@ -237,7 +237,7 @@ def scan_shard(model: nn.Module, data, indices: torch.Tensor | Sequence[int], la
     class_k = _class_k(data, layers, class_k)
     n_classes = len(data.classes) if class_k else 0
     parts: list[TopK] = []
-    with eval_mode(model), torch.inference_mode():
+    with eval_mode(model), torch.inference_mode(), exact_float32():  # on CUDA as on the CPU: no TF32
         chunks = [indices[start:start + batch_size] for start in range(0, len(indices), batch_size)]
         for idx, (x, labels) in tqdm(zip(chunks, batches(data, chunks, workers)), total=len(chunks), desc="scan",
                                      disable=None if progress is None else not progress, unit="batch", leave=False):

@@ -29,7 +29,7 @@ from .data import seeded_subset
 from .deconvnet import RULES, Projector
 from .distributed import Group, barrier
 from .errors import ConvscopeError, check_int, check_seed, unknown
-from .forward import eval_mode, input_channels, run_to
+from .forward import eval_mode, exact_float32, input_channels, run_to
 from .imaging import caption, make_grid, to_image, upscale
 from .layers import site
 from .layout import Layout
@@ -121,9 +121,10 @@ def unit_views(model: nn.Module, data, topk: TopK, layer: str, units=None, rule:
         raise ConvscopeError("the scan saw fewer images than k: scan more images")
     flat_idx = images_idx.reshape(-1)
     k = images_idx.shape[1]
-    boxes, projections, patches, cropped = _crops(
-        model, layer, lambda i: data.batch(flat_idx[i])[0], units.repeat_interleave(k), positions.reshape(-1, 2),
-        topk.values[layer][units].reshape(-1), rule, nonlinearities, batch_size, cache)
+    with exact_float32():  # the crops reproduce the scan's float32 values on CUDA too
+        boxes, projections, patches, cropped = _crops(
+            model, layer, lambda i: data.batch(flat_idx[i])[0], units.repeat_interleave(k), positions.reshape(-1, 2),
+            topk.values[layer][units].reshape(-1), rule, nonlinearities, batch_size, cache)
     return UnitViews(layer, units, topk.values[layer][units], images_idx, boxes.view(-1, k, 4),
                      projections.view(-1, k, *projections.shape[1:]), patches.view(-1, k, *patches.shape[1:]),
                      cropped)
