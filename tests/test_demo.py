@@ -20,7 +20,9 @@ def test_quick_demo_runs_every_step_and_resumes(tmp_path):
         "train zfnet_small", "train alexnet_small (Fig. 6)", "train zfnet_small without renormalisation (Fig. 6)",
         "scan and Fig. 2", "evolution (Fig. 4)", "feature visualisation (Olah et al.)", "filters (Fig. 6)",
         "occlusion (Fig. 7)", "pointing game (TorchRay)", "sanity check (Adebayo et al.)", "invariance (Fig. 5)",
-        "correspondence (Table 1)", "probes (Table 7)", "transfer to digits (Tables 4-5, Fig. 9)",
+        "correspondence (Table 1)", "train zfnet_small on parts that correspond (Table 1)",
+        "correspondence on parts that correspond (Table 1)", "probes (Table 7)",
+        "transfer to digits (Tables 4-5, Fig. 9)",
         "pretrain zfnet_small on six classes (transfer)", "transfer to held-out classes (Tables 4-5, Fig. 9)",
         "ablation on pairs (Table 3)", "report",
     }
@@ -36,6 +38,9 @@ def test_quick_demo_runs_every_step_and_resumes(tmp_path):
     table = json.loads((figures / "table1.json").read_text())
     assert set(table["regions"]) == {"left_eye", "right_eye", "nose", "random"}
     assert 0 < table["mean"]["random"]["conv5"] < 1
+    parts = json.loads((figures / "table1_parts.json").read_text())
+    assert parts["heading"].startswith("On synthetic-parts") and set(parts["regions"]) == set(table["regions"])
+    assert json.loads((out / "compare" / "zfnet_small-parts" / "config.json").read_text())["data"] == "synthetic-parts"
     assert (out / "compare" / "alexnet_small" / "model.safetensors").is_file()
     probes = json.loads((out / "probes" / "probes.json").read_text())["accuracy"]
     assert sorted(probes) == ["softmax", "svm"] and all(0 <= v <= 1 for v in probes["svm"].values())

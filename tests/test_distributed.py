@@ -68,6 +68,28 @@ def test_torchrun_scan_equals_the_single_process_scan(copied_run, single):
     assert "scan/topk.safetensors" in manifest and len(manifest) == 1 + 2 * (1 + 4 * 2)
 
 
+def test_two_nodes_by_rendezvous_with_workers_equal_the_single_process_scan(copied_run, single, tmp_path):
+    """Two "machines" (two torchrun launchers of one process each, on 127.0.0.1) meeting by torchrun's c10d
+    rendezvous, as the README's multi-node line does, each rank's images decoded by 2 DataLoader workers."""
+    shutil.rmtree(Layout(copied_run).scan, ignore_errors=True)
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend",
+         "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "convscope-test", "--rdzv-conf",
+         f"is_host={node == 0},join_timeout=120", "-m", "convscope", "scan", str(copied_run), "--layers",
+         ",".join(LAYERS), "--units", "2", "--split", "val", "--workers", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for node in (0, 1)]
+    out = [node.communicate(timeout=600) for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), out
+    assert sum(o.count("scanned 1000 images") for o, _ in out) == 1
+    topk, info = load_topk(Layout(copied_run).topk)
+    assert info["world_size"] == 2 and info["shards"] == [[0, 500, 500], [500, 1000, 500]]
+    for layer in LAYERS:
+        for field in ("values", "images", "positions", "class_values", "class_images"):
+            assert torch.equal(getattr(topk, field)[layer], getattr(single, field)[layer]), (layer, field)
+
+
 def test_a_run_another_job_writes_is_refused_by_every_rank(copied_run):
     before = sorted(p.relative_to(copied_run) for p in copied_run.rglob("*"))
     with artifacts.lock(copied_run, "a test holding the run"):

@@ -279,3 +279,31 @@ def test_preview_draws_the_ground_truth(val120):
     # the first image's box is outlined in yellow at its scaled corner
     x0, y0, _, _ = (int(v) * 2 for v in val120.truth.boxes[0].tolist())
     assert tuple(a[4 + y0, 4 + x0]) == (255, 255, 0)
+
+
+def test_parts_that_correspond_keep_one_colour_in_the_same_scenes(val120):
+    """synthetic-parts: the same scenes (masks, boxes, part centres, labels, every other pixel), every eye and
+    nose in its one colour; on the default set those parts take any colour. The default set's cache name stays."""
+    from convscope.data import DataSpec
+
+    fixed = DataSpec("synthetic-parts", n_val=120).load("val")
+    assert fixed.name == "synthetic-parts/val" and fixed.classes == val120.classes
+    assert torch.equal(fixed.labels, val120.labels) and torch.equal(fixed.truth.masks, val120.truth.masks)
+    for k in PARTS:
+        assert torch.equal(fixed.truth.parts[k].nan_to_num(-1), val120.truth.parts[k].nan_to_num(-1)), k
+    inside = torch.zeros_like(fixed.truth.masks)
+    for name, colour in syn.FIXED_PARTS.items():
+        xy = fixed.truth.parts[name]
+        rows = torch.nonzero(~torch.isnan(xy[:, 0])).flatten()
+        assert len(rows) >= 4, name  # faces, robots, fish and rockets among 120 images
+        at = [(int(i), int(xy[i, 1]), int(xy[i, 0])) for i in rows]
+        got = torch.stack([fixed.images[i, :, y, x] for i, y, x in at]).int()
+        was = torch.stack([val120.images[i, :, y, x] for i, y, x in at]).float()
+        assert (got - torch.tensor(colour)).abs().max() <= 4, name  # the colour, give or take the pixel noise
+        assert was.std(0).mean() > 30, name  # the default set's part colours vary
+        for i, y, x in at:
+            inside[i, max(y - 8, 0):y + 8, max(x - 8, 0):x + 8] = True
+    changed = (fixed.images != val120.images).any(1)
+    assert changed.any() and not (changed & ~inside).any()  # nothing changed away from those parts
+    assert cache_path("val", 120).name == "synthetic-val-120-64px-41bfa3bb27e7204c4a5b.npz"  # as before the option
+    assert cache_path("val", 120, fixed_parts=True).name.startswith("synthetic-parts-val-120-64px-")

@@ -180,7 +180,8 @@ REGISTRY: list[Analysis] = [
         "correspondence", "table1", "Table 1", "Correspondence of object parts",
         "The same part masked in 5 images of one class, or random regions: Delta, the mean sign change of the "
         "feature differences over image pairs. Lower than random means the parts are encoded consistently.",
-        files=lambda layout: ([], _existing(layout.figure("table1", ".txt"))), compute=correspondence.compute,
+        files=lambda layout: ([], _existing(layout.figure("table1", ".txt"), layout.figure("table1_parts", ".txt"))),
+        compute=correspondence.compute,
         write=lambda result, layout: correspondence.write_correspondence(result, layout, "table1"),
         help={"class_name": "Class of the embedded data.", "parts": "Comma-separated part names. "
               "[left_eye,right_eye,nose]", "split": _SPLIT, "draws": "Random draws of images and regions.",

@@ -67,6 +67,7 @@ def data_list() -> None:
     from .data import list_datasets
 
     notes = {"synthetic": "embedded, generated (default; ground truth: boxes, masks, parts)",
+             "synthetic-parts": "the same scenes, every eye and nose in one colour of its own (Table 1)",
              "pairs": "embedded, generated, 128 px: same or different colour of two far-apart discs (ablation)",
              "cifar10": "CIFAR-10 python batches (--data-root)", "digits": "scikit-learn's bundled digits",
              "folder": "an ImageFolder tree: root/class/image (--data-root)"}

@@ -258,17 +258,21 @@ def format_table(result: CorrespondenceResult) -> str:
     return "\n".join(lines + ["", note]) + "\n"
 
 
-def write_correspondence(result: CorrespondenceResult, layout: Layout, name: str = "table1") -> list[Path]:
-    """Write Table 1 as ``<name>.json`` (every draw, mean, std) and ``<name>.txt`` (the table) into the run."""
+def write_correspondence(result: CorrespondenceResult, layout: Layout, name: str = "table1", heading: str = ""
+                         ) -> list[Path]:
+    """Write Table 1 as ``<name>.json`` (every draw, mean, std) and ``<name>.txt`` (the table, under ``heading``:
+    which model and data, where they are not the run's own) into the run."""
     data = {
-        "table": "Zeiler & Fergus Table 1", "layers": list(result.layers), "regions": list(result.regions),
+        "table": "Zeiler & Fergus Table 1", "heading": heading, "layers": list(result.layers),
+        "regions": list(result.regions),
         "size": result.size, "n_images": result.n_images, "draws": result.draws, "seed": result.seed,
         "delta": "mean over ordered pairs i != j of the fraction of positions where sign(eps_i) != sign(eps_j)",
         "mean": result.mean, "std": result.std,
         "values": {r: {k: v.tolist() for k, v in d.items()} for r, d in result.values.items()},
     }
     return [artifacts.write_json(layout.figure(name, ".json"), data),
-            artifacts.write_text(layout.figure(name, ".txt"), format_table(result))]
+            artifacts.write_text(layout.figure(name, ".txt"), (heading + "\n\n" if heading else "")
+                                 + format_table(result))]
 
 
 def compute(run: Run, class_name: str = "face", parts: list[str] | None = None, split: str | None = None,

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import artifacts
+from .data import SYNTHETIC
 from .errors import ConvscopeError, unknown
 from .forward import check_images, eval_mode, run_to_all
 from .layers import site
@@ -188,7 +189,7 @@ def invariance(
 
 
 def synthetic_renderer(split: str, indices: Sequence[int], size: int = 64, seed: int = 0,
-                       classes: list[str] | None = None) -> Renderer:
+                       classes: list[str] | None = None, fixed_parts: bool = False) -> Renderer:
     """A :data:`Renderer` over images ``indices`` of the embedded data set (``render_pose``): the object is
     re-rendered with its pose changed, with no border artefacts."""
     from .data.synthetic import render_pose
@@ -197,7 +198,7 @@ def synthetic_renderer(split: str, indices: Sequence[int], size: int = 64, seed:
 
     def render(i: int, dx: float, dy: float, scale: float, rotation: float) -> torch.Tensor:
         image, _ = render_pose(split, indices[i], size=size, seed=seed, dx=dx, dy=dy, scale=scale,
-                               rotation=rotation, classes=classes)
+                               rotation=rotation, classes=classes, fixed_parts=fixed_parts)
         return image.float() / 255.0
 
     return render
@@ -270,7 +271,7 @@ def compute(run: Run, n: int = 5, split: str | None = None, mode: str = "warp") 
         raise ConvscopeError(f"n must be a positive whole number of images, got {n!r}")
     split = split or run.default_split("test")
     render = None
-    if mode == "render" and (run.data is None or run.data.name != "synthetic" or split == "all"):
+    if mode == "render" and (run.data is None or run.data.name not in SYNTHETIC or split == "all"):
         what = "an 'all' split" if split == "all" else f"data {getattr(run.data, 'name', 'in memory')!r}"
         raise ConvscopeError("mode 'render' re-renders the embedded synthetic data's objects (train, val or test); "
                              f"this run has {what}: use mode 'warp'")
@@ -280,7 +281,8 @@ def compute(run: Run, n: int = 5, split: str | None = None, mode: str = "warp") 
     labels, _ = run.targets(data, idx)
     if mode == "render":
         render = synthetic_renderer(split, idx.tolist(), size=x.shape[-1], seed=run.data.seed,
-                                    classes=list(run.data.classes) if run.data.classes else None)
+                                    classes=list(run.data.classes) if run.data.classes else None,
+                                    fixed_parts=run.data.name == "synthetic-parts")
     paper = getattr(run.model, "paper_layers", {})
     layers = ("conv1", "fc7") if {"conv1", "fc7"} <= set(paper) else (run.map_layers()[0], run.vector_layer())
     result = invariance(run.model, x, labels, layers=layers, render=render)

@@ -1,4 +1,5 @@
-"""Data sets: the embedded ``synthetic`` set (the default, with ground truth), the embedded ``pairs`` set (a task
+"""Data sets: the embedded ``synthetic`` set (the default, with ground truth; ``synthetic-parts``: the same scenes
+with every eye and nose in one colour of its own, for Table 1), the embedded ``pairs`` set (a task
 that needs depth, for the Table 3 ablation) and real data from disk.
 
 ``load_splits(name, ...)`` returns train / val / test :class:`ImageSet` s for any registered data set. Sets that
@@ -16,7 +17,8 @@ import torch
 from ..errors import ConvscopeError, check_int, check_seed, unknown
 from .base import GroundTruth, ImageSet
 
-DATASETS = ("synthetic", "pairs", "cifar10", "digits", "folder")
+DATASETS = ("synthetic", "synthetic-parts", "pairs", "cifar10", "digits", "folder")
+SYNTHETIC = ("synthetic", "synthetic-parts")  # the embedded scenes, with ground truth
 
 
 @dataclass
@@ -79,8 +81,8 @@ class DataSpec:
         for split in SPLITS:
             if self._n(split) is not None:
                 check_int(self._n(split), f"n_{split}", 1, 10**9)
-        if self.classes is not None and self.name != "synthetic":
-            raise ConvscopeError("classes= selects classes of the synthetic data set only")
+        if self.classes is not None and self.name not in SYNTHETIC:
+            raise ConvscopeError("classes= selects classes of the synthetic data sets only")
         if self.name in ("cifar10", "folder"):
             if self.root is None:
                 raise ConvscopeError(f"data set {self.name!r} needs a path: pass --data-root (or root=) to its folder")
@@ -90,7 +92,8 @@ class DataSpec:
     @property
     def image_size(self) -> int | None:
         """The side the images will have (None: CIFAR-10 at its own 32 px)."""
-        return self.size or {"synthetic": 64, "pairs": 128, "digits": 32, "folder": 64}.get(self.name)
+        return self.size or {"synthetic": 64, "synthetic-parts": 64, "pairs": 128, "digits": 32,
+                             "folder": 64}.get(self.name)
 
     def load(self, split: str, workers: int = 0, lazy: bool | None = None) -> ImageSet:
         """One split (``train``, ``val``, ``test``, or ``all``); an empty one is an error.
@@ -117,7 +120,7 @@ class DataSpec:
             from .folder import scan_folder
 
             return scan_folder(self.root)[0]
-        if self.name == "synthetic":
+        if self.name in SYNTHETIC:
             from .synthetic import CLASSES
 
             return list(self.classes or CLASSES)
@@ -128,11 +131,12 @@ class DataSpec:
 
     def _split(self, split: str) -> ImageSet:
         size = self.image_size
-        if self.name == "synthetic":
+        if self.name in SYNTHETIC:
             from .synthetic import load_synthetic
 
             classes = list(self.classes) if self.classes is not None else None
-            return load_synthetic(split, n=self._n(split), size=size, seed=self.seed, classes=classes)
+            return load_synthetic(split, n=self._n(split), size=size, seed=self.seed, classes=classes,
+                                  fixed_parts=self.name == "synthetic-parts")
         if self.name == "pairs":
             from .pairs import load_pairs
 
@@ -155,7 +159,7 @@ class DataSpec:
 
     def _truncate(self, data: ImageSet, split: str) -> ImageSet:
         n = self._n(split)
-        if n is None or self.name in ("synthetic", "pairs"):  # the generated sets render exactly n
+        if n is None or self.name in (*SYNTHETIC, "pairs"):  # the generated sets render exactly n
             return data
         return data.subset(seeded_subset(len(data), n, self.seed))
 
@@ -218,5 +222,5 @@ def resized(data: ImageSet, size: int) -> ImageSet:
     return ImageSet(images, data.labels, data.classes, None, data.name, data.sources)
 
 
-__all__ = ["ALL", "DATASETS", "SPLITS", "DataSpec", "GroundTruth", "ImageSet", "Splits", "concat", "list_datasets",
-           "load_splits", "seeded_subset", "stratified_split"]
+__all__ = ["ALL", "DATASETS", "SPLITS", "SYNTHETIC", "DataSpec", "GroundTruth", "ImageSet", "Splits", "concat",
+           "list_datasets", "load_splits", "seeded_subset", "stratified_split"]

@@ -24,6 +24,12 @@ these units, so the pixel holding a centre is ``(floor(x), floor(y))``. A scene 
 side, so the same scene renders at 64 px (the default) or 224 px; drawing is done at twice the size and reduced
 by box averaging (anti-aliasing); a mask pixel is the object's when at least half of it is covered.
 
+Parts that correspond (``fixed_parts=True``, the data set ``synthetic-parts``): the same scenes, with every eye
+and nose (:data:`FIXED_PARTS`: the face's, the robot's, the fish's, the rocket's nose cone) drawn in one colour of
+its own in every image, as the eyes and noses of the paper's dogs look alike across breeds, while every other
+colour varies as before. Paper Table 1 asks whether a net relates such parts across images; on the default set,
+where an eye may take any colour, it has nothing to relate.
+
 Part names ``left_*`` / ``right_*`` are as the viewer sees the upright object (a flipped face's ``left_eye`` is
 still the eye on the image's left before rotation); other names follow the object (a flipped car's
 ``front_wheel`` is on the left).
@@ -394,7 +400,14 @@ def _object_matrix(pose: _Pose) -> np.ndarray:
     return k * np.array([[c * f, s], [-s * f, c]])
 
 
-def _sample_scene(seed: int, split_id: int, index: int) -> _Scene:
+FIXED_PARTS: dict[str, tuple[int, int, int]] = {
+    "left_eye": (20, 20, 28), "right_eye": (20, 20, 28), "eye": (20, 20, 28), "nose": (150, 45, 40),
+    "nose_cone": (150, 45, 40),
+}
+"""The one colour of each corresponding part in ``synthetic-parts``: eyes near black, noses a dark red."""
+
+
+def _sample_scene(seed: int, split_id: int, index: int, fixed_parts: bool = False) -> _Scene:
     rng = np.random.default_rng([seed, split_id, index])
     label = index % len(CLASSES)
 
@@ -420,6 +433,8 @@ def _sample_scene(seed: int, split_id: int, index: int) -> _Scene:
     for p in parts:
         p.colour = tuple(int(v) for v in _colour(rng, used))
         used.append(np.array(p.colour, dtype=float))
+        if fixed_parts and p.name in FIXED_PARTS:  # after the draw, so every other draw (and pose) stays the same
+            p.colour = FIXED_PARTS[p.name]
 
     pose = _Pose(0.5, 0.5, _u(rng, *SCALE_RANGE), _u(rng, -ROTATION_RANGE, ROTATION_RANGE), bool(rng.random() < 0.5))
     pts = np.concatenate([poly for p in parts for poly in p.polys]) @ _object_matrix(pose).T
@@ -549,7 +564,8 @@ def _full_index(index: int, classes: list[str]) -> int:
     return (index // k) * len(CLASSES) + CLASSES.index(classes[index % k])
 
 
-def _generate(split_id: int, n: int, size: int, seed: int, classes: list[str]) -> dict[str, np.ndarray]:
+def _generate(split_id: int, n: int, size: int, seed: int, classes: list[str], fixed_parts: bool = False
+              ) -> dict[str, np.ndarray]:
     check_memory(n, size, "the synthetic data set")
     images = np.empty((n, 3, size, size), np.uint8)
     masks = np.empty((n, size, size), bool)
@@ -557,7 +573,7 @@ def _generate(split_id: int, n: int, size: int, seed: int, classes: list[str]) -
     parts = np.empty((n, len(PARTS), 2), np.float32)
     labels = np.arange(n, dtype=np.int64) % len(classes)
     for i in range(n):
-        scene = _sample_scene(seed, split_id, _full_index(i, classes))
+        scene = _sample_scene(seed, split_id, _full_index(i, classes), fixed_parts)
         image, mask, centres = _render(scene, size)
         images[i] = image.transpose(2, 0, 1)
         masks[i], boxes[i], parts[i] = mask, _box(mask), centres
@@ -575,14 +591,20 @@ def cache_dir() -> Path:
 
 
 def cache_path(split: str = "train", n: int | None = None, size: int = 64, seed: int = 0,
-               classes: list[str] | None = None) -> Path:
+               classes: list[str] | None = None, fixed_parts: bool = False) -> Path:
     """The cache file of a set: named by a hash of every parameter and :data:`GENERATOR_VERSION`."""
     _, classes = _check(split, size, seed, classes)
     n = DEFAULT_N[split] if n is None else n
-    key = json.dumps({"version": GENERATOR_VERSION, "split": split, "n": n, "size": size, "seed": seed,
-                      "classes": classes, "all": CLASSES, "parts": PARTS}, sort_keys=True)
-    digest = hashlib.sha256(key.encode()).hexdigest()[:20]
-    return cache_dir() / f"synthetic-{split}-{n}-{size}px-{digest}.npz"
+    key = {"version": GENERATOR_VERSION, "split": split, "n": n, "size": size, "seed": seed, "classes": classes,
+           "all": CLASSES, "parts": PARTS}
+    if fixed_parts:  # only then, so that the default set's files keep their names
+        key["fixed_parts"] = FIXED_PARTS
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return cache_dir() / f"{_name(fixed_parts)}-{split}-{n}-{size}px-{digest}.npz"
+
+
+def _name(fixed_parts: bool) -> str:
+    return "synthetic-parts" if fixed_parts else "synthetic"
 
 
 _KEYS = ("images", "labels", "masks", "boxes", "parts")
@@ -607,7 +629,7 @@ def _read_cache(path: Path, n: int, size: int) -> dict[str, np.ndarray] | None:
 
 
 def load_synthetic(split: str = "train", n: int | None = None, size: int = 64, seed: int = 0,
-                   classes: list[str] | None = None, cache: bool = True) -> ImageSet:
+                   classes: list[str] | None = None, cache: bool = True, fixed_parts: bool = False) -> ImageSet:
     """The embedded data set, split ``train`` / ``val`` / ``test`` (default sizes 10000 / 1000 / 2000).
 
     Returns an :class:`ImageSet` of uint8 images (n, 3, size, size) with ``truth``: boxes, masks and the centre
@@ -615,18 +637,19 @@ def load_synthetic(split: str = "train", n: int | None = None, size: int = 64, s
     ``classes`` restricts the set to those classes, relabelled 0..k-1 in the given order (for the transfer
     experiment, paper Tables 4-5: pretrain on some classes, train a new softmax on the others); its images are
     a subset of the full set's. ``cache`` keeps the generated arrays in :func:`cache_path` (an unreadable file is
-    regenerated with a warning; a cache that cannot be written is skipped with a warning).
+    regenerated with a warning; a cache that cannot be written is skipped with a warning). ``fixed_parts``: every
+    eye and nose in one colour of its own (:data:`FIXED_PARTS`; the data set ``synthetic-parts``).
     """
     split_id, names = _check(split, size, seed, classes)
     n = DEFAULT_N[split] if n is None else n
     if not isinstance(n, int) or isinstance(n, bool) or n < 0:
         raise ConvscopeError(f"n must be a non-negative integer, got {n!r}")
     data = None
-    path = cache_path(split, n, size, seed, names) if cache else None
+    path = cache_path(split, n, size, seed, names, fixed_parts) if cache else None
     if path is not None:
         data = _read_cache(path, n, size)
     if data is None:
-        data = _generate(split_id, n, size, seed, names)
+        data = _generate(split_id, n, size, seed, names, fixed_parts)
         if path is not None:
             from ..artifacts import save_npz
 
@@ -635,12 +658,12 @@ def load_synthetic(split: str = "train", n: int | None = None, size: int = 64, s
             except OSError as e:
                 warnings.warn(f"could not write the synthetic data cache {path} ({e})", stacklevel=2)
     return ImageSet(torch.from_numpy(data["images"]), torch.from_numpy(data["labels"]), names,
-                    _truth(data["boxes"], data["masks"], data["parts"]), name=f"synthetic/{split}")
+                    _truth(data["boxes"], data["masks"], data["parts"]), name=f"{_name(fixed_parts)}/{split}")
 
 
 def render_pose(split: str, index: int, size: int = 64, seed: int = 0, dx: float = 0.0, dy: float = 0.0,
-                scale: float = 1.0, rotation: float = 0.0, classes: list[str] | None = None
-                ) -> tuple[torch.Tensor, GroundTruth]:
+                scale: float = 1.0, rotation: float = 0.0, classes: list[str] | None = None,
+                fixed_parts: bool = False) -> tuple[torch.Tensor, GroundTruth]:
     """Image ``index`` of a split re-rendered with its object moved, for the invariance experiment (paper Fig. 5).
 
     The pose is changed *relative to the sampled one*: ``dx``, ``dy`` pixels (at ``size``) are added to the
@@ -655,7 +678,7 @@ def render_pose(split: str, index: int, size: int = 64, seed: int = 0, dx: float
     split_id, names = _check(split, size, seed, classes)
     if not isinstance(index, int) or isinstance(index, bool) or index < 0:
         raise ConvscopeError(f"index must be a non-negative integer, got {index!r}")
-    scene = _sample_scene(seed, split_id, _full_index(index, names))
+    scene = _sample_scene(seed, split_id, _full_index(index, names), fixed_parts)
     p = scene.pose
     pose = _Pose(p.cx + dx / size, p.cy + dy / size, p.scale * scale, p.rotation + rotation, p.flip)
     image, mask, centres = _render(scene, size, pose)
