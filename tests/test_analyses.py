@@ -167,9 +167,14 @@ def test_every_registered_analysis_is_checked():
     assert len({a.key for a in analyses.REGISTRY}) == len(analyses.REGISTRY)
 
 
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("device", [None, pytest.param("cuda", marks=GPU)])
 @pytest.mark.parametrize("analysis", RUNNABLE, ids=[a.name for a in RUNNABLE])
-def test_analysis_writes_what_it_computed(analysis, tiny):
-    run = cs.open_run(tiny / "run")
+def test_analysis_writes_what_it_computed(analysis, device, tiny):
+    """On the CPU, and (where there is one) with the model on a GPU (``--device cuda``)."""
+    run = cs.open_run(tiny / "run", device=device)
     options = {k: str(tiny / v) if k in ("checkpoints", "parts_json", "masks") else v
                for k, v in OPTIONS[analysis.name].items()}
     result, paths = analysis.run(run, **options)
