@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 from . import artifacts
 from .config import TrainConfig
 from .data import ImageSet
+from .data.loader import uint8_batches
 from .data.transforms import mean_and_std, random_crop_flip
 from .errors import ConvscopeError, check_int, check_seed
 from .forward import eval_mode
@@ -107,7 +108,7 @@ def _scratch_model(pretrained: nn.Module, num_classes: int, factory: Factory | N
         raise ConvscopeError("the pretrained model is not a built-in ConvNet: pass scratch_model, a function "
                              "(num_classes, seed) -> a fresh net of its architecture, or scratch=False")
     if hasattr(model, "normalize"):
-        mean, std = mean_and_std(data.images)
+        mean, std = mean_and_std(uint8_batches(data))  # in memory, or decoded from a folder
         if mean.shape == model.normalize.mean.shape:
             model.normalize.mean.copy_(mean)
             model.normalize.std.copy_(std)
