@@ -65,7 +65,7 @@ def test_bad_input_is_refused_with_the_valid_choices():
         load_pairs(size=4)
     with pytest.raises(ConvscopeError, match="n must be"):
         load_pairs(n=-1)
-    with pytest.raises(ConvscopeError, match="synthetic data set only"):
+    with pytest.raises(ConvscopeError, match="synthetic data sets only"):
         load_splits("pairs", classes=["face"])
     splits = load_splits("pairs", n_train=4, n_val=2, n_test=2)
     assert splits.train.image_size == 128 and splits.train.name == "pairs/train"
