@@ -3,9 +3,10 @@
 Steps (each timed into ``timings.json``): train zfnet_small with the paper's recipe; train the Fig. 6
 comparisons at the budget of zfnet_small's epoch-10 checkpoint (alexnet_small, and zfnet_small without filter
 renormalisation) under ``compare/``; then every analysis over the main run (probes and transfer to
-scikit-learn's digits included); transfer to the synthetic classes held out of a second pretraining on the
-other six (``compare/zfnet_small-six``); the Table 3 ablation on the embedded ``pairs`` set under
-``ablation/``; then the report. An interrupted demo started again goes on where it stopped: trainings resume
+scikit-learn's digits included); Table 1 again on a second run trained alike on ``synthetic-parts``, whose eyes
+and noses keep one colour (``compare/zfnet_small-parts``); transfer to the synthetic classes held out of a
+second pretraining on the other six (``compare/zfnet_small-six``); the Table 3 ablation on the embedded ``pairs``
+set under ``ablation/``; then the report. An interrupted demo started again goes on where it stopped: trainings resume
 (a finished one is loaded), an analysis that ``timings.json`` records as done is not run again (delete its line,
 or the file, to redo it), and the report is always written anew.
 """
