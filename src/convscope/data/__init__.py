@@ -167,19 +167,17 @@ class DataSpec:
         return concat([self.load(split) for split in SPLITS])
 
     def _folder(self, split: str, workers: int, lazy: bool | None):
-        """A split of an ImageFolder tree (70/15/15 per class, seeded), or all of it in file order."""
+        """A split of an ImageFolder tree (70/15/15 per class, seeded), or all of it in file order; the tree is
+        listed once."""
         from .base import fits_memory
-        from .folder import FolderDataset, load_folder, scan_folder
+        from .folder import FolderDataset
 
-        _, samples = scan_folder(self.root)
-        index = None
+        data = FolderDataset(self.root, self.image_size)
         if split != ALL:
-            labels = torch.tensor([label for _, label in samples])
-            index = dict(zip(SPLITS, stratified_split(labels, (0.7, 0.15), self.seed)))[split]
-        n = len(samples) if index is None else len(index)
-        if lazy or (lazy is None and not fits_memory(n, self.image_size)):
-            return FolderDataset(self.root, self.image_size, index)
-        return load_folder(self.root, size=self.image_size, index=index, workers=workers)
+            data = data.subset(dict(zip(SPLITS, stratified_split(data.labels, (0.7, 0.15), self.seed)))[split])
+        if lazy or (lazy is None and not fits_memory(len(data), self.image_size)):
+            return data
+        return data.load(workers)
 
 
 def load_splits(name: str = "synthetic", root: str | Path | None = None, size: int | None = None,

@@ -129,47 +129,18 @@ def load_folder(root: str | Path, size: int = 64, index=None, workers: int = 0) 
 
     Files Pillow cannot decode are skipped and reported in a single warning (how many, and the first few).
     """
-    from .loader import batches
-
-    _check_size(size)
-    classes, samples = scan_folder(root)
-    if index is not None:
-        samples = [samples[i] for i in _indices(index)]
-    check_memory(len(samples), size, f"image folder {root}", bytes_per_pixel=3)
-    images = torch.empty((len(samples), 3, size, size), dtype=torch.uint8)
-    labels, sources, bad = [], [], []
-    chunks = [range(start, min(start + DECODE_CHUNK, len(samples))) for start in range(0, len(samples), DECODE_CHUNK)]
-    for chunk, decoded in zip(chunks, batches((samples, size), chunks, workers, fn=_decode)):
-        for i, image in zip(chunk, decoded):
-            path, label = samples[i]
-            if isinstance(image, str):
-                bad.append(f"{path} ({image})")
-                continue
-            images[len(labels)] = image
-            labels.append(label)
-            sources.append(str(path))
-    if not samples:
-        return ImageSet(images, torch.zeros(0, dtype=torch.long), classes, name=Path(root).name, sources=[])
-    if not labels:
-        raise ConvscopeError(f"none of the {len(samples)} image files under {root} could be read, e.g. {bad[0]}")
-    if bad:
-        shown = "; ".join(bad[:3]) + ("; ..." if len(bad) > 3 else "")
-        warnings.warn(f"skipped {len(bad)} unreadable image file(s) of {len(samples)} under {root}: {shown}",
-                      stacklevel=2)
-    return ImageSet(images[: len(labels)].clone(), torch.tensor(labels, dtype=torch.long), classes,
-                    name=Path(root).name, sources=sources)
+    return FolderDataset(root, size, index).load(workers)
 
 
 DECODE_CHUNK = 64  # files a worker decodes per task
 
 
-def _decode(job: tuple[list[tuple[Path, int]], int], chunk: range) -> list[torch.Tensor | str]:
-    """Files ``chunk`` of ``job`` (samples, size) decoded, or for an unreadable one what was wrong with it."""
-    samples, size = job
+def _decode(data: FolderDataset, chunk: range) -> list[torch.Tensor | str]:
+    """Files ``chunk`` of ``data`` decoded, or for an unreadable one what was wrong with it."""
     out: list[torch.Tensor | str] = []
     for i in chunk:
         try:
-            out.append(read_image(samples[i][0], size))
+            out.append(read_image(data.samples[i][0], data.size))
         except _unreadable() as e:
             out.append(f"{type(e).__name__}: {e}")
     return out
@@ -232,6 +203,35 @@ class FolderDataset(Dataset):
         for row, i in enumerate(index.tolist()):
             images[row] = self.read(i)
         return images.float() / 255.0, self.labels[index]
+
+    def load(self, workers: int = 0) -> ImageSet:
+        """Every file decoded into memory (by ``workers`` processes) as an :class:`ImageSet`; files Pillow cannot
+        decode are skipped and reported in a single warning (how many, and the first few)."""
+        from .loader import batches
+
+        n, root = len(self.samples), self.root
+        check_memory(n, self.size, f"image folder {root}", bytes_per_pixel=3)
+        images = torch.empty((n, 3, self.size, self.size), dtype=torch.uint8)
+        labels, sources, bad = [], [], []
+        chunks = [range(start, min(start + DECODE_CHUNK, n)) for start in range(0, n, DECODE_CHUNK)]
+        for chunk, decoded in zip(chunks, batches(self, chunks, workers, fn=_decode)):
+            for i, image in zip(chunk, decoded):
+                path, label = self.samples[i]
+                if isinstance(image, str):
+                    bad.append(f"{path} ({image})")
+                    continue
+                images[len(labels)] = image
+                labels.append(label)
+                sources.append(str(path))
+        if not n:
+            return ImageSet(images, torch.zeros(0, dtype=torch.long), self.classes, name=self.name, sources=[])
+        if not labels:
+            raise ConvscopeError(f"none of the {n} image files under {root} could be read, e.g. {bad[0]}")
+        if bad:
+            shown = "; ".join(bad[:3]) + ("; ..." if len(bad) > 3 else "")
+            warnings.warn(f"skipped {len(bad)} unreadable image file(s) of {n} under {root}: {shown}", stacklevel=2)
+        return ImageSet(images[: len(labels)].clone(), torch.tensor(labels, dtype=torch.long), self.classes,
+                        name=self.name, sources=sources)
 
     def subset(self, index) -> FolderDataset:
         out = copy.copy(self)
