@@ -122,8 +122,9 @@ def _done(out: Path) -> dict[str, float]:
         timings = json.loads(Layout(out).timings.read_text())
     except (OSError, ValueError):
         return {}
-    return {k: v for k, v in timings.items() if isinstance(k, str) and isinstance(v, int | float)} \
-        if isinstance(timings, dict) else {}
+    if not isinstance(timings, dict):
+        return {}
+    return {k: v for k, v in timings.items() if isinstance(v, int | float)}
 
 
 def run_demo(out: str | Path, quick: bool = False, echo: Callable[[str], None] = print) -> Path:

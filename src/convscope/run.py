@@ -245,12 +245,15 @@ def open_run(path: str | Path, device: str | torch.device | None = None, workers
     its model computes (default: the CPU, where it is loaded); ``workers``: processes that decode its images."""
     from .distributed import device as resolve
     from .errors import check_int
+    from .forward import on_device
 
     check_int(workers, "workers", 0, 1024)
     device = None if device is None else resolve(device)  # a device this machine lacks fails before any reading
     run = _open(Layout(path))
     run.workers = workers
-    return run.to(device)
+    if device is not None:
+        on_device(run.model, device)
+    return run
 
 
 def _open(layout: Layout) -> Run:
