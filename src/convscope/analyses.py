@@ -175,7 +175,12 @@ REGISTRY: list[Analysis] = [
               "layer": "Layer whose strongest map is tracked (b, c). [conv5, or the model's last stage]",
               "size": "Side of the grey square in pixels. [3/16 of the image]",
               "stride": "Step between squares in pixels. [1/16 of the image]",
-              "batch_size": "Occluded images per forward pass."}),
+              "batch_size": "Occluded images per forward pass.",
+              "method": "auto (incremental where it is exact on the model, else dense), incremental (Krypton: "
+                        "each layer recomputed only where the square reaches) or dense (a full pass per "
+                        "position). The same numbers to float rounding.",
+              "approx": "Truncate the incremental change to a fraction of each map (Krypton's projective-field "
+                        "threshold): faster, approximate."}),
     Analysis(
         "correspondence", "table1", "Table 1", "Correspondence of object parts",
         "The same part masked in 5 images of one class, or random regions: Delta, the mean sign change of the "

@@ -14,11 +14,15 @@ with ``stride == size`` and a side divisible by ``size``, Captum's per-pixel att
 ``p(unoccluded) - p(occluded by the square covering that pixel)``. The paper states neither size nor stride.
 The default fill is the data's mean colour (the grey of a mean-subtracted input): the model's own input mean
 when it has one (built-in models, trained), otherwise the mean colour of the image.
+
+The occluded passes run incrementally where that is exact (:mod:`convscope.incremental`, Krypton: each layer
+recomputed only where the square reaches it), else densely, one full forward pass per position; the result
+says which and why. ``approx=True`` truncates the incremental change (Krypton's projective-field threshold).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,11 +30,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from . import artifacts
+from . import artifacts, incremental
 from .deconvnet import Projector
-from .errors import ConvscopeError, check_int
+from .errors import ConvscopeError, check_int, unknown
 from .forward import check_images, eval_mode, run_to_all
-from .layers import site
+from .incremental import map_totals
+from .layers import Site, site
 from .layout import Layout
 
 if TYPE_CHECKING:
@@ -56,6 +61,8 @@ class OcclusionResult:
     top_class: torch.Tensor  # (e) most probable class, (rows, cols) long
     prob_clean: float  # p(label) on the unoccluded image
     activation_clean: float  # total activation of ``channel`` on the unoccluded image
+    method: str = "dense"  # how the occluded passes ran: "incremental", "approximate" or "dense"
+    method_note: str = ""  # why that method (for dense: why not incremental)
 
     def centres(self) -> torch.Tensor:
         """Centre (x, y) in pixels of the square at every position, (rows, cols, 2)."""
@@ -126,22 +133,59 @@ def default_square(side: int) -> tuple[int, int]:
     return max(2, round(side * 3 / 16)), max(1, round(side / 16))
 
 
-def occluded_probs(model: nn.Module, image: torch.Tensor, size: int, stride: int, batch_size: int = 64
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+METHODS = ("auto", "incremental", "dense")
+
+
+def occluded_passes(model: nn.Module, image: torch.Tensor, probe: Site | None, corners: torch.Tensor, size: int,
+                    fill: torch.Tensor, method: str = "auto", approx: bool = False
+                    ) -> tuple[Callable[[torch.Tensor], tuple[torch.Tensor | None, torch.Tensor]], str, str]:
+    """How the occluded images run: a function of a batch of top-left corners (K, 2) giving the probed layer's
+    per-map totals (K, maps; None without a probe) and the class probabilities (K, classes); the method's name
+    ("incremental", "approximate" or "dense"); and why. ``method="auto"`` runs incrementally where the engine
+    is exact on this model, else densely; ``approx`` truncates the incremental change (not exact)."""
+    if method not in METHODS:
+        raise unknown("occlusion method", method, METHODS)
+    if approx and method == "dense":
+        raise ConvscopeError("approx truncates the incremental computation: use method 'auto' or 'incremental'")
+    note = "method 'dense' asked for"
+    if method != "dense":
+        patch = fill.view(-1, 1, 1).expand(-1, size, size)
+        engine, note = incremental.engine(model, image, probe, patch, corners)
+        tau = incremental.TAU if approx else None
+        if engine is not None:
+            def passes(batch: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+                totals, logits = engine(batch, patch, tau)
+                return totals, logits.softmax(-1)
+
+            if approx:
+                return passes, "approximate", (f"{note}; approximate: each layer's change truncated to {tau} of its "
+                                               f"map's side (Krypton's projective-field threshold)")
+            return passes, "incremental", note
+        if method == "incremental":
+            raise ConvscopeError(f"occlusion cannot run incrementally on this model: {note}")
+        note = f"dense: {note}"
+    targets = [model] if probe is None else [probe, model]
+
+    def dense(batch: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        # Copied the moment the layer runs: a later in-place op cannot change it (as in the incremental pass).
+        out = run_to_all(model, targets, occlude(image, batch, size, fill), keep=torch.clone)
+        return (None if probe is None else map_totals(out[0])), out[-1].softmax(-1)
+
+    return dense, "dense", note
+
+
+def occluded_probs(model: nn.Module, image: torch.Tensor, size: int, stride: int, batch_size: int = 64,
+                   method: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The class probabilities of one image (C, H, W) with a grey square at every position: the positions
-    (rows, cols, 2) top-left (y, x), the probabilities (rows * cols, classes), and those of the clean image."""
+    (rows, cols, 2) top-left (y, x), the probabilities (rows * cols, classes), and those of the clean image.
+    ``method`` as :func:`occluded_passes` takes it."""
     positions = square_positions(image.shape[-2], image.shape[-1], size, stride)
     corners, fill = positions.flatten(0, 1), as_fill(None, model, image)
     with eval_mode(model), torch.inference_mode():
         clean = model(image.unsqueeze(0)).softmax(-1)[0]
-        probs = torch.cat([model(occlude(image, corners[i:i + batch_size], size, fill)).softmax(-1)
-                           for i in range(0, len(corners), batch_size)])
+        passes = occluded_passes(model, image, None, corners, size, fill, method)[0]
+        probs = torch.cat([passes(corners[i:i + batch_size])[1] for i in range(0, len(corners), batch_size)])
     return positions, probs, clean
-
-
-def _total(act: torch.Tensor) -> torch.Tensor:
-    """Per image, per map: the sum over the map (a fully connected unit is its own map)."""
-    return act.flatten(2).sum(-1) if act.dim() > 2 else act
 
 
 def occlusion(
@@ -155,13 +199,17 @@ def occlusion(
     batch_size: int = 64,
     rule: str = "deconvnet",
     nonlinearities: str = "error",
+    method: str = "auto",
+    approx: bool = False,
 ) -> OcclusionResult:
     """Occlusion sensitivity of one image (paper Fig. 7): all panels (b)-(e) from the same forward passes.
 
     ``image`` is (C, H, W) (or (1, C, H, W)) as the model takes it; ``label`` the correct class. ``size`` and
     ``stride`` are the square's side and step in pixels (defaults suit 64 px images; the paper does not say its
     own). ``fill`` is a number or one value per channel (default :func:`default_fill`). Occluded images run
-    ``batch_size`` at a time; the result does not depend on it. The model's output is read as logits.
+    ``batch_size`` at a time; the result does not depend on it (to float rounding). The model's output is read
+    as logits. ``method``: "auto" (incremental where exact, else dense), "incremental" (an error where it
+    cannot be exact) or "dense"; ``approx`` truncates the incremental change (:func:`occluded_passes`).
     """
     if image.dim() == 4 and image.shape[0] == 1:
         image = image[0]
@@ -174,24 +222,19 @@ def occlusion(
     fill = as_fill(fill, model, image)
     module = site(model, layer)
 
-    # The model itself as the last module: run_to_all then returns the layer's output and the logits of one
-    # forward pass.
-    def forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        act, logits = run_to_all(model, [module, model], x)
-        return _total(act), logits.softmax(-1)
-
     with eval_mode(model), torch.inference_mode():
-        act, logits = run_to_all(model, [module, model], image.unsqueeze(0))
+        act, logits = run_to_all(model, [module, model], image.unsqueeze(0), keep=torch.clone)
         probs = logits.softmax(-1)
         if not 0 <= int(label) < probs.shape[-1]:
             raise ConvscopeError(f"label {label} out of range: the model has {probs.shape[-1]} classes")
         # The map holding the strongest single activation, as Projector picks it.
         channel = int(act.flatten(1).argmax(1)) // (act[0, 0].numel() if act.dim() > 2 else 1)
-        totals = _total(act)
+        totals = map_totals(act)
         corners = positions.flatten(0, 1)
+        passes, used, note = occluded_passes(model, image, module, corners, size, fill, method, approx)
         b, d, e = [], [], []
         for start in range(0, len(corners), batch_size):
-            t, p = forward(occlude(image, corners[start : start + batch_size], size, fill))
+            t, p = passes(corners[start : start + batch_size])
             b.append(t[:, channel])
             d.append(p[:, label])
             e.append(p.argmax(-1))
@@ -201,7 +244,8 @@ def occlusion(
         image=image, label=int(label), layer=layer, channel=channel, size=size, stride=stride, fill=fill,
         positions=positions, activation=torch.cat(b).view(grid), projection=projection,
         prob=torch.cat(d).view(grid), top_class=torch.cat(e).view(grid),
-        prob_clean=float(probs[0, label]), activation_clean=float(totals[0, channel]),
+        prob_clean=float(probs[0, label]), activation_clean=float(totals[0, channel]), method=used,
+        method_note=note,
     )
 
 
@@ -289,10 +333,11 @@ class OcclusionResults:
 
 
 def compute(run: Run, n: int = 5, split: str | None = None, layer: str | None = None, size: int | None = None,
-            stride: int | None = None, batch_size: int = 64) -> OcclusionResults:
+            stride: int | None = None, batch_size: int = 64, method: str = "auto",
+            approx: bool = False) -> OcclusionResults:
     """Fig. 7 for the first ``n`` images of ``split``, tracking the strongest map of ``layer`` (conv5, or the
     model's last stage). Square and stride default to 3/16 and 1/16 of the image side (12 px and 4 px at 64 px;
-    the paper does not state them)."""
+    the paper does not state them). ``method`` and ``approx`` as :func:`occlusion` takes them."""
     from .units import gradient_note
 
     data = run.split(split or run.default_split("test"))
@@ -307,7 +352,8 @@ def compute(run: Run, n: int = 5, split: str | None = None, layer: str | None = 
     size = size if size is not None else default_size
     stride = stride if stride is not None else default_stride
     results = [occlusion(run.model, x[i], int(labels[i]), layer=layer, size=size, stride=stride,
-                         batch_size=batch_size, nonlinearities=run.nonlinearities) for i in range(len(x))]
+                         batch_size=batch_size, nonlinearities=run.nonlinearities, method=method, approx=approx)
+               for i in range(len(x))]
     return OcclusionResults(results, list(run.classes), source, gradient_note("deconvnet", run.nonlinearities))
 
 
@@ -325,12 +371,12 @@ def write_occlusion(result: OcclusionResults, layout: Layout, name: str = "fig7"
         "activation_clean": r.activation_clean, "positions": r.positions.tolist(),
         "activation": r.activation.tolist(), "prob": r.prob.tolist(),
         "top_class": [[label(k) for k in line] for line in r.top_class.tolist()],
-        "most_sensitive": list(r.most_sensitive()),
+        "most_sensitive": list(r.most_sensitive()), "method": r.method, "method_note": r.method_note,
     } for r, src in zip(result.images, result.label_source)]
     js = artifacts.write_json(layout.figure(name, ".json"), {"figure": "Zeiler & Fergus Fig. 7", "images": data})
     return [png, js]
 
 
-__all__ = ["OcclusionResult", "OcclusionResults", "box_hit", "compute", "default_fill", "occlude", "occlusion",
-           "occlusion_figure", "square_positions", "write_occlusion"]
+__all__ = ["METHODS", "OcclusionResult", "OcclusionResults", "box_hit", "compute", "default_fill", "occlude",
+           "occluded_passes", "occlusion", "occlusion_figure", "square_positions", "write_occlusion"]
 
