@@ -32,11 +32,15 @@ def trained_folder(request, tmp_path_factory):
 
 
 def keyed(folder, name, options):
-    """``folder/name-KEY``, KEY a hash of ``options``: a cached result is reused only for the same settings."""
+    """``folder/name-KEY``, KEY a hash of ``options`` and of the small nets' specs: a cached result is reused only
+    for the same settings and the same models."""
     import hashlib
     import json
 
-    return folder / f"{name}-{hashlib.sha1(json.dumps(options, sort_keys=True).encode()).hexdigest()[:10]}"
+    from convscope.models.convnet import ALEXNET_SMALL, ZFNET_SMALL
+
+    key = json.dumps([options, repr(ZFNET_SMALL), repr(ALEXNET_SMALL)], sort_keys=True)
+    return folder / f"{name}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
 
 
 def _trained(folder, name, options):

@@ -136,6 +136,9 @@ class FilterStats:
       band_fractions: dict low/mid/high -> mean over filters of the per-filter fractions (each filter counts
         once, so a dominating filter, Fig. 6a, does not set the spectrum; all-zero filters are left out).
         Fig. 6b: AlexNet's layer 1 has little "mid"; Fig. 6c: ZF's covers it.
+      smooth_fraction: low + mid, the share of energy below 1/3 cycle/px: how smooth the filters are (the
+        paper's layer-1 filters are smooth edges and colour blobs; filters still near a random initialisation
+        are white noise, about a third below 1/3 at 7x7).
       dc_mean: mean over filters of ``dc`` (how much of layer 1 is flat colour).
       dominance: ``max(rms) / median(rms)`` (Fig. 6a: about 1 with renormalisation, large without).
     """
@@ -160,6 +163,7 @@ class FilterStats:
                 "n_filters": int(self.rms.numel()), "dead_threshold": self.dead_threshold,
                 "dead_fraction": self.dead_fraction, "inactive_fraction": self.inactive_fraction,
                 **{f"{b}_fraction": v for b, v in self.band_fractions.items()},
+                "smooth_fraction": self.band_fractions["low"] + self.band_fractions["mid"],
                 "dc_mean": self.dc_mean, "dominance": self.dominance,
                 "rms_median": float(self.rms.median()), "rms_max": float(self.rms.max())}
 
@@ -483,7 +487,8 @@ def figure(diagnoses: Mapping[str, Diagnosis], title: str = "Fig. 6: architectur
         ax = fig.add_subplot(gs[0, i])
         ax.imshow(d.grid, interpolation="nearest")
         ax.set_title(f"{name}\nlayer 1: {s.kernel[0]}x{s.kernel[1]} stride {s.stride[0]}\n"
-                     f"dominance {s.dominance:.2f}  dead {s.dead_fraction:.0%}  mid {s.band_fractions['mid']:.2f}",
+                     f"dominance {s.dominance:.2f}  dead {s.dead_fraction:.0%}  mid {s.band_fractions['mid']:.2f}  "
+                     f"below 1/3: {s.band_fractions['low'] + s.band_fractions['mid']:.2f}",
                      fontsize=9)
         ax.axis("off")
         ax = fig.add_subplot(gs[1, i])
@@ -509,9 +514,10 @@ def figure(diagnoses: Mapping[str, Diagnosis], title: str = "Fig. 6: architectur
 
     ax = fig.add_subplot(gs[3, :])
     ax.axis("off")
-    cols = ["dead", "inactive", "low", "mid", "high", "DC", "dominance", "alias own", "alias s=2", "alias s=4"]
-    keys = ["dead_fraction", "inactive_fraction", "low_fraction", "mid_fraction", "high_fraction", "dc_mean",
-            "dominance", "aliasing", "aliasing_s2", "aliasing_s4"]
+    cols = ["dead", "inactive", "low", "mid", "high", "below 1/3", "DC", "dominance", "alias own", "alias s=2",
+            "alias s=4"]
+    keys = ["dead_fraction", "inactive_fraction", "low_fraction", "mid_fraction", "high_fraction", "smooth_fraction",
+            "dc_mean", "dominance", "aliasing", "aliasing_s2", "aliasing_s4"]
 
     def fmt(v):
         return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3g}"
