@@ -6,7 +6,9 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from convscope import analyses
 from convscope.cli import main
+from convscope.run import open_run
 
 pytestmark = pytest.mark.slow
 
@@ -50,6 +52,9 @@ def test_quick_demo_runs_every_step_and_resumes(tmp_path):
     assert (out / "transfer" / "digits").is_dir() and (out / "ablation" / "no_conv34" / "model.safetensors").is_file()
     assert json.loads((out / "ablation" / "no_conv34" / "config.json").read_text())["data"] == "pairs"
     assert json.loads((out / "compare" / "zfnet_small-norenorm" / "config.json").read_text())["renorm"] is False
+    # Fig. 6 again, now that compare/ also holds the runs on other data (parts, six classes): still like for like
+    analyses.get("filters").run(open_run(out))
+    assert sorted(json.loads((figures / "fig6.json").read_text())) == sorted(fig6)
     # a second run reuses the trained models instead of retraining them
     state = out / "state.pt"
     mtime = state.stat().st_mtime_ns

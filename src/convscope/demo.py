@@ -1,8 +1,8 @@
 """``convscope demo``: the whole paper on the embedded data, in one run directory with a report.
 
 Steps (each timed into ``timings.json``): train zfnet_small with the paper's recipe; train the Fig. 6
-comparisons at the budget of zfnet_small's epoch-10 checkpoint (alexnet_small, and zfnet_small without filter
-renormalisation) under ``compare/``; then every analysis over the main run (probes and transfer to
+comparisons under ``compare/``: alexnet_small at the budget of zfnet_small's epoch-10 checkpoint, and zfnet_small
+without filter renormalisation at the full budget; then every analysis over the main run (probes and transfer to
 scikit-learn's digits included); Table 1 again on a second run trained alike on ``synthetic-parts``, whose eyes
 and noses keep one colour (``compare/zfnet_small-parts``); transfer to the synthetic classes held out of a
 second pretraining on the other six (``compare/zfnet_small-six``); the Table 3 ablation on the embedded ``pairs``
@@ -25,24 +25,19 @@ from .layout import Layout
 
 FULL = TrainConfig()
 # Pretraining for transfer to held-out classes (Tables 4-5 on the embedded data): the first six classes, the
-# other six the target. 87 % test on its six classes in under a minute; at 5 per class its fc7 features reach
-# 41 % on the held-out six against 18 % for the same net trained from scratch.
+# other six the target; about a minute. What it finds is in the README's table of findings.
 SIX = TrainConfig(classes=CLASSES[:6], n_train=6000, n_val=600, n_test=600, epochs=15, batch_size=64)
 QUICK = TrainConfig(n_train=1200, n_val=240, n_test=240, epochs=2, batch_size=64)
 # Table 3 on the embedded ``pairs`` set, whose class (two far-apart discs of one colour or not) needs a layer that
 # sees both discs: conv3-4 or fc6-7 (see convscope.data.pairs). The named config "pairs": zfnet_small at half
-# width, built for 128 px, 20 epochs of 2000 images, about a minute a variant. Measured, train / val top-1 error
-# (%): full 0.0 / 0.0, no_conv34 0.0 / 0.2, no_fc67 0.0 / 0.0, no_conv34_fc67 41.6 / 54.2 (chance is 50). On the
-# twelve-class synthetic set the contrast does not show at any budget tried, up to the main run's (30 epochs,
-# 10000 images, val: full 7.9, no_conv34 7.2, no_fc67 3.1, no_conv34_fc67 4.3): its classes need no such depth.
+# width, built for 128 px, 20 epochs of 2000 images, about a minute a variant. On the twelve-class synthetic set
+# the contrast does not show at any budget tried: its classes need no such depth (README, Table 3's row).
 PAIRS = PRESETS["pairs"]
 ABLATION = ("full", "no_conv34", "no_fc67", "no_conv34_fc67")
 ABLATION_QUICK = ("full", "no_conv34")
 # Table 1 on parts that correspond: the main run's recipe and budget on ``synthetic-parts`` (every eye and nose in
-# one colour of its own), into compare/zfnet_small-parts (92 % test; about 4 minutes). Measured, Delta at fc7 over
-# 10 draws: left eye 0.18, right eye 0.19, nose 0.24, random regions 0.23 (the eyes below random in 18 and 15 of
-# 20 paired draws); at conv5 0.24 for all. At SIX's budget (57 % test on the twelve classes), and for the main run
-# on ``synthetic``, no part differs from random regions.
+# one colour of its own), into compare/zfnet_small-parts (about 4 minutes). The README's Table 1 row gives what it
+# finds; at SIX's budget, and for the main run on ``synthetic``, no part differs from random regions.
 PARTS_RUN = replace(FULL, data="synthetic-parts")
 COMPARE_EPOCHS = 10  # alexnet_small stops here; zfnet_small's checkpoints/epoch_010 is its like-for-like
 # The run without renormalisation goes the whole 30 epochs: zfnet_small's layer 1 starts at std 0.03 and first

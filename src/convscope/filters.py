@@ -487,8 +487,8 @@ def figure(diagnoses: Mapping[str, Diagnosis], title: str = "Fig. 6: architectur
         ax = fig.add_subplot(gs[0, i])
         ax.imshow(d.grid, interpolation="nearest")
         ax.set_title(f"{name}\nlayer 1: {s.kernel[0]}x{s.kernel[1]} stride {s.stride[0]}\n"
-                     f"dominance {s.dominance:.2f}  dead {s.dead_fraction:.0%}  mid {s.band_fractions['mid']:.2f}  "
-                     f"below 1/3: {s.band_fractions['low'] + s.band_fractions['mid']:.2f}",
+                     f"dominance {s.dominance:.2f}  dead {s.dead_fraction:.0%}\n"
+                     f"mid {s.band_fractions['mid']:.2f}  below 1/3: {s.summary()['smooth_fraction']:.2f}",
                      fontsize=9)
         ax.axis("off")
         ax = fig.add_subplot(gs[1, i])
@@ -568,17 +568,26 @@ def _layer2(run) -> str:
     return maps[1] if len(maps) > 1 else maps[0]
 
 
+def _same_data(run: Run, other: Run) -> bool:
+    """Whether two trained runs saw the same data set and classes."""
+    a, b = run.config, other.config
+    return a is not None and b is not None and (a.data, a.data_root, a.classes) == (b.data, b.data_root, b.classes)
+
+
 def compute(run: Run, others: tuple[str, ...] = (), n_images: int = 16) -> FiltersResult:
     """Fig. 6: layer-1 filter grids and the numbers behind the paper's words (dead filters, frequency bands,
     dominance, layer-2 aliasing) for this run and the runs set beside it: ``others`` (run directories) and the
-    demo's ``compare/`` runs. A compared run of fewer epochs is matched by this run's checkpoint at that epoch,
-    so the comparison is like for like."""
+    demo's ``compare/`` runs on the same data. A compared run of fewer epochs is matched by this run's checkpoint
+    at that epoch, so the comparison is like for like."""
     from .run import open_run
     from .units import gradient_note
 
     if isinstance(n_images, bool) or not isinstance(n_images, int) or n_images < 1:
         raise ConvscopeError(f"n_images must be a positive whole number, got {n_images!r}")
-    runs = [open_run(p) for p in [*others, *run.layout.compared_runs()]]
+    runs = [open_run(p) for p in others]
+    # The demo's compare/ runs that differ from this one in architecture or recipe only: its runs on other data
+    # (Table 1's parts, the transfer's six classes) would not compare like for like.
+    runs += [other for other in map(open_run, run.layout.compared_runs()) if _same_data(run, other)]
     images = run.split(run.default_split("val"))
     images = images.batch(torch.arange(min(n_images, len(images))))[0]
     models = {run.name: (run.model, run)}
@@ -586,7 +595,8 @@ def compute(run: Run, others: tuple[str, ...] = (), n_images: int = 16) -> Filte
         epochs = other.config.epochs if other.config is not None else None
         if run.config is not None and epochs is not None and epochs < run.config.epochs and epochs in run.checkpoints:
             models[f"{run.name} (epoch {epochs})"] = (run.model_at(run.checkpoints[epochs]), run)
-        models[other.name] = (other.model, other)
+        label = other.name if other.name not in models else f"{other.name} ({other.path.name})"
+        models[label] = (other.model, other)
     diagnoses = {label: diagnose(model, images, layer1="conv1" if "conv1" in getattr(model, "paper_layers", {})
                                  else None, layer2=_layer2(owner), nonlinearities=owner.nonlinearities)
                  for label, (model, owner) in models.items()}

@@ -14,10 +14,9 @@ Choices where the paper is silent:
   name (its rectified output; a conv layer max-pooled to 2x2 as the probes of Table 7 do), or ``"all"``, every
   paper layer conv1..fc7 so pooled and joined. The default is both ``fc7``, the paper's (a softmax on top of
   layer 7), and ``all``, a softmax that reads all seven frozen layers: how far fc7 carries depends on how close
-  the target is to the pretraining classes. Measured here at 5 per class (3 folds): on synthetic classes held
-  out of pretraining, fc7 41 % and all 43 % against 18 % from scratch; on digits, far from the synthetic
-  scenes, fc7 is specialised to the pretraining classes (53 %, below 77 % from scratch) while conv2 and conv3
-  alone carry (78 %, 79 %) and all gets 80 %. Features are computed in eval mode (no dropout), once for all
+  the target is to the pretraining classes: on digits, far from the synthetic scenes, the demo's fc7 is
+  specialised to the pretraining classes and does worse than training from scratch, while all seven layers
+  together do better (the README gives the numbers). Features are computed in eval mode (no dropout), once for all
   images; the new softmax is scikit-learn's multinomial ``LogisticRegression`` (L2, ``C=1``, lbfgs) on features
   standardised with the fold's training examples: a convex fit, so no learning rate or epochs to tune per fold
   and the same result for the same fold.
