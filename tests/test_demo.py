@@ -1,6 +1,7 @@
 """`convscope demo --quick`: the whole pipeline end to end on the embedded data (CI runs it)."""
 
 import json
+import re
 
 import pytest
 from click.testing import CliRunner
@@ -17,6 +18,7 @@ def test_quick_demo_runs_every_step_and_resumes(tmp_path):
     out = tmp_path / "demo"
     r = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out)], catch_exceptions=False)
     assert r.exit_code == 0, r.output
+    assert re.search(r"\[demo\] total: \d+ s \(\d+\.\d min\)\n", r.output)
     timings = json.loads((out / "timings.json").read_text())
     assert set(timings) == {
         "train zfnet_small", "train alexnet_small (Fig. 6)", "train zfnet_small without renormalisation (Fig. 6)",

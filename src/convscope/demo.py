@@ -128,6 +128,7 @@ def run_demo(out: str | Path, quick: bool = False, echo: Callable[[str], None] =
     """Run every step, write ``timings.json`` (step -> seconds), return the run directory (its ``report.html``
     is the page to open). Started again, it skips the analyses an earlier start finished."""
     out = Path(out)
+    start = time.perf_counter()
     timings = _done(out)
     for name, step in steps(out, quick):
         if name in timings and not name.startswith(AGAIN):
@@ -140,4 +141,6 @@ def run_demo(out: str | Path, quick: bool = False, echo: Callable[[str], None] =
         timings[name] = round(time.perf_counter() - t0, 2)
         echo(f"[demo] {name}: {timings[name]:.0f} s")
         artifacts.write_json(Layout(out).timings, timings)
+    total = time.perf_counter() - start
+    echo(f"[demo] total: {total:.0f} s ({total / 60:.1f} min)")
     return out
