@@ -28,40 +28,17 @@ captum_attr = pytest.importorskip("captum.attr")
 FILL = torch.tensor([0.3, 0.5, 0.7])
 
 
-class Block(nn.Module):
-    """tests/test_attach.py's block: batch norm, a residual add, a ReLU module called twice, in place."""
+def _attach_models() -> dict:
+    """tests/test_attach.py's user model file (a ResNet block: batch norm, a residual add, a ReLU module called
+    twice, in place), its classes."""
+    from test_attach import MODEL_PY
 
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.relu = nn.ReLU(inplace=True)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        out = self.relu(self.bn1(self.conv1(x)))
-        return self.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+    namespace: dict = {}
+    exec(compile(MODEL_PY, "model.py", "exec"), namespace)
+    return namespace
 
 
-class TinyResNet(nn.Module):
-    def __init__(self, num_classes=5, width=8):
-        super().__init__()
-        self.conv = nn.Conv2d(3, width, 3, 1, 1, bias=False)
-        self.bn = nn.BatchNorm2d(width)
-        self.layer1 = Block(width, width, 1)
-        self.layer2 = Block(width, 2 * width, 2)
-        self.layer3 = Block(2 * width, 4 * width, 2)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(4 * width, num_classes)
-
-    def forward(self, x):
-        x = F.relu(self.bn(self.conv(x)))
-        x = self.layer3(self.layer2(self.layer1(x)))
-        return self.fc(self.avgpool(x).flatten(1))
+TinyResNet = _attach_models()["TinyResNet"]
 
 
 class PoolNet(nn.Module):
@@ -185,7 +162,8 @@ def test_zfnet_small_occlusion_result_and_json(tmp_path):
 def test_residual_net(layer, hooks):
     """Batch norm, residual adds (union of boxes), a ReLU module called twice in place, a 1x1 strided shortcut,
     a probed block output and a probed second call; an attached model's input hooks."""
-    model, image = seeded(TinyResNet(), logits=0.1), torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(3))
+    model = seeded(TinyResNet(num_classes=5), logits=0.1)
+    image = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(3))
     if hooks:  # what attach and --device add: the engine runs them on the image and the patch itself
         model.register_forward_pre_hook(Normalization([0.5, 0.45, 0.4], [0.25, 0.25, 0.25]))
         on_device(model, torch.device("cpu"))
