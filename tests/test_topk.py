@@ -38,8 +38,10 @@ def test_merge_of_any_split_equals_the_single_pass(n, c, k, cuts, seed):
     merged = merge(parts[::-1])  # order of the partials must not matter either
     perm = torch.randperm(n, generator=g)  # nor the order of the images inside a batch
     shuffled = from_activations({"l": acts[perm]}, perm, k)
+    channels_last = from_activations({"l": acts.contiguous(memory_format=torch.channels_last)}, torch.arange(n), k)
     for field in ("values", "images", "positions"):
         assert torch.equal(getattr(shuffled, field)["l"], getattr(whole, field)["l"])
+        assert torch.equal(getattr(channels_last, field)["l"], getattr(whole, field)["l"])  # the scan's layout
     for field in ("values", "images", "positions"):
         assert torch.equal(getattr(merged, field)["l"], getattr(whole, field)["l"])
     assert merged.seen == whole.seen == n
@@ -115,6 +117,36 @@ def test_distinct_images_per_unit_on_a_real_net():
             assert float(act[i, ch, r, c]) == pytest.approx(float(v), rel=1e-5, abs=1e-6)
             assert float(act[i, ch, r, c]) == pytest.approx(float(act[i, ch].max()), rel=1e-6, abs=1e-7)
     assert (t.positions["fc6"] == 0).all()
+
+
+class _Viewing(nn.Module):
+    """A model as older code writes it: ``x.view(n, -1)`` after a convolution, which a channels-last
+    activation refuses (a RuntimeError): the scan must fall back to row-major inputs and still be exact."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 8 * 8, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).view(x.shape[0], -1))
+
+
+def test_a_model_that_refuses_channels_last_is_scanned_row_major():
+    torch.manual_seed(0)
+    model = _Viewing()
+    images = (torch.rand(10, 3, 8, 8) * 255).to(torch.uint8)
+    data = ImageSet(images, torch.zeros(10, dtype=torch.long), ["x"])
+    with pytest.raises(RuntimeError, match="view"):  # the failure the scan works around
+        model(torch.rand(2, 3, 8, 8).contiguous(memory_format=torch.channels_last))
+    t = scan(model, data, ["conv", "fc"], k=3, batch_size=4, progress=False)
+    with torch.no_grad():
+        x = data.batch(torch.arange(10))[0]
+        expect = {"conv": model.conv(x), "fc": model(x)}
+    for name, act in expect.items():
+        ref = from_activations({name: act}, torch.arange(10), 3)
+        assert torch.equal(t.images[name], ref.images[name]) and torch.equal(t.positions[name], ref.positions[name])
+        assert torch.allclose(t.values[name], ref.values[name], rtol=1e-5, atol=1e-6)
 
 
 def test_interrupted_scan_resumes_to_the_same_result(tmp_path, monkeypatch):
