@@ -1,13 +1,14 @@
 """Keeping freed memory in the process: what PyTorch's CPU tuning guide gets from jemalloc or tcmalloc, in glibc.
 
-glibc's ``malloc`` serves each block of 128 KiB or more (every activation and gradient here) by a fresh
-``mmap`` and hands it back with ``munmap`` when freed, so every layer of every step writes to pages the kernel
-must first fault in and zero. On this project's two-core machine that is a fifth of a training step of
-``zfnet_small`` (``benchmarks/allocator.py``: 0.79-0.83 of the time with this setting; an inference forward pass
-gains less, 0.8-1.0). Raising the mmap and trim
-thresholds lets freed blocks be reused, as jemalloc and tcmalloc (``LD_PRELOAD``) do, with no library to
-install. Every number computed stays the same, bit for bit; only the addresses change. The cost: the process
-keeps the memory of its peak until it exits.
+glibc's ``malloc`` serves each large block (above a threshold that it raises up to 32 MiB as blocks are freed)
+by a fresh ``mmap`` and hands it back with ``munmap`` when freed, and shrinks its heap whenever more than a trim
+threshold (twice that one) lies free at its top, so a layer's output keeps landing on pages the kernel must
+first fault in and zero. Raising the mmap and trim thresholds lets freed blocks be reused, as jemalloc and
+tcmalloc (``LD_PRELOAD``) do, with no library to install. Measured on this project's two-core machine
+(``benchmarks/allocator.py``, kept over default): an inference forward pass of ``zfnet`` at 224 px 0.68 (its
+148 MB conv1 output is mapped afresh every time), a training step of ``zfnet_small`` 0.8-0.9. Every number
+computed stays the same, bit for bit; only the addresses change. The cost: the process keeps the memory of its
+peak until it exits.
 
 :func:`keep_freed_memory` is called by every ``convscope`` command; call it in your own script for the same
 effect. It does nothing off glibc, or where the environment already chooses (``MALLOC_MMAP_THRESHOLD_`` or
