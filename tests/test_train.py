@@ -135,3 +135,44 @@ def test_crop_flip_moves_and_flips_as_drawn_and_flip_false_never_flips():
     offsets, _ = draw_crop_flip(2, 1, g2)
     assert torch.equal(moved, crop_flip(x, 1, offsets, torch.tensor([False, False])))
     assert torch.equal(torch.rand(3, generator=g1), torch.rand(3, generator=g2))
+
+
+def test_a_run_without_renormalisation_starts_where_its_twin_first_renormalised(tmp_path, monkeypatch):
+    """Fig. 6a's pair: until renormalisation first rescales a filter, the run with it is the run without it bit
+    for bit (it multiplies every filter by exactly 1). Started from its twin's state at that point, the run
+    without renormalisation trains only the epochs after it and ends exactly as trained from the start."""
+    import convscope.train as training
+    from convscope.checkpoint import read_weights
+
+    # filters that grow (lr 0.1, no decay) past a radius above every filter's start: renormalisation first acts
+    # after an epoch or two
+    base = {**TINY, "epochs": 4, "save_epochs": [1, 2, 3, 4], "lr": 0.1, "weight_decay": 0.0,
+            "renorm_radius": 0.068, "model_options": {"conv1_std": 0.05}}
+    twin = train(TrainConfig(**base), tmp_path / "twin", progress=False)
+    counts = [m["renormalised"] for m in twin.metrics]
+    shared = next(i for i, c in enumerate(counts) if c)  # the epochs before renormalisation first acted
+    assert 0 < shared < 4 and counts[:shared] == [0] * shared, counts
+    idle = torch.load(Layout(tmp_path / "twin").idle_state, weights_only=True)
+    assert idle["epoch"] == shared and idle["config"]["renorm"] is True
+
+    off = TrainConfig(**{**base, "renorm": False})
+    scratch = train(off, tmp_path / "scratch", progress=False)
+    epochs = []
+    real = training.train_epoch
+    monkeypatch.setattr(training, "train_epoch", lambda *a, **kw: (epochs.append(a[3]), real(*a, **kw))[1])
+    forked = train(off, tmp_path / "forked", progress=False, renorm_twin=tmp_path / "twin")
+    assert epochs == list(range(shared + 1, 5))  # the shared epochs were not trained again
+    for name in ["model.safetensors", *(f"checkpoints/epoch_{e:03d}.safetensors" for e in range(1, 5))]:
+        (a, meta_a), (b, meta_b) = read_weights(tmp_path / "scratch" / name), read_weights(tmp_path / "forked" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+        assert meta_a == meta_b, name  # the config inside says renorm false, as trained from the start
+    strip = [{k: v for k, v in m.items() if k != "seconds"} for m in forked.metrics]
+    assert strip == [{k: v for k, v in m.items() if k != "seconds"} for m in scratch.metrics]
+    assert forked.test == scratch.test
+    assert json.loads((tmp_path / "forked" / "config.json").read_text())["renorm"] is False
+
+    # a twin of other settings shares nothing: the run trains from the start
+    epochs.clear()
+    train(TrainConfig(**{**base, "renorm": False, "seed": 3}), tmp_path / "other", progress=False,
+          renorm_twin=tmp_path / "twin")
+    assert epochs == [1, 2, 3, 4]

@@ -42,6 +42,7 @@ PARTS_RUN = replace(FULL, data="synthetic-parts")
 COMPARE_EPOCHS = 10  # alexnet_small stops here; zfnet_small's checkpoints/epoch_010 is its like-for-like
 # The run without renormalisation goes the whole 30 epochs: zfnet_small's layer 1 starts at std 0.03 and first
 # reaches the 0.1 cap between epochs 10 and 20, so until then renormalisation does nothing (Fig. 6a's point).
+# Until then the two runs are the same bit for bit: it starts from the main run's state there (``renorm_twin``).
 AGAIN = ("train", "pretrain", "report")  # steps run on every start: a training resumes or loads, the report is new
 
 
@@ -83,7 +84,7 @@ def steps(out: Path, quick: bool) -> list[tuple[str, Callable[[], object]]]:
         ("train alexnet_small (Fig. 6)", lambda: train(replace(compare, model="alexnet_small"),
                                                         out / "compare" / "alexnet_small")),
         ("train zfnet_small without renormalisation (Fig. 6)",
-         lambda: train(replace(base, renorm=False), out / "compare" / "zfnet_small-norenorm")),
+         lambda: train(replace(base, renorm=False), out / "compare" / "zfnet_small-norenorm", renorm_twin=out)),
         ("scan and Fig. 2", analysis("scan", units=4 if quick else 0)),
         ("evolution (Fig. 4)", analysis("evolution", units=4 if quick else 8, n_images=500 if quick else 2000)),
         ("feature visualisation (Olah et al.)",

@@ -5,6 +5,7 @@ written by ``convscope attach`` for the user's own model). Both hold the analyse
 
     config.json | attach.json     what the run is (training config, or model spec + weights + data)
     metrics.json  state.pt  model.safetensors  test.json  checkpoints/epoch_NNN.safetensors   (training)
+    state.idle.pt                                         the state where renormalisation first acted
     scan/topk.safetensors  scan/state.pt  scan/drawn.json Fig. 2's data-set scan, its resume state, units drawn
     figures/<key>.png|json|txt                            one figure or table of the paper (fig5, fig7, table1)
     figures/<key>_<layer>.png                             one layer's panel (fig2_conv5, fig4_conv5)
@@ -61,6 +62,12 @@ class Layout:
     @property
     def state(self) -> Path:
         return self.root / "state.pt"
+
+    @property
+    def idle_state(self) -> Path:
+        """The training state at the last epoch before renormalisation first rescaled a filter: where the same
+        run without renormalisation starts (:func:`convscope.train.train`'s ``renorm_twin``)."""
+        return self.root / "state.idle.pt"
 
     @property
     def final(self) -> Path:

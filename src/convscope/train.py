@@ -42,9 +42,12 @@ class TrainResult:
     test: dict[str, float]
 
 
-def renormalize_filters_(model: nn.Module, radius: float = 0.1) -> None:
+def renormalize_filters_(model: nn.Module, radius: float = 0.1) -> torch.Tensor | int:
     """Paper section 3: every conv filter whose RMS exceeds ``radius`` is rescaled to that radius (Fig. 6a
-    shows why: without it a few layer-1 filters dominate)."""
+    shows why: without it a few layer-1 filters dominate). Returns how many it rescaled (a tensor on the
+    model's device, read when needed). The others are multiplied by exactly 1: while none exceeds the radius,
+    a run is bit for bit the run without renormalisation."""
+    rescaled: torch.Tensor | int = 0
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.Conv2d):
@@ -52,6 +55,8 @@ def renormalize_filters_(model: nn.Module, radius: float = 0.1) -> None:
                 rms = w.pow(2).mean(1).sqrt()
                 scale = (radius / rms.clamp_min(1e-12)).clamp(max=1.0)
                 m.weight.mul_(scale.view(-1, *([1] * (m.weight.ndim - 1))))
+                rescaled = rescaled + (scale < 1).sum()
+    return rescaled
 
 
 def _seeded(seed: int, epoch: int) -> int:
@@ -145,13 +150,19 @@ def load_data(cfg: TrainConfig, workers: int = 0) -> Splits:
 
 
 def train(cfg: TrainConfig, run_dir: str | Path, splits: Splits | None = None,
-          progress: bool | None = None, device: str | torch.device | None = None, workers: int = 0) -> TrainResult:
+          progress: bool | None = None, device: str | torch.device | None = None, workers: int = 0,
+          renorm_twin: str | Path | None = None) -> TrainResult:
     """Train ``cfg.model`` on ``cfg.data`` into ``run_dir``, resuming if the directory holds this run already.
 
     ``progress=None`` shows a progress bar only on a terminal. A finished run is loaded, not retrained.
     ``device``: where to train (default ``auto``: this rank's GPU where there is one, else the CPU; see
     :func:`convscope.distributed.device`); ``workers``: processes that decode the images of an ImageFolder.
     Neither changes the run: they are not part of its config.
+
+    ``renorm_twin``: for a run without renormalisation, the directory of the same run with it (Fig. 6a's pair).
+    Until renormalisation first rescales a filter there, the two runs are the same bit for bit, so this one
+    starts from the twin's state at that point (:func:`_fork`) instead of training those epochs again; the
+    result is the one training from the start gives.
     """
     layout = Layout(run_dir)
     cfg.validate()
@@ -169,7 +180,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, splits: Splits | None = None,
         resuming = check_run_dir(layout, cfg)
         finished = _finished(layout) if resuming else None
         return finished or _train(cfg, layout, splits or load_data(cfg, workers), resuming, progress, group,
-                                  device, workers)
+                                  device, workers, renorm_twin)
 
 
 def _finished(layout: Layout) -> TrainResult | None:
@@ -209,8 +220,8 @@ def result_ok(value) -> bool:
 
 
 def _train(cfg: TrainConfig, layout: Layout, splits: Splits, resuming: bool, progress: bool | None,
-           group: distributed.Group | None = None, device: torch.device | None = None, workers: int = 0
-           ) -> TrainResult:
+           group: distributed.Group | None = None, device: torch.device | None = None, workers: int = 0,
+           renorm_twin: str | Path | None = None) -> TrainResult:
     """The epochs from where the run stands. Under torchrun (``group`` of several processes) the model is wrapped
     in DistributedDataParallel: every rank takes its share of each global batch (the batch size stays the
     config's), the gradients are averaged, the filters renormalised alike on every rank, the metrics summed
@@ -230,25 +241,29 @@ def _train(cfg: TrainConfig, layout: Layout, splits: Splits, resuming: bool, pro
     start = 0
     if resuming and layout.state.is_file():
         metrics, start = resume(layout.state, cfg, model, optimizer, scheduler)
-    if cfg.renorm and start == 0:
-        renormalize_filters_(model, cfg.renorm_radius)
+    if start == 0 and renorm_twin is not None and not cfg.renorm:
+        metrics, start = _fork(Layout(renorm_twin), cfg, layout, model, optimizer, scheduler, classes, group)
+    initial = renormalize_filters_(model, cfg.renorm_radius) if cfg.renorm and start == 0 else 0
     trained = model
     if group.world > 1:  # the same start everywhere: DDP broadcasts rank 0's parameters
         trained = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
     for epoch in range(start + 1, cfg.epochs + 1):
         t0 = time.perf_counter()
-        loss, err = train_epoch(trained, splits.train, cfg, epoch, optimizer, progress, group, workers)
+        loss, err, rescaled = train_epoch(trained, splits.train, cfg, epoch, optimizer, progress, group, workers)
         val = evaluate(model, splits.val, workers=workers)  # the same weights on every rank: the same numbers
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step(val["top1_err"])
         metrics.append({"epoch": epoch, "lr": lr, "train_loss": loss, "train_top1_err": err,
                         "val_loss": val["loss"], "val_top1_err": val["top1_err"], "val_top5_err": val["top5_err"],
-                        "seconds": time.perf_counter() - t0})
+                        "seconds": time.perf_counter() - t0, "renormalised": rescaled + int(initial)})
+        initial = 0
         if group.main:  # metrics and epoch weights first, the state last: the state is the commit point
             artifacts.write_json(layout.metrics, metrics)
             if epoch in cfg.save_epochs:
                 save_weights(layout.checkpoint(epoch), model, cfg.to_dict(), epoch, len(classes), classes)
+            if metrics[-1]["renormalised"] and epoch > 1 and _idle(metrics[:-1]) and layout.state.is_file():
+                save_state(layout.idle_state, load_state(layout.state))  # the last epoch a twin without shares
             save_state(layout.state, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                       "scheduler": scheduler.state_dict(), "metrics": metrics, "epoch": epoch,
                                       "config": cfg.to_dict()})
@@ -263,6 +278,47 @@ def _train(cfg: TrainConfig, layout: Layout, splits: Splits, resuming: bool, pro
             artifacts.write_json(layout.test, test)
             save_weights(layout.final, model, cfg.to_dict(), cfg.epochs, len(classes), classes)
     return TrainResult(layout.root, model.eval(), classes, metrics, test)
+
+
+def _idle(metrics: list[dict]) -> bool:
+    """Whether renormalisation rescaled no filter in any of these epochs (runs from before it was counted: no)."""
+    return all(m.get("renormalised") == 0 for m in metrics)
+
+
+def _fork(twin: Layout, cfg: TrainConfig, layout: Layout, model: nn.Module, optimizer, scheduler,
+          classes: list[str], group: distributed.Group) -> tuple[list[dict], int]:
+    """Start ``cfg`` (no renormalisation) from the epochs it shares with ``twin``, the same run with
+    renormalisation: every epoch before the first in which the twin rescaled a filter, where the twin multiplied
+    every filter by exactly 1. The twin's state at that point (``state.idle.pt``, or its last state if it never
+    rescaled one) becomes this run's, with its metrics and epoch checkpoints written under this run's config.
+    Returns (metrics, epoch); ([], 0) where nothing is shared (a twin of another config, or one whose
+    renormalisation acted in its first epoch): the run then trains from the start."""
+    from dataclasses import replace
+
+    from .checkpoint import read_weights
+
+    twin_cfg = replace(cfg, renorm=True)
+    path = twin.idle_state if twin.idle_state.is_file() else twin.state
+    if not path.is_file() or _read(twin.config) != json.loads(json.dumps(twin_cfg.to_dict())):
+        return [], 0
+    state = load_state(path)
+    if not isinstance(state, dict) or not _idle(state.get("metrics") or [{}]):
+        return [], 0
+    if not all(twin.checkpoint(e).is_file() for e in cfg.save_epochs if e <= state.get("epoch", 0)):
+        return [], 0
+    metrics, epoch = resume(path, twin_cfg, model, optimizer, scheduler)
+    if group.main:
+        shared = {k: v.clone() for k, v in model.state_dict().items()}
+        for e in (e for e in cfg.save_epochs if e <= epoch):
+            tensors, _ = read_weights(twin.checkpoint(e))
+            model.load_state_dict(tensors)
+            save_weights(layout.checkpoint(e), model, cfg.to_dict(), e, len(classes), classes)
+        model.load_state_dict(shared)
+        artifacts.write_json(layout.metrics, metrics)
+        save_state(layout.state, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                  "scheduler": scheduler.state_dict(), "metrics": metrics, "epoch": epoch,
+                                  "config": cfg.to_dict()})
+    return metrics, epoch
 
 
 def _read(path: Path):
@@ -307,7 +363,8 @@ def configure_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
 def train_epoch(model: nn.Module, data: ImageSet, cfg: TrainConfig, epoch: int, optimizer: torch.optim.Optimizer,
                 progress: bool | None = None, group: distributed.Group | None = None, workers: int = 0
                 ) -> tuple[float, float]:
-    """One epoch of the paper's recipe; returns the running loss and top-1 error. Shuffling and augmentation
+    """One epoch of the paper's recipe; returns the running loss, top-1 error and the number of filters
+    renormalisation rescaled (summed over the steps). Shuffling and augmentation
     come from a generator seeded by (seed, epoch), dropout from the global one seeded alike inside
     ``fork_rng`` (the caller's generator state is left as it was), so a resumed run repeats the epoch exactly.
     ``workers`` processes decode the batches (an ImageFolder read from disk), in the same order.
@@ -326,6 +383,7 @@ def train_epoch(model: nn.Module, data: ImageSet, cfg: TrainConfig, epoch: int, 
     mine = [chunk[shard.start:shard.stop] for chunk, shard in zip(globals_, shards)]
     seen = wrong = 0
     loss_sum = 0.0
+    rescaled: torch.Tensor | int = 0
     bar = tqdm(total=steps, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, unit="batch",
                disable=(None if progress is None else not progress) or not group.main)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -349,7 +407,7 @@ def train_epoch(model: nn.Module, data: ImageSet, cfg: TrainConfig, epoch: int, 
             loss.backward()
             optimizer.step()
             if cfg.renorm:
-                renormalize_filters_(model, cfg.renorm_radius)
+                rescaled = rescaled + renormalize_filters_(model, cfg.renorm_radius)
             seen += len(y)
             wrong += (logits.argmax(1) != y).sum().item()
             loss_sum += local_sum
@@ -361,7 +419,7 @@ def train_epoch(model: nn.Module, data: ImageSet, cfg: TrainConfig, epoch: int, 
         loss_sum, wrong, seen = (sum(t[i] for t in totals) for i in range(3))
     if not math.isfinite(loss_sum):
         raise ConvscopeError(f"training diverged at epoch {epoch} (loss is {loss_sum}); lower lr")
-    return loss_sum / seen, wrong / seen
+    return loss_sum / seen, wrong / seen, int(rescaled)
 
 
 def run_summary(metrics: list[dict[str, Any]], test: dict[str, float]) -> str:
