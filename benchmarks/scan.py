@@ -3,7 +3,7 @@ projections per unit, in forward-images.
 
     python benchmarks/scan.py
 
-Both run under the allocator setting of every ``convscope`` command (:mod:`convscope.allocator`), which makes
+Both run under the allocator setting of every ``convscope`` command (:mod:`convscope.cpu`), which makes
 the plain forward faster too. Targets: scan time / plain forward time <= 1.0 (issue 4; issue 17 aims at 0.6);
 the projection job per unit (its 9 top images, one forward and one backward for all units at once) in units of
 one image's forward pass.
@@ -55,7 +55,7 @@ def bench(name: str, n_images: int, batch: int, units: int) -> None:
 
 
 if __name__ == "__main__":
-    from convscope.allocator import keep_freed_memory
+    from convscope.cpu import keep_freed_memory
 
     print(f"the convscope command's allocator setting (freed memory kept): {keep_freed_memory()}")
     bench("zfnet_small", 2000, 128, 64)

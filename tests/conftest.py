@@ -11,8 +11,8 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 
 def pytest_configure(config):
-    """The allocator setting every ``convscope`` command makes: the trained fixtures train a fifth faster."""
-    from convscope.allocator import keep_freed_memory
+    """The allocator setting every ``convscope`` command makes: the trained fixtures train faster."""
+    from convscope.cpu import keep_freed_memory
 
     keep_freed_memory()
 

@@ -42,7 +42,7 @@ class _Group(click.Group):
 @click.version_option(__version__, prog_name="convscope")
 def main() -> None:
     """convscope: see inside convolutional networks, after Zeiler & Fergus (ECCV 2014)."""
-    from .allocator import keep_freed_memory
+    from .cpu import keep_freed_memory
 
     keep_freed_memory()  # freed tensors reused, not handed back to the kernel: training steps a fifth faster
 

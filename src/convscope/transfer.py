@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 
 from . import artifacts
 from .config import TrainConfig
+from .cpu import channels_last_pooling
 from .data import ImageSet
 from .data.loader import uint8_batches
 from .data.transforms import mean_and_std, random_crop_flip
@@ -145,7 +146,8 @@ def _steps(model: nn.Module, data: ImageSet, cfg: TrainConfig, steps: int, g: to
         x, y = data.batch(order[pos:pos + batch])
         pos += batch
         x = random_crop_flip(x, cfg.crop_pad, g, cfg.flip) if (cfg.crop_pad or cfg.flip) else x
-        loss = F.cross_entropy(model(x.to(device)).float(), y.to(device))
+        with channels_last_pooling():  # the same numbers, faster on the CPU
+            loss = F.cross_entropy(model(x.to(device)).float(), y.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), SCRATCH_CLIP)
