@@ -365,11 +365,11 @@ def configure_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
 
 def train_epoch(model: nn.Module, data: ImageSet, cfg: TrainConfig, epoch: int, optimizer: torch.optim.Optimizer,
                 progress: bool | None = None, group: distributed.Group | None = None, workers: int = 0
-                ) -> tuple[float, float]:
+                ) -> tuple[float, float, int]:
     """One epoch of the paper's recipe; returns the running loss, top-1 error and the number of filters
-    renormalisation rescaled (summed over the steps). Shuffling and augmentation
-    come from a generator seeded by (seed, epoch), dropout from the global one seeded alike inside
-    ``fork_rng`` (the caller's generator state is left as it was), so a resumed run repeats the epoch exactly.
+    renormalisation rescaled (summed over the steps). Shuffling and augmentation come from a generator seeded
+    by (seed, epoch), dropout from the global one seeded alike inside ``fork_rng`` (the caller's generator state
+    is left as it was), so a resumed run repeats the epoch exactly.
     ``workers`` processes decode the batches (an ImageFolder read from disk), in the same order.
 
     Under torchrun (``group``; ``model`` wrapped in DistributedDataParallel) every rank draws the same order and
