@@ -129,11 +129,21 @@ def batch_top(act: torch.Tensor, k: int, index: torch.Tensor | None = None
     for the k' winners: the row is the first whose maximum is the map's, the column the first in that row
     holding it (the first maximum in row-major order, found in (C, k', H) and (C, k', W) values rather than by
     an argmax over every map, which costs several passes)."""
+    return _top(act, k, index)[:3]
+
+
+def _top(act: torch.Tensor, k: int, index: torch.Tensor | None = None
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`batch_top`, and the maps' maxima (N, C) it found them from (for :func:`class_top`)."""
     act = act.detach().float()
     n, c = act.shape[:2]
     by_index = torch.arange(n) if index is None else index.cpu().argsort(stable=True)
     rows = _row_max(act) if act.dim() == 4 else None
-    best = (rows.amax(2) if rows is not None else map_max(act)).T[:, by_index.to(act.device)]  # (C, N) by index
+    if rows is not None:
+        maxima = rows.amax(2)
+    else:  # (N, C), or (N, C, L): no positions
+        maxima = act.amax(tuple(range(2, act.dim()))) if act.dim() > 2 else act
+    best = maxima.T[:, by_index.to(act.device)]  # (C, N), images in index order
     order = best.argsort(dim=1, descending=True, stable=True)[:, :k]
     values, offsets = best.gather(1, order), by_index.to(order.device)[order]
     if rows is not None:
@@ -143,7 +153,7 @@ def batch_top(act: torch.Tensor, k: int, index: torch.Tensor | None = None
         positions = torch.stack([row, col], dim=-1)
     else:
         positions = torch.zeros(c, offsets.shape[1], 2, dtype=torch.long)
-    return values.cpu(), offsets.cpu(), positions.cpu()
+    return values.cpu(), offsets.cpu(), positions.cpu(), maxima
 
 
 def _first(lines: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -157,13 +167,6 @@ def _row_max(act: torch.Tensor) -> torch.Tensor:
     if not act.is_contiguous() and act.is_contiguous(memory_format=torch.channels_last):
         return act.permute(0, 2, 3, 1).amax(2).transpose(1, 2)
     return act.amax(3)
-
-
-def map_max(act: torch.Tensor) -> torch.Tensor:
-    """(N, C): each image's strongest activation per map of a layer output (N, C, ...)."""
-    if act.dim() == 4:
-        return _row_max(act).amax(2)
-    return act.amax(tuple(range(2, act.dim()))) if act.dim() > 2 else act
 
 
 def from_activations(activations: dict[str, torch.Tensor], index: torch.Tensor, k: int) -> TopK:
@@ -226,10 +229,8 @@ def _capture(model: nn.Module, modules: dict[str, nn.Module], x: torch.Tensor, k
     """Each layer's :func:`batch_top` (and :func:`class_top` when ``class_k``), reduced as the forward pass
     produces the layer."""
     def keep(act: torch.Tensor):
-        if not class_k:
-            return batch_top(act, k, index), None
-        best = map_max(act.detach().float()).T.cpu()
-        return batch_top(act, k, index), class_top(best, labels, index, n_classes, class_k)
+        *top, maxima = _top(act, k, index)
+        return tuple(top), class_top(maxima.T.cpu(), labels, index, n_classes, class_k) if class_k else None
 
     kept = dict(zip(modules, run_to_all(model, list(modules.values()), x, keep=keep)))
     return {n: t for n, (t, _) in kept.items()}, {n: c for n, (_, c) in kept.items() if c is not None}

@@ -309,7 +309,7 @@ def _fork(twin: Layout, cfg: TrainConfig, layout: Layout, model: nn.Module, opti
         return [], 0
     if not all(twin.checkpoint(e).is_file() for e in cfg.save_epochs if e <= state.get("epoch", 0)):
         return [], 0
-    metrics, epoch = resume(path, twin_cfg, model, optimizer, scheduler)
+    metrics, epoch = resume(path, twin_cfg, model, optimizer, scheduler, state)
     if group.main:
         shared = {k: v.clone() for k, v in model.state_dict().items()}
         for e in (e for e in cfg.save_epochs if e <= epoch):
@@ -331,10 +331,12 @@ def _read(path: Path):
         return None
 
 
-def resume(path: Path, cfg: TrainConfig, model: nn.Module, optimizer, scheduler) -> tuple[list[dict], int]:
-    """Load the training state saved at the end of an epoch into the model, optimiser and scheduler; return the
-    metrics so far and the epoch. A state of another shape, or of another run, is refused with what to do."""
-    state = load_state(path)
+def resume(path: Path, cfg: TrainConfig, model: nn.Module, optimizer, scheduler, state: Any = None
+           ) -> tuple[list[dict], int]:
+    """Load the training state saved at the end of an epoch (at ``path``, or ``state`` as read from it) into the
+    model, optimiser and scheduler; return the metrics so far and the epoch. A state of another shape, or of
+    another run, is refused with what to do."""
+    state = load_state(path) if state is None else state
     fix = (f"delete {str(path)!r} to train this run again from the start (its epoch checkpoints stay), or choose "
            "another run directory")
     if not isinstance(state, dict) or not {"model", "optimizer", "scheduler", "metrics", "epoch"} <= set(state):
