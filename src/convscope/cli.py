@@ -44,7 +44,7 @@ def main() -> None:
     """convscope: see inside convolutional networks, after Zeiler & Fergus (ECCV 2014)."""
     from .cpu import keep_freed_memory
 
-    keep_freed_memory()  # freed tensors reused, not handed back to the kernel: training steps a fifth faster
+    keep_freed_memory()  # freed tensors reused, not handed back to the kernel (benchmarks/cpu.py)
 
 
 @main.command()
