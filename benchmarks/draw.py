@@ -115,6 +115,9 @@ def page_time(root: Path, units: list[int]) -> None:
 
 
 if __name__ == "__main__":
+    from convscope.cpu import keep_freed_memory
+
+    print(f"the convscope command's allocator setting (freed memory kept): {keep_freed_memory()}")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--units", type=int, default=None, help="units per layer (a seeded sample); default all")
     parser.add_argument("--images", type=int, default=64, help="images scanned")

@@ -119,4 +119,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from convscope.cpu import keep_freed_memory
+
+    print(f"the convscope command's allocator setting (freed memory kept): {keep_freed_memory()}")
     main()

@@ -111,6 +111,9 @@ def bench(name: str) -> None:
 
 
 if __name__ == "__main__":
+    from convscope.cpu import keep_freed_memory
+
+    print(f"the convscope command's allocator setting (freed memory kept): {keep_freed_memory()}")
     warnings.simplefilter("ignore")
     for net in ("zfnet", "zfnet_small"):
         bench(net)

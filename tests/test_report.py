@@ -142,6 +142,15 @@ def test_report_lists_missing_artifacts_with_their_commands(fake_run):
         assert next(e for e in REGISTRY if e.key == key).title not in missing
 
 
+def test_report_written_before_a_job_ends_lists_its_pending_steps_first(fake_run):
+    html = render_report(fake_run, pending=["train <b>", "ablation on pairs (Table 3)"])
+    banner = html.split('id="pending"')[1].split("</div>")[0]
+    assert "The demo is still running" in banner
+    assert "<li>train &lt;b&gt;</li>" in banner and "<li>ablation on pairs (Table 3)</li>" in banner
+    assert html.index('id="pending"') < html.index('id="missing"')  # above what is not there yet
+    assert 'id="pending"' not in render_report(fake_run)
+
+
 def test_report_model_config_timings_and_curve(fake_run):
     from convscope.models import create_model
 

@@ -1,14 +1,16 @@
 """``convscope demo``: the whole paper on the embedded data, in one run directory with a report.
 
-Steps (each timed into ``timings.json``): train zfnet_small with the paper's recipe; train the Fig. 6
-comparisons under ``compare/``: alexnet_small at the budget of zfnet_small's epoch-10 checkpoint, and zfnet_small
-without filter renormalisation at the full budget; then every analysis over the main run (probes and transfer to
-scikit-learn's digits included); Table 1 again on a second run trained alike on ``synthetic-parts``, whose eyes
-and noses keep one colour (``compare/zfnet_small-parts``); transfer to the synthetic classes held out of a
-second pretraining on the other six (``compare/zfnet_small-six``); the Table 3 ablation on the embedded ``pairs``
-set under ``ablation/``; then the report. An interrupted demo started again goes on where it stopped: trainings resume
-(a finished one is loaded), an analysis that ``timings.json`` records as done is not run again (delete its line,
-or the file, to redo it), and the report is always written anew.
+Steps (each timed into ``timings.json``): train zfnet_small with the paper's recipe and run the analyses over it
+(probes included), then write a first report, of the main run, which lists the steps still to come: it is ready
+after about 4 of the demo's 16 minutes. Then the comparisons: the Fig. 6 runs under ``compare/`` (alexnet_small
+at the budget of zfnet_small's epoch-10 checkpoint, zfnet_small without filter renormalisation at the full
+budget) and Fig. 6 again beside them; Table 1 again on a second run trained alike on ``synthetic-parts``, whose
+eyes and noses keep one colour (``compare/zfnet_small-parts``); transfer to scikit-learn's digits, and to the
+synthetic classes held out of a second pretraining on the other six (``compare/zfnet_small-six``); the Table 3
+ablation on the embedded ``pairs`` set under ``ablation/``; then the full report. An interrupted demo started
+again goes on where it stopped: trainings resume (a finished one is loaded), an analysis that ``timings.json``
+records as done is not run again (delete its line, or the file, to redo it), and the full report is always
+written anew.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ COMPARE_EPOCHS = 10  # alexnet_small stops here; zfnet_small's checkpoints/epoch
 # reaches the 0.1 cap between epochs 10 and 20, so until then renormalisation does nothing (Fig. 6a's point).
 # Until then the two runs are the same bit for bit: it starts from the main run's state there (``renorm_twin``).
 AGAIN = ("train", "pretrain", "report")  # steps run on every start: a training resumes or loads, the report is new
+FIRST_REPORT = "first report: the main run"  # once: on a later start, the comparisons' steps are the ones left
 
 
 def steps(out: Path, quick: bool) -> list[tuple[str, Callable[[], object]]]:
@@ -79,27 +82,30 @@ def steps(out: Path, quick: bool) -> list[tuple[str, Callable[[], object]]]:
         with artifacts.lock(out, "convscope demo"):
             return write_transfer(result, Layout(out))  # shown in the main run's report
 
-    return [
+    main_run = [
         ("train zfnet_small", lambda: train(base, out)),
-        ("train alexnet_small (Fig. 6)", lambda: train(replace(compare, model="alexnet_small"),
-                                                        out / "compare" / "alexnet_small")),
-        ("train zfnet_small without renormalisation (Fig. 6)",
-         lambda: train(replace(base, renorm=False), out / "compare" / "zfnet_small-norenorm", renorm_twin=out)),
         ("scan and Fig. 2", analysis("scan", units=4 if quick else 0)),
         ("evolution (Fig. 4)", analysis("evolution", units=4 if quick else 8, n_images=500 if quick else 2000)),
         ("feature visualisation (Olah et al.)",
          analysis("visualize", units=2 if quick else 8, steps=16 if quick else 256)),
-        ("filters (Fig. 6)", analysis("filters")),
+        ("filters of the main run (Fig. 6)", analysis("filters")),
         ("occlusion (Fig. 7)", analysis("occlusion", n=n)),
         ("pointing game (TorchRay)", analysis("pointing", n=10 if quick else 100)),
         ("sanity check (Adebayo et al.)", analysis("sanity", n=2 if quick else 4)),
         ("invariance (Fig. 5)", lambda: (analysis("invariance", n=n)(), analysis("invariance", n=n, mode="render")())),
         ("correspondence (Table 1)", analysis("correspondence", draws=2 if quick else 10)),
+        ("probes (Table 7)", analysis("probe-layers", n_per_class=5 if quick else 30)),
+    ]
+    comparisons = [
+        ("train alexnet_small (Fig. 6)", lambda: train(replace(compare, model="alexnet_small"),
+                                                        out / "compare" / "alexnet_small")),
+        ("train zfnet_small without renormalisation (Fig. 6)",
+         lambda: train(replace(base, renorm=False), out / "compare" / "zfnet_small-norenorm", renorm_twin=out)),
+        ("filters (Fig. 6)", analysis("filters")),  # again, beside the two runs just trained
         ("train zfnet_small on parts that correspond (Table 1)",
          lambda: train(replace(QUICK, data="synthetic-parts") if quick else PARTS_RUN,
                        out / "compare" / "zfnet_small-parts")),
         ("correspondence on parts that correspond (Table 1)", table1_parts),
-        ("probes (Table 7)", analysis("probe-layers", n_per_class=5 if quick else 30)),
         ("transfer to digits (Tables 4-5, Fig. 9)",
          analysis("transfer", target="digits", shots=shots, folds=folds, scratch_steps=scratch_steps)),
         ("pretrain zfnet_small on six classes (transfer)",
@@ -108,8 +114,12 @@ def steps(out: Path, quick: bool) -> list[tuple[str, Callable[[], object]]]:
         ("ablation on pairs (Table 3)",
          lambda: ablate_run(replace(PAIRS, n_train=200, n_val=100, n_test=100, epochs=1) if quick else PAIRS,
                             Layout(out).ablation, ABLATION_QUICK if quick else ABLATION)),
-        ("report", lambda: build_report(out)),
     ]
+    # The main run's report first (about 4 of the demo's 16 minutes), saying what is still to come; the full
+    # report when the comparisons are done.
+    pending = [name for name, _ in comparisons]
+    return [*main_run, (FIRST_REPORT, lambda: build_report(out, pending=pending)), *comparisons,
+            ("report", lambda: build_report(out))]
 
 
 def _done(out: Path) -> dict[str, float]:
@@ -141,6 +151,9 @@ def run_demo(out: str | Path, quick: bool = False, echo: Callable[[str], None] =
         step()
         timings[name] = round(time.perf_counter() - t0, 2)
         echo(f"[demo] {name}: {timings[name]:.0f} s")
+        if name == FIRST_REPORT:
+            echo(f"[demo] the main run's report is ready after {time.perf_counter() - start:.0f} s: "
+                 f"{Layout(out).report.resolve()} (written again with the comparisons when they are done)")
         artifacts.write_json(Layout(out).timings, timings)
     total = time.perf_counter() - start
     echo(f"[demo] total: {total:.0f} s ({total / 60:.1f} min)")

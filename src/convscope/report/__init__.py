@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -239,11 +240,12 @@ def sections(layout: Layout, src) -> tuple[list[dict], list[Analysis]]:
     return found, missing
 
 
-def collect(run_dir: str | Path, out: str | Path | None = None) -> dict[str, Any]:
+def collect(run_dir: str | Path, out: str | Path | None = None, pending: Sequence[str] = ()) -> dict[str, Any]:
     """Everything the report shows, read from the run: the context of the report template. Image URLs are
     relative to the folder of ``out``, where the page will be (default the run's ``report.html``). Both paths are
     taken as given, not resolved: a browser applies a URL's ``..`` to the page's own path before the system
-    follows any symlink, so the page opened where it was written finds its images."""
+    follows any symlink, so the page opened where it was written finds its images. ``pending``: the steps still
+    to come of a job that writes the page again when they are done (``convscope demo``), shown at the top."""
     given = Path(os.path.abspath(run_dir))
     layout = Layout(require_run(run_dir))
     run_dir = layout.root
@@ -275,7 +277,7 @@ def collect(run_dir: str | Path, out: str | Path | None = None) -> dict[str, Any
         "test": test, "paper_table2": PAPER["table2"], "curve": src(curve) if curve else None,
         "model": model, "classes": classes, "sections": found, "missing": missing, "damaged": files.damaged,
         "gradient_note": {a.key: NONLINEARITY_NOTE for a in REGISTRY if a.projects} if gradient else {},
-        "timings": timings, "timings_total": sum(timings.values()) if timings else None,
+        "pending": list(pending), "timings": timings, "timings_total": sum(timings.values()) if timings else None,
         "train_seconds": sum(m.get("seconds", 0.0) for m in metrics),
     }
 
@@ -296,18 +298,20 @@ def environment():
     return env
 
 
-def render_report(run_dir: str | Path, out: str | Path | None = None) -> str:
+def render_report(run_dir: str | Path, out: str | Path | None = None, pending: Sequence[str] = ()) -> str:
     """The report's HTML, without writing it; its image URLs are relative to ``out``'s folder (see :func:`collect`)."""
-    return environment().get_template("report.html").render(**collect(run_dir, out))
+    return environment().get_template("report.html").render(**collect(run_dir, out, pending))
 
 
-def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
+def build_report(run_dir: str | Path, out: str | Path | None = None, pending: Sequence[str] = ()) -> Path:
     """Write the run's static report (default ``<run>/report.html``) and return its path. Its images are the
     run's files, linked relative to where the page is written (``out`` may be outside the run): to move or mail
-    the page, take the run directory with it. Draws ``figures/training_curve.png`` from the metrics."""
+    the page, take the run directory with it. Draws ``figures/training_curve.png`` from the metrics. ``pending``:
+    see :func:`collect`."""
     root = require_run(run_dir)
     with artifacts.lock(root, "convscope report"):
-        return artifacts.write_text(Path(out) if out is not None else Layout(root).report, render_report(run_dir, out))
+        return artifacts.write_text(Path(out) if out is not None else Layout(root).report,
+                                    render_report(run_dir, out, pending))
 
 
 __all__ = ["PAPER", "REGISTRY", "RunFiles", "build_report", "collect", "read_run", "render_report", "require_run"]
