@@ -244,8 +244,8 @@ def collect(run_dir: str | Path, out: str | Path | None = None, pending: Sequenc
     """Everything the report shows, read from the run: the context of the report template. Image URLs are
     relative to the folder of ``out``, where the page will be (default the run's ``report.html``). Both paths are
     taken as given, not resolved: a browser applies a URL's ``..`` to the page's own path before the system
-    follows any symlink, so the page opened where it was written finds its images. ``pending``: the steps still
-    to come of a job that writes the page again when they are done (``convscope demo``), shown at the top."""
+    follows any symlink, so the page opened where it was written finds its images. ``pending``: the steps
+    ``convscope demo`` has still to run after this page, its first report (it writes the page again after them)."""
     given = Path(os.path.abspath(run_dir))
     layout = Layout(require_run(run_dir))
     run_dir = layout.root
