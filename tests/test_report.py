@@ -142,7 +142,7 @@ def test_report_lists_missing_artifacts_with_their_commands(fake_run):
         assert next(e for e in REGISTRY if e.key == key).title not in missing
 
 
-def test_report_written_before_a_job_ends_lists_its_pending_steps_first(fake_run):
+def test_report_written_before_the_demo_ends_lists_its_pending_steps_first(fake_run):
     html = render_report(fake_run, pending=["train <b>", "ablation on pairs (Table 3)"])
     banner = html.split('id="pending"')[1].split("</div>")[0]
     assert "The demo is still running" in banner
