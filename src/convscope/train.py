@@ -267,9 +267,7 @@ def _train(cfg: TrainConfig, layout: Layout, splits: Splits, resuming: bool, pro
                 save_weights(layout.checkpoint(epoch), model, cfg.to_dict(), epoch, len(classes), classes)
             if metrics[-1]["renormalised"] and epoch > 1 and _idle(metrics[:-1]) and layout.state.is_file():
                 save_state(layout.idle_state, load_state(layout.state))  # the last epoch a twin without shares
-            save_state(layout.state, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                      "scheduler": scheduler.state_dict(), "metrics": metrics, "epoch": epoch,
-                                      "config": cfg.to_dict()})
+            _commit(layout, cfg, model, optimizer, scheduler, metrics, epoch)
     test = _read(layout.test)
     if group.main and _read(layout.metrics) != json.loads(json.dumps(metrics)):  # missing or damaged
         artifacts.write_json(layout.metrics, metrics)
@@ -281,6 +279,14 @@ def _train(cfg: TrainConfig, layout: Layout, splits: Splits, resuming: bool, pro
             artifacts.write_json(layout.test, test)
             save_weights(layout.final, model, cfg.to_dict(), cfg.epochs, len(classes), classes)
     return TrainResult(layout.root, model.eval(), classes, metrics, test)
+
+
+def _commit(layout: Layout, cfg: TrainConfig, model: nn.Module, optimizer, scheduler, metrics: list[dict],
+            epoch: int) -> None:
+    """Save the training state at the end of ``epoch`` (what :func:`resume` reads): the run's commit point."""
+    save_state(layout.state, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                              "scheduler": scheduler.state_dict(), "metrics": metrics, "epoch": epoch,
+                              "config": cfg.to_dict()})
 
 
 def _idle(metrics: list[dict]) -> bool:
@@ -318,9 +324,7 @@ def _fork(twin: Layout, cfg: TrainConfig, layout: Layout, model: nn.Module, opti
             save_weights(layout.checkpoint(e), model, cfg.to_dict(), e, len(classes), classes)
         model.load_state_dict(shared)
         artifacts.write_json(layout.metrics, metrics)
-        save_state(layout.state, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                  "scheduler": scheduler.state_dict(), "metrics": metrics, "epoch": epoch,
-                                  "config": cfg.to_dict()})
+        _commit(layout, cfg, model, optimizer, scheduler, metrics, epoch)
     return metrics, epoch
 
 
