@@ -16,6 +16,22 @@ def pytest_configure(config):
 
     keep_freed_memory()
 
+CHROMIUM = "/usr/bin/chromium"
+
+
+def require_chromium() -> None:
+    """Skip a browser test where Debian's Chromium is missing, but fail it under CI (``CI`` set), which installs
+    Chromium: a browser test must not turn into a silent skip there."""
+    from pathlib import Path
+
+    if Path(CHROMIUM).exists():
+        return
+    message = f"no chromium at {CHROMIUM} (apt-get install -y chromium)"
+    if os.environ.get("CI"):
+        pytest.fail(message + "; CI installs it, so its absence here is an error")
+    pytest.skip(message)
+
+
 TRAINED = dict(model="zfnet_small", data="synthetic", n_val=1000, n_test=1000)  # 30 epochs, ~92% test
 
 

@@ -216,7 +216,7 @@ def test_scan_top1_is_the_brute_force_maximum(user, attached):
 
 
 def test_occlusion_equals_captum(user, attached):
-    captum_attr = pytest.importorskip("captum.attr")
+    import captum.attr as captum_attr
     r = run_cli("occlusion", attached, "--n", "2", "--size", "8", "--stride", "8", "--layer", "layer3")
     assert r.exit_code == 0, r.output
     saved = json.loads(Layout(attached).figure("fig7", ".json").read_text())["images"]
@@ -275,10 +275,10 @@ def test_report_lists_the_attached_runs_figures(attached):
 def test_report_from_file_and_the_viewers_deep_link_in_chromium(attached):
     """After the scan and occlusion above: the report opened from file:// shows every image, and the viewer's
     address of one unit shows that unit."""
-    from test_browser import CHROMIUM, Watched, serving
+    from conftest import CHROMIUM, require_chromium
+    from test_browser import Watched, serving
 
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"no chromium at {CHROMIUM}")
+    require_chromium()
     from playwright.sync_api import sync_playwright
     from test_browser import ARGS
 
@@ -426,7 +426,6 @@ def mobile(user, tmp_path_factory):
 
 
 def test_mobilenet_block_projects_with_gradient_nonlinearities_and_equals_captum(user, mobile, tmp_path):
-    pytest.importorskip("captum.attr")
     from test_deconvnet import activation, captum, close
 
     spec = ["--model", f"{mobile / 'mobile.py'}:mobilenet", "--weights", mobile / "mobile.pth", "--data-root",

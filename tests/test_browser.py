@@ -7,19 +7,21 @@ import http.client
 import socket
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import CHROMIUM, require_chromium
 from test_report import EVIL, ODD, make_fake_run
 
-CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run"]
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not Path(CHROMIUM).exists(),
-                                 reason=f"no chromium at {CHROMIUM} (apt-get install -y chromium)")]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def _chromium():
+    require_chromium()
 
 
 @pytest.fixture(scope="module")

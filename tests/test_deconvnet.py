@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import warnings
 
+import captum.attr as captum_attr
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,8 +13,6 @@ from torch import nn
 
 import convscope as cs
 from convscope.deconvnet import RULES, Projector
-
-captum_attr = pytest.importorskip("captum.attr")
 
 CAPTUM = {
     "deconvnet": captum_attr.NeuronDeconvolution,

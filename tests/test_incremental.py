@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import warnings
 
+import captum.attr as captum_attr
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,7 +25,6 @@ from convscope.layout import Layout
 from convscope.occlusion import OcclusionResults, occluded_passes, occlusion, square_positions, write_occlusion
 from convscope.usermodel import Normalization
 
-captum_attr = pytest.importorskip("captum.attr")
 FILL = torch.tensor([0.3, 0.5, 0.7])
 
 

@@ -7,6 +7,7 @@ import json
 import math
 import warnings
 
+import captum.attr as captum_attr
 import pytest
 import torch
 from PIL import Image
@@ -24,8 +25,6 @@ from convscope.occlusion import (
     square_positions,
     write_occlusion,
 )
-
-captum_attr = pytest.importorskip("captum.attr")
 
 
 class RegionNet(nn.Module):
