@@ -32,7 +32,27 @@ def require_chromium() -> None:
     pytest.skip(message)
 
 
-TRAINED = dict(model="zfnet_small", data="synthetic", n_val=1000, n_test=1000)  # 30 epochs, ~92% test
+# The training seed of every trained fixture. CI trains seed 0; scripts/seeds.py runs the trained tests again at
+# other seeds (CONVSCOPE_TEST_SEED) to measure the spread behind each test's margin.
+SEED = int(os.environ.get("CONVSCOPE_TEST_SEED", "0"))
+TRAINED = dict(model="zfnet_small", data="synthetic", n_val=1000, n_test=1000, seed=SEED)  # 30 epochs
+
+
+@pytest.fixture(scope="session")
+def measured(request):
+    """``measured(name, value)``: record a number a property test measured (on a trained fixture, or on its
+    untrained control, ``control.<name>``). scripts/seeds.py collects them over seeds (CONVSCOPE_MEASURED names the
+    JSON file they are written to at the end of the session) to set each margin from the spread."""
+    values: dict[str, float] = {}
+    yield lambda name, value: values.__setitem__(name, float(value))
+    out = os.environ.get("CONVSCOPE_MEASURED")
+    if out:
+        import json
+        from pathlib import Path
+
+        path = Path(out)
+        old = json.loads(path.read_text()) if path.is_file() else {}
+        path.write_text(json.dumps({**old, **values}, indent=1, sort_keys=True))
 
 
 def random_imageset(labels, size=64, seed=0):
@@ -83,6 +103,32 @@ def trained_run(trained_folder):
 
 
 @pytest.fixture(scope="session")
+def untrained_run(trained_run):
+    """The trained run's control: the same model, data and input preprocessing, its weights as training started
+    (the same seeded initialisation). A property test of training must fail on it."""
+    import copy
+
+    import torch
+
+    from convscope.models import create_model
+
+    cfg = trained_run.config
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.seed)
+        model = create_model(cfg.model, num_classes=len(trained_run.classes), **cfg.model_options)
+    model.normalize.load_state_dict(trained_run.model.normalize.state_dict())
+    twin = copy.copy(trained_run)
+    twin.model = model.eval()
+    return twin
+
+
+@pytest.fixture(scope="session")
+def untrained_zf(untrained_run):
+    """(model, test set) of the untrained control."""
+    return untrained_run.model, untrained_run.split("test")
+
+
+@pytest.fixture(scope="session")
 def six_class_run(trained_folder):
     """The demo's pretraining on the first six synthetic classes only, stopped at epoch 10 of its 15 (the
     schedule does not depend on the number of epochs, so this is the demo's epoch-10 checkpoint; 40 s): the other
@@ -91,7 +137,7 @@ def six_class_run(trained_folder):
 
     from convscope.demo import SIX
 
-    return _trained(trained_folder, "zfnet_small-six", replace(SIX, epochs=10).to_dict())
+    return _trained(trained_folder, "zfnet_small-six", replace(SIX, epochs=10, seed=SEED).to_dict())
 
 
 @pytest.fixture(scope="session")

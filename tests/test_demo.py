@@ -34,7 +34,20 @@ def test_quick_demo_runs_every_step_and_resumes(tmp_path):
         "pretrain zfnet_small on six classes (transfer)", "transfer to held-out classes (Tables 4-5, Fig. 9)",
         "ablation on pairs (Table 3)", "report", "filters of the main run (Fig. 6)", "first report: the main run",
     }
-    assert all(t >= 0 for t in timings.values())
+    total = float(re.search(r"\[demo\] total: (\d+) s", r.output).group(1))
+    assert timings["train zfnet_small"] > 1 and sum(timings.values()) <= total + 1  # the steps' times add up
+    peak = re.search(r"peak memory (\d+\.\d\d) GB", r.output)
+    assert peak and float(peak.group(1)) > 0.1  # this process's peak, which holds the earlier tests' too
+    # every claim tested has its verdict, in findings.json, the report and the demo's last words
+    findings = json.loads((out / "findings.json").read_text())["findings"]
+    assert {"table1", "table1_parts", "fig5", "fig7", "pointing", "sanity", "table7", "transfer_digits",
+            "transfer_heldout", "table3"} <= {f["analysis"] for f in findings}
+    for f in findings:
+        assert {"claim", "source", "measured", "interval", "verdict", "analysis"} <= set(f)
+        assert f["verdict"] in ("holds", "not shown", "reversed")
+    assert r.output.rindex("| claim | source | paper | this run |") > r.output.index("report: ")  # it ends so
+    html = (out / "report.html").read_text()
+    assert 'id="findings"' in html and html.count("<tr><td>") >= len(findings)
     figures = out / "figures"
     for name in ("fig2_conv1.png", "fig2_conv5.png", "fig4_conv3.png", "fig6.png", "fig7.png", "fig5.png",
                  "fig5_render.png"):

@@ -20,20 +20,27 @@ from convscope.train import train
 pytestmark = pytest.mark.slow
 
 
-def test_alexnet_small_layer1_has_less_mid_frequency_energy_and_layer2_aliases_more(trained_run, trained_folder):
+def test_alexnet_small_layer1_has_less_mid_frequency_energy_and_layer2_aliases_more(trained_run, trained_folder,
+                                                                                    measured):
     zf10 = load_model(trained_run.checkpoints[10])[0]
     cfg = replace(trained_run.config, model="alexnet_small", epochs=10)
     alex = train(cfg, keyed(trained_folder, "alexnet_small-10", cfg.to_dict()), progress=False).model
     images = trained_run.split("val").batch(torch.arange(16))[0]
     d = compare({"zf": zf10, "alex": alex}, images)
     zf_stats, alex_stats = d["zf"].stats, d["alex"].stats
-    assert alex_stats.dead_fraction >= zf_stats.dead_fraction
+    for name in ("zf", "alex"):
+        measured(f"fig6.{name}.mid", d[name].stats.band_fractions["mid"])
+        measured(f"fig6.{name}.aliasing", d[name].aliasing.fraction)
     assert alex_stats.band_fractions["mid"] < zf_stats.band_fractions["mid"]
     assert d["alex"].aliasing.fraction > d["zf"].aliasing.fraction + 0.15
 
 
-def test_trained_layer1_filters_are_smooth_not_noise(trained_run):
+def test_trained_layer1_filters_are_smooth_not_noise(trained_run, untrained_run, measured):
     """Fig. 6(c): after 30 epochs most of ZF's conv1 filter energy lies below 1/3 cycle/px (white noise: 0.34).
     With layer 1 initialised at He's scale the share was 0.64, the filters still mostly their initial noise."""
-    stats = filter_stats(trained_run.model)
-    assert stats.summary()["smooth_fraction"] > 0.8
+    smooth = filter_stats(trained_run.model).summary()["smooth_fraction"]
+    control = filter_stats(untrained_run.model).summary()["smooth_fraction"]
+    measured("fig6.smooth", smooth)
+    measured("control.fig6.smooth", control)
+    assert smooth > 0.8
+    assert not control > 0.8

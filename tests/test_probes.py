@@ -76,7 +76,7 @@ def test_bad_input_is_a_clear_error():
 
 
 @pytest.mark.slow
-def test_probe_accuracy_rises_with_depth(trained_run, tmp_path):
+def test_probe_accuracy_rises_with_depth(trained_run, untrained_run, tmp_path, measured):
     """Table 7: deeper layers' features are more discriminative. Measured (zfnet_small, 20 epochs on all 12
     classes, 30 per class of val, 600 test images): softmax conv1 21 -> conv2 49 -> conv3 74 -> conv4 83 -> conv5 87
     -> fc7 91 %; SVM 18 -> 40 -> 62 -> 75 -> 81 -> 90 %."""
@@ -85,6 +85,11 @@ def test_probe_accuracy_rises_with_depth(trained_run, tmp_path):
     train, test = load_synthetic("val", n=360), load_synthetic("test", n=600)
     result = probe_layers(trained_run.model, train, test, n_per_class=30, seed=0)
     soft, svm = result.accuracy["softmax"], result.accuracy["svm"]
+    control = probe_layers(untrained_run.model, train, test, n_per_class=30, seed=0).accuracy
+    for classifier in ("softmax", "svm"):
+        for layer, value in result.accuracy[classifier].items():
+            measured(f"table7.{classifier}.{layer}", value)
+            measured(f"control.table7.{classifier}.{layer}", control[classifier][layer])
     for acc in (soft, svm):
         assert acc["conv1"] + 0.15 < acc["conv3"]
         assert acc["conv3"] + 0.06 < acc["conv5"]

@@ -81,7 +81,7 @@ def test_ssim_equals_scikit_image():
 
 
 @pytest.mark.slow
-def test_guided_backprop_barely_moves_when_the_top_layers_are_randomised(trained_run):
+def test_guided_backprop_barely_moves_when_the_top_layers_are_randomised(trained_run, measured):
     """Adebayo et al.'s finding on the trained zfnet_small (measured, 8 test images, Spearman of the absolute
     maps after fc8 / after fc6 / after everything): guided 0.99 / 0.94 / 0.36, gradient 0.65 / 0.51 / 0.24,
     deconvnet 0.48 / 0.46 / 0.24, occlusion 0.66 / 0.56 / 0.35."""
@@ -94,6 +94,10 @@ def test_guided_backprop_barely_moves_when_the_top_layers_are_randomised(trained
             m, i, c, method, out, len(trained_run.classes)))
         first = np.abs(maps[0].flatten(1).numpy())
         result[method] = [sanity.spearman(first, np.abs(m.flatten(1).numpy())).mean() for m in maps[1:]]
+    for method, values in result.items():
+        for step, value in zip(("fc8", "fc7", "fc6"), values):
+            measured(f"sanity.{method}.after_{step}", value)
+        measured(f"sanity.{method}.all_random", values[-1])
     assert result["guided"][0] > 0.95 and result["gradient"][0] < 0.8  # fc8 randomised
     assert result["guided"][2] > result["gradient"][2] + 0.2  # fc6 too
     assert result["guided"][-1] < 0.6 and result["gradient"][-1] < 0.5  # everything randomised

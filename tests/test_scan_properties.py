@@ -27,23 +27,44 @@ def val_scan(trained_run):
     return data, scan(trained_run.model, data, ["conv1", "conv3", "conv5"], k=9, progress=False)
 
 
-def test_top9_images_of_upper_units_share_a_class(trained_run, val_scan):
-    data, topk = val_scan
+@pytest.fixture(scope="module")
+def control_scan(untrained_run):
+    data = untrained_run.split("val")
+    return data, scan(untrained_run.model, data, ["conv1", "conv3", "conv5"], k=9, progress=False)
+
+
+def agreement(data, topk, measured, prefix):
     agree = {layer: class_agreement(topk, data.labels, layer) for layer in topk.layers}
-    chance = agree["conv5"][1]
+    for layer, (value, _) in agree.items():
+        measured(f"{prefix}fig2.agreement.{layer}", value)
+    return {layer: value for layer, (value, _) in agree.items()}, agree["conv5"][1]
+
+
+def test_top9_images_of_upper_units_share_a_class(val_scan, control_scan, measured):
+    agree, chance = agreement(*val_scan, measured, "")
     assert chance == pytest.approx(1 / 12, abs=0.01)
-    assert agree["conv5"][0] > 4 * chance
-    assert agree["conv1"][0] < agree["conv3"][0] < agree["conv5"][0]
+    assert agree["conv5"] > 4 * chance
+    assert agree["conv1"] < agree["conv3"] < agree["conv5"]
+    control, _ = agreement(*control_scan, measured, "control.")
+    assert not control["conv5"] > 4 * chance
 
 
-def test_projection_energy_lies_on_the_object(trained_run, val_scan):
-    data, topk = val_scan
+def energy_on_object(run, data, topk):
     idx = topk.images["conv5"][:, :3].reshape(-1)  # the three strongest images of every unit
     channels = torch.arange(topk.values["conv5"].shape[0]).repeat_interleave(3)
-    proj = cs.Projector(trained_run.model).project(data.batch(idx)[0], "conv5", channel=channels)
-    inside, share = mask_energy(proj, data.truth.masks[idx])
+    proj = cs.Projector(run.model).project(data.batch(idx)[0], "conv5", channel=channels)
+    return mask_energy(proj, data.truth.masks[idx])
+
+
+def test_projection_energy_lies_on_the_object(trained_run, untrained_run, val_scan, control_scan, measured):
+    inside, share = energy_on_object(trained_run, *val_scan)
+    measured("fig2.energy_on_object", inside)
+    measured("fig2.object_share", share)
     assert share < 0.2
     assert inside > 3 * share
+    inside, share = energy_on_object(untrained_run, *control_scan)
+    measured("control.fig2.energy_on_object", inside)
+    assert not inside > 3 * share
 
 
 def test_scan_command_writes_the_figures(trained_run, tmp_path):

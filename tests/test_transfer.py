@@ -99,7 +99,7 @@ def test_fold_results_shape_and_files(tmp_path):
 
 
 @pytest.mark.slow
-def test_frozen_features_beat_scratch_on_digits(trained_run):
+def test_frozen_features_beat_scratch_on_digits(trained_run, untrained_run, measured):
     """Tables 4-5 on a real small data set the net never saw: 5 digits per class, 2 folds (a third gives the
     same picture: 78.4 against 77.5 % from scratch), frozen features of the synthetic-pretrained net against the
     same net trained from scratch (the run's recipe, 300 steps; 600 steps give the same mean). Measured, per
@@ -115,13 +115,20 @@ def test_frozen_features_beat_scratch_on_digits(trained_run):
     one = transfer(trained_run.model, train, test, shots=(1,), folds=2, seed=0, scratch=False, progress=False)
     joined, fc7, scratch = (result.pretrained["all"][0].mean().item(), result.pretrained["fc7"][0].mean().item(),
                             result.scratch[0].mean().item())
+    control = transfer(untrained_run.model, train, test, shots=(5,), folds=2, seed=0, scratch=False, progress=False)
+    measured("transfer.digits.all", joined)
+    measured("transfer.digits.fc7", fc7)
+    measured("transfer.digits.scratch", scratch)
+    measured("transfer.digits.all_at_1", one.pretrained["all"][0].mean().item())
+    measured("control.transfer.digits.all", control.pretrained["all"][0].mean().item())
+    measured("control.transfer.digits.fc7", control.pretrained["fc7"][0].mean().item())
     assert joined > scratch + 0.015
     assert joined > fc7 + 0.2
     assert joined > one.pretrained["all"][0].mean().item() + 0.15  # more examples help (Fig. 9): 49.4 -> 79.5 %
 
 
 @pytest.mark.slow
-def test_frozen_features_beat_scratch_on_held_out_classes(six_class_run):
+def test_frozen_features_beat_scratch_on_held_out_classes(six_class_run, measured):
     """Tables 4-5 on synthetic classes held out of pretraining: pretrained on six classes (10 epochs), transferred
     to the other six at 5 per class, 2 folds. Measured, mean of the folds: fc7 40.4 %, all seven layers joined
     42.8 %, from scratch (300 steps) 17.7 % (chance 16.7 %); the demo's 15 epochs give fc7 42.5 %, joined 43.1 %.
@@ -134,5 +141,8 @@ def test_frozen_features_beat_scratch_on_held_out_classes(six_class_run):
     result = transfer(six_class_run.model, train, test, shots=(5,), folds=2, seed=0,
                       scratch_cfg=six_class_run.config, scratch_steps=300, progress=False)
     scratch = result.scratch.mean().item()
+    measured("transfer.heldout.scratch", scratch)
+    for name in ("fc7", "all"):
+        measured(f"transfer.heldout.{name}", result.pretrained[name].mean().item())
     for name in ("fc7", "all"):
         assert result.pretrained[name].mean().item() > scratch + 0.15, name

@@ -59,6 +59,7 @@ class Analysis:
     per_layer: bool = False  # Fig. 2 and 4: one panel per layer, and a page per unit in the viewer
     projects: bool = False  # its pictures are projections (what --nonlinearities gradient changes)
     distributed: bool = False  # its work is split across the processes of torchrun (else rank 0 does it all)
+    findings: Callable[[Any], list] | None = None  # the claims its result tests (convscope.findings.Finding)
 
     @property
     def command(self) -> str:
@@ -82,6 +83,10 @@ class Analysis:
                 return None, []
             result = self.compute(run, **options)
             paths = self.write(result, run.layout)
+            if group.main and self.findings is not None:
+                from .findings import write_findings
+
+                paths.append(write_findings(run.layout.findings, self.findings(result)))
             if group.main:
                 record(run.layout, self.key, paths)
             return result, paths
@@ -127,6 +132,7 @@ REGISTRY: list[Analysis] = [
         "projected to pixels by the deconvnet (left 3x3), beside the image patches under them (right 3x3).",
         files=lambda layout: (list(layout.layer_figures("fig2").values()), []),
         compute=units.compute, write=units.write_scan, per_layer=True, projects=True, distributed=True,
+        findings=units.findings,
         help={"layers": _LAYERS + " [conv1..conv5, or the model's stages]",
               "k": "Strongest activations kept per feature map.", "split": _SPLIT.replace("val / test", "val"),
               "units": "Units per layer to draw (a seeded subset); 0 = all.", "seed": "Seed of the unit subset.",
@@ -150,7 +156,7 @@ REGISTRY: list[Analysis] = [
         "invariance", "fig5", "Fig. 5", "Invariance to translation, scale and rotation",
         "Distance between the feature vectors of original and transformed images at layer 1 and layer 7, and "
         "the probability of the true label, as the image is translated, scaled and rotated.",
-        files=_figure("fig5", "", "_render"), compute=invariance.compute,
+        files=_figure("fig5", "", "_render"), compute=invariance.compute, findings=invariance.findings,
         write=lambda result, layout: invariance.write_invariance(result, layout, "fig5"),
         help={"n": "How many images (the first of the split).", "split": _SPLIT,
               "mode": "warp: translate, scale and rotate the image (the paper); render: re-render the embedded "
@@ -159,7 +165,7 @@ REGISTRY: list[Analysis] = [
         "filters", "fig6", "Fig. 6", "Architecture diagnosis of layers 1 and 2",
         "Layer-1 filters with and without filter renormalisation, and with a large (11x11, stride 4) vs the "
         "paper's smaller (7x7, stride 2) first layer.",
-        files=_figure("fig6"), compute=filters.compute, projects=True,
+        files=_figure("fig6"), compute=filters.compute, projects=True, findings=filters.findings,
         write=lambda result, layout: filters.write_filters(result, layout, "fig6"),
         help={"others": "Another run to set beside this one (repeatable); the demo's RUN/compare/ runs come "
                         "by default.",
@@ -169,7 +175,7 @@ REGISTRY: list[Analysis] = [
         "occlusion", "fig7", "Fig. 7", "Occlusion sensitivity",
         "A grey square slid over the image: (b) total activation of the strongest layer-5 map, (c) its "
         "projection, (d) probability of the correct class, (e) most probable class, per occluder position.",
-        files=_figure("fig7"), compute=occlusion.compute, projects=True,
+        files=_figure("fig7"), compute=occlusion.compute, projects=True, findings=occlusion.findings,
         write=lambda result, layout: occlusion.write_occlusion(result, layout, "fig7"),
         help={"n": "How many images (the first of the split).", "split": _SPLIT,
               "layer": "Layer whose strongest map is tracked (b, c). [conv5, or the model's last stage]",
@@ -186,7 +192,7 @@ REGISTRY: list[Analysis] = [
         "The same part masked in 5 images of one class, or random regions: Delta, the mean sign change of the "
         "feature differences over image pairs. Lower than random means the parts are encoded consistently.",
         files=lambda layout: ([], _existing(layout.figure("table1", ".txt"), layout.figure("table1_parts", ".txt"))),
-        compute=correspondence.compute,
+        compute=correspondence.compute, findings=correspondence.findings,
         write=lambda result, layout: correspondence.write_correspondence(result, layout, "table1"),
         help={"class_name": "Class of the embedded data.", "parts": "Comma-separated part names. "
               "[left_eye,right_eye,nose]", "split": _SPLIT, "draws": "Random draws of images and regions.",
@@ -210,7 +216,7 @@ REGISTRY: list[Analysis] = [
         "on conv1..fc7 joined, against the same net trained from scratch on those examples (mean per-class "
         "accuracy over folds).",
         files=lambda layout: (layout.transfers(".png"), layout.transfers(".md")), compute=transfer.compute,
-        write=transfer.write_transfer,
+        write=transfer.write_transfer, findings=transfer.findings,
         help={"target": "heldout (synthetic classes the run did not see), digits, folder (with --data-root), "
                         "run (the run's own splits).",
               "data_root": "ImageFolder tree for --target folder (Caltech-101/256).",
@@ -224,7 +230,7 @@ REGISTRY: list[Analysis] = [
         "probe-layers", "table7", "Table 7", "Discriminative power of each layer",
         "A linear SVM and a softmax on the features of one layer at a time: accuracy rises with depth.",
         files=lambda layout: (_existing(layout.probe(".png")), _existing(layout.probe(".md"))),
-        compute=probes.compute, write=probes.write_probes,
+        compute=probes.compute, write=probes.write_probes, findings=probes.findings,
         help={"layers": _LAYERS + " [conv1..fc7, or the model's stages and penultimate module]",
               "target": "Target set: run (its own splits), heldout, digits, folder (with --data-root).",
               "data_root": "ImageFolder tree for --target folder.", "n_per_class": "Training examples per class.",
@@ -239,7 +245,7 @@ REGISTRY: list[Analysis] = [
         "difficult ones (small, off-centre objects), beside TorchRay's VGG-16 on VOC07, where the deconvnet is "
         "below the centre baseline.",
         files=lambda layout: ([], _existing(layout.figure("pointing", ".md"))), compute=pointing.compute,
-        write=pointing.write_pointing, projects=True,
+        write=pointing.write_pointing, projects=True, findings=pointing.findings,
         help={"n": "How many images (the first of the split).", "split": _SPLIT,
               "masks": "A folder of object masks for your own images: <class>/<image name>.png, white on the "
                        "object. [the embedded data's own masks]",
@@ -253,7 +259,7 @@ REGISTRY: list[Analysis] = [
         "what the network learnt: the deconvnet's critique (Adebayo et al. 2018, Nie et al. 2018), measured on "
         "this model.",
         files=lambda layout: (_existing(layout.figure("sanity")), _existing(layout.figure("sanity", ".md"))),
-        compute=sanity.compute, write=sanity.write_sanity, projects=True,
+        compute=sanity.compute, write=sanity.write_sanity, projects=True, findings=sanity.findings,
         help={"n": "How many images (the first of the split).", "split": _SPLIT,
               "order": "top_down: cascading, the layers above stay randomised (Adebayo's cascade); independent: "
                        "one layer at a time.",

@@ -155,15 +155,20 @@ def train(out: str, device: str | None, workers: int, **kw) -> None:
 @click.option("--out", default="runs/demo", show_default=True, type=_Path(file_okay=False),
               help="Run directory (an interrupted demo resumes).")
 @click.option("--quick", is_flag=True, help="A small smoke run (a minute or two): fewer images and epochs.")
-def demo(out: str, quick: bool) -> None:
+@click.option("--seeds", default=1, show_default=True, type=click.IntRange(1, 100),
+              help="Training seeds: the demo again at seeds 1..N-1 (into OUT/seeds/seed-K), and each claim's "
+                   "verdict over all N (it holds when it holds at every seed). Each seed takes as long as the demo.")
+def demo(out: str, quick: bool, seeds: int) -> None:
     """The whole paper on the embedded data: train zfnet_small with the paper's recipe, run every analysis,
     write the run directory. Its report.html is first written for the main run (about 4 minutes on 2 CPU
-    cores), then again with the comparisons (about 17 minutes in all)."""
-    from .demo import run_demo
+    cores), then again with the comparisons (about 17 minutes in all). Ends with the table of findings: each
+    claim of the paper, this run's number and its verdict (holds, not shown, reversed)."""
+    from .demo import findings_text, run_demo
 
-    path = run_demo(out, quick=quick, echo=click.echo)
+    path = run_demo(out, quick=quick, echo=click.echo, seeds=seeds)
     click.echo(f"run directory: {path.resolve()}")
     click.echo(f"report: {(path / 'report.html').resolve()}   viewer: convscope serve {out}")
+    click.echo(findings_text(path))
 
 
 def _names(value: str | None) -> list[str] | None:
@@ -373,6 +378,28 @@ def ablate(out: str, variants: str | None, **kw) -> None:
     result, paths = ablate_run(_resolve(**kw), out, _names(variants))
     click.echo(ablation_table(result))
     click.echo("wrote " + ", ".join(str(p) for p in paths))
+
+
+@main.command()
+@click.argument("runs", nargs=-1, required=True, type=_Path(file_okay=False))
+@click.option("--out", default=None, type=_Path(dir_okay=False),
+              help="Write the findings over RUNS (one training seed each) to this JSON file.")
+def findings(runs: tuple[str, ...], out: str | None) -> None:
+    """Print the claims RUN's analyses tested, each with its contrast, 95% interval and verdict (holds, not shown,
+    reversed), from RUN/findings.json. Several runs (the same demo at other training seeds) are combined: a claim
+    holds when it holds at every seed, and its interval is the range of the seeds' contrasts."""
+    from .findings import combine, findings_table, read_findings, write_findings
+    from .layout import Layout
+    from .report import require_run
+
+    per_run = [read_findings(Layout(require_run(r)).findings) for r in runs]
+    combined = per_run[0] if len(runs) == 1 else combine(per_run)
+    if not combined:
+        raise click.ClickException(f"no findings in {', '.join(runs)}: run the analyses (convscope demo, or "
+                                   "convscope correspondence RUN ...) first")
+    click.echo(findings_table(combined))
+    if out is not None:
+        click.echo(f"wrote {write_findings(out, combined)}")
 
 
 @main.command()

@@ -39,6 +39,7 @@ from torch import nn
 
 from . import artifacts
 from .errors import ConvscopeError, check_int, check_seed, unknown
+from .findings import Finding, finding, paired_contrast
 from .forward import check_images, eval_mode, run_to_all
 from .layers import site
 from .layout import Layout
@@ -293,5 +294,39 @@ def compute(run: Run, class_name: str = "face", parts: list[str] | None = None, 
     return correspondence(run.model, images, parts=parts, layers=layers, draws=draws, seed=seed, size=size)
 
 
+# Table 1 of the paper: Delta at layers 5 and 7 per masked region (mean over its 5 dogs).
+PAPER_TABLE1 = {5: {"right_eye": 0.067, "left_eye": 0.069, "nose": 0.079, RANDOM: 0.107},
+                7: {"right_eye": 0.069, "left_eye": 0.068, "nose": 0.069, RANDOM: 0.073}}
+
+
+def findings(result: CorrespondenceResult, analysis: str = "table1", data: str = "") -> list[Finding]:
+    """Zeiler & Fergus Table 1: masking a part moves the features more consistently than masking a random region.
+    Per layer and part, the contrast ``Delta(random) - Delta(part)`` over the paired draws (draw d masks the same
+    images for every region). ``data`` names the data set in the claim (e.g. ``synthetic-parts``); ``analysis``
+    prefixes the keys (``<analysis>.<layer>.<part>``)."""
+    out = []
+    on = f" on {data}" if data else ""
+    for k, layer in enumerate(result.layers):
+        # The paper's layers 5 and 7: by name on built-in nets, else the first and last of the two probed.
+        paper_layer = {"conv5": 5, "fc7": 7}.get(layer, (5, 7)[k] if len(result.layers) == 2 else None)
+        paper = PAPER_TABLE1.get(paper_layer, {})
+        rand = result.values[RANDOM][layer]
+        for part in result.regions:
+            if part == RANDOM:
+                continue
+            mine, name = result.values[part][layer], part.replace("_", " ")
+            claim = (f"Masking the {name} changes {layer}'s features in a more consistent direction than masking a "
+                     f"random region (lower Delta){on}")
+            if part in paper:
+                note = " (no difference at layer 7)" if paper_layer == 7 else ""
+                paper_text = f"layer {paper_layer}: {paper[part]:.3f} vs {paper[RANDOM]:.3f}{note}"
+            else:
+                paper_text = "not in the paper (eyes and nose only)" if paper else "layers 5 and 7 only"
+            out.append(finding(f"{analysis}.{layer}.{part}", claim, "Zeiler & Fergus 2014, Table 1", analysis,
+                               paired_contrast(rand, mine), "Delta(random) - Delta(part)", paper_text,
+                               f"{float(mine.mean()):.3g} vs {float(rand.mean()):.3g}"))
+    return out
+
+
 __all__ = ["FACE_PARTS", "RANDOM", "CorrespondenceResult", "PartImages", "class_parts", "compute", "correspondence",
-           "delta", "format_table", "load_parts_json", "mask_squares", "write_correspondence"]
+           "delta", "findings", "format_table", "load_parts_json", "mask_squares", "write_correspondence"]

@@ -49,16 +49,23 @@ AGAIN = ("train", "pretrain", "report")  # steps run on every start: a training 
 FIRST_REPORT = "first report: the main run"  # once: on a later start, the comparisons' steps are the ones left
 
 
-def steps(out: Path, quick: bool) -> list[tuple[str, Callable[[], object]]]:
-    """The demo's steps in order: (name, thunk). :data:`AGAIN` names those that run on every start."""
-    from . import analyses
+def steps(out: Path, quick: bool, seed: int = 0) -> list[tuple[str, Callable[[], object]]]:
+    """The demo's steps in order: (name, thunk). :data:`AGAIN` names those that run on every start. ``seed`` is
+    every training's seed (its initialisation, order, augmentation and dropout, and the generated data)."""
+    from . import analyses, correspondence, transfer
     from .ablation import ablate_run
+    from .ablation import findings as ablation_findings
+    from .correspondence import write_correspondence
+    from .findings import write_findings
     from .report import build_report
     from .run import open_run
     from .train import train
     from .transfer import write_transfer
 
-    base = QUICK if quick else FULL
+    def seeded(cfg: TrainConfig) -> TrainConfig:
+        return replace(cfg, seed=seed)
+
+    base = seeded(QUICK if quick else FULL)
     compare = replace(base, epochs=min(base.epochs, COMPARE_EPOCHS))
     n = 2 if quick else 5
     shots, folds, scratch_steps = ((1, 5), 2, 30) if quick else ((1, 5, 15), 3, 300)
@@ -67,11 +74,10 @@ def steps(out: Path, quick: bool) -> list[tuple[str, Callable[[], object]]]:
         return lambda: analyses.get(name).run(open_run(out), **options)
 
     def table1_parts():
-        from .correspondence import write_correspondence
-
         run = open_run(out / "compare" / "zfnet_small-parts")
         result = analyses.get("correspondence").compute(run, draws=2 if quick else 10)
         with artifacts.lock(out, "convscope demo"):  # shown in the main run's report, beside Table 1
+            write_findings(Layout(out).findings, correspondence.findings(result, "table1_parts", "synthetic-parts"))
             return write_correspondence(result, Layout(out), "table1_parts",
                                         f"On synthetic-parts (every eye and nose in one colour of its own): "
                                         f"{run.name}, compare/zfnet_small-parts")
@@ -80,7 +86,14 @@ def steps(out: Path, quick: bool) -> list[tuple[str, Callable[[], object]]]:
         result = analyses.get("transfer").compute(open_run(out / "compare" / "zfnet_small-six"), target="heldout",
                                                   shots=shots, folds=folds, scratch_steps=scratch_steps)
         with artifacts.lock(out, "convscope demo"):
+            write_findings(Layout(out).findings, transfer.findings(result))
             return write_transfer(result, Layout(out))  # shown in the main run's report
+
+    def ablation():
+        result, _ = ablate_run(seeded(replace(PAIRS, n_train=200, n_val=100, n_test=100, epochs=1) if quick else PAIRS),
+                            Layout(out).ablation, ABLATION_QUICK if quick else ABLATION)
+        with artifacts.lock(out, "convscope demo"):
+            return write_findings(Layout(out).findings, ablation_findings(result))
 
     main_run = [
         ("train zfnet_small", lambda: train(base, out)),
@@ -103,17 +116,16 @@ def steps(out: Path, quick: bool) -> list[tuple[str, Callable[[], object]]]:
          lambda: train(replace(base, renorm=False), out / "compare" / "zfnet_small-norenorm", renorm_twin=out)),
         ("filters (Fig. 6)", analysis("filters")),  # again, beside the two runs just trained
         ("train zfnet_small on parts that correspond (Table 1)",
-         lambda: train(replace(QUICK, data="synthetic-parts") if quick else PARTS_RUN,
+         lambda: train(seeded(replace(QUICK, data="synthetic-parts") if quick else PARTS_RUN),
                        out / "compare" / "zfnet_small-parts")),
         ("correspondence on parts that correspond (Table 1)", table1_parts),
         ("transfer to digits (Tables 4-5, Fig. 9)",
          analysis("transfer", target="digits", shots=shots, folds=folds, scratch_steps=scratch_steps)),
         ("pretrain zfnet_small on six classes (transfer)",
-         lambda: train(replace(QUICK, classes=SIX.classes) if quick else SIX, out / "compare" / "zfnet_small-six")),
+         lambda: train(seeded(replace(QUICK, classes=SIX.classes) if quick else SIX),
+                       out / "compare" / "zfnet_small-six")),
         ("transfer to held-out classes (Tables 4-5, Fig. 9)", heldout),
-        ("ablation on pairs (Table 3)",
-         lambda: ablate_run(replace(PAIRS, n_train=200, n_val=100, n_test=100, epochs=1) if quick else PAIRS,
-                            Layout(out).ablation, ABLATION_QUICK if quick else ABLATION)),
+        ("ablation on pairs (Table 3)", ablation),
     ]
     # The main run's report first (about 4 of the demo's 16 minutes), saying what is still to come; the full
     # report when the comparisons are done.
@@ -135,13 +147,37 @@ def _done(out: Path) -> dict[str, float]:
     return {k: v for k, v in timings.items() if isinstance(v, int | float)}
 
 
-def run_demo(out: str | Path, quick: bool = False, echo: Callable[[str], None] = print) -> Path:
+def run_demo(out: str | Path, quick: bool = False, echo: Callable[[str], None] = print, seeds: int = 1) -> Path:
     """Run every step, write ``timings.json`` (step -> seconds), return the run directory (its ``report.html``
-    is the page to open). Started again, it skips the analyses an earlier start finished."""
+    is the page to open). Started again, it skips the analyses an earlier start finished. ``seeds`` > 1 runs the
+    demo again at training seeds 1..seeds-1 (``seeds/seed-K``, after the main run's report is written) and
+    writes the findings over all the seeds (``findings-seeds.json``), which the report then shows
+    (:func:`findings_text` gives their table). Ends by printing the total time and the process's peak memory."""
+    from .errors import check_int
+
     out = Path(out)
+    check_int(seeds, "seeds", 1, 100)
     start = time.perf_counter()
+    _run_steps(out, quick, 0, echo, start)
+    if seeds > 1:
+        from .findings import combine, read_findings, write_findings
+        from .report import build_report
+
+        folders = [out] + [Layout(out).seed_runs / f"seed-{k}" for k in range(1, seeds)]
+        for k, folder in enumerate(folders[1:], start=1):
+            echo(f"[demo] seed {k} of {seeds - 1} more, into {folder}")
+            _run_steps(folder, quick, k, lambda line, k=k: echo(line.replace("[demo]", f"[demo seed {k}]")), start)
+        with artifacts.lock(out, "convscope demo"):
+            write_findings(Layout(out).seed_findings, combine([read_findings(Layout(f).findings) for f in folders]))
+        build_report(out)
+    total = time.perf_counter() - start
+    echo(f"[demo] total: {total:.0f} s ({total / 60:.1f} min); peak memory {peak_memory() / 2**30:.2f} GB")
+    return out
+
+
+def _run_steps(out: Path, quick: bool, seed: int, echo: Callable[[str], None], start: float) -> None:
     timings = _done(out)
-    for name, step in steps(out, quick):
+    for name, step in steps(out, quick, seed):
         if name in timings and not name.startswith(AGAIN):
             echo(f"[demo] {name}: done before ({timings[name]:.0f} s); delete its line in {Layout(out).timings.name} "
                  "to redo it")
@@ -155,6 +191,22 @@ def run_demo(out: str | Path, quick: bool = False, echo: Callable[[str], None] =
             echo(f"[demo] the main run's report is ready after {time.perf_counter() - start:.0f} s: "
                  f"{Layout(out).report.resolve()} (written again with the comparisons when they are done)")
         artifacts.write_json(Layout(out).timings, timings)
-    total = time.perf_counter() - start
-    echo(f"[demo] total: {total:.0f} s ({total / 60:.1f} min)")
-    return out
+
+
+def findings_text(out: Path) -> str:
+    """The demo's findings table (over every seed where it measured several), with where it was read from."""
+    from .findings import findings_table, read_findings
+
+    layout = Layout(out)
+    path = layout.seed_findings if layout.seed_findings.is_file() else layout.findings
+    findings = read_findings(path)
+    return f"findings ({path}):\n{findings_table(findings)}" if findings else f"no findings in {path}"
+
+
+def peak_memory() -> int:
+    """The process's peak resident memory in bytes (``getrusage``; Linux counts kilobytes, macOS bytes)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024

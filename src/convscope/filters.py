@@ -32,6 +32,7 @@ from torch import nn
 from . import artifacts
 from .deconvnet import RULES, Projector
 from .errors import ConvscopeError, unknown
+from .findings import Finding, bootstrap_contrast, difference_contrast, finding
 from .forward import eval_mode, run_to
 from .imaging import make_grid, to_image
 from .layers import resolve_layer, site
@@ -281,7 +282,7 @@ class Aliasing:
     per_projection: (P,) fraction of each projection's energy above the cutoff.
     stride: (sy, sx) first-layer stride whose sampling limit sets the cutoff ``1 / (2 s)`` cycles/pixel.
     fraction_at: the same mean fraction at other strides' cutoffs (stride -> fraction), so that two models can
-      also be compared at one common cutoff.
+      also be compared at one common cutoff; per_projection_at: its per-projection values (stride -> (P,)).
     channels: the layer-2 maps projected; examples: (9 at most, C, H, W) projections of the strongest
       activations, for the figure.
     """
@@ -293,6 +294,7 @@ class Aliasing:
     fraction_at: dict[int, float]
     channels: list[int]
     examples: torch.Tensor = field(repr=False)
+    per_projection_at: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def summary(self) -> dict[str, Any]:
         return {"layer": self.layer, "stride": list(self.stride), "aliasing": self.fraction,
@@ -400,10 +402,11 @@ def aliasing(
     ok = ~torch.isnan(per)
     if not ok.any():
         raise ConvscopeError(f"every projection of layer {layer!r} is zero: nothing to measure")
-    fraction_at = {int(s): float(alias_fraction(projections_t[ok], s, window).mean()) for s in strides}
+    at = {int(s): alias_fraction(projections_t[ok], s, window) for s in strides}
     top = torch.argsort(strengths_t, descending=True, stable=True)[:9]
     return Aliasing(layer=layer, stride=stride, fraction=float(per[ok].mean()), per_projection=per[ok],
-                    fraction_at=fraction_at, channels=channels, examples=projections_t[top].float())
+                    fraction_at={s: float(v.mean()) for s, v in at.items()}, channels=channels,
+                    examples=projections_t[top].float(), per_projection_at=at)
 
 
 # --------------------------------------------------------------------------------------------------- together
@@ -554,10 +557,13 @@ def save_diagnosis(out_dir: str | Path, diagnoses: Mapping[str, Diagnosis], fig=
 
 @dataclass
 class FiltersResult:
-    """Fig. 6 over a run: the :class:`Diagnosis` of the run's model and of the runs set beside it, by label."""
+    """Fig. 6 over a run: the :class:`Diagnosis` of the run's model and of the runs set beside it, by label, and
+    per label what its weights are (``recipes``: model, renorm, epoch; empty for an attached run), so that the
+    findings compare like with like."""
 
     diagnoses: dict[str, Diagnosis]
     note: str | None = None
+    recipes: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def _layer2(run) -> str:
@@ -591,16 +597,76 @@ def compute(run: Run, others: tuple[str, ...] = (), n_images: int = 16) -> Filte
     images = run.split(run.default_split("val"))
     images = images.batch(torch.arange(min(n_images, len(images))))[0]
     models = {run.name: (run.model, run)}
+    recipes = {run.name: _recipe(run)}
     for other in runs:
         epochs = other.config.epochs if other.config is not None else None
         if run.config is not None and epochs is not None and epochs < run.config.epochs and epochs in run.checkpoints:
             models[f"{run.name} (epoch {epochs})"] = (run.model_at(run.checkpoints[epochs]), run)
+            recipes[f"{run.name} (epoch {epochs})"] = _recipe(run, epochs)
         label = other.name if other.name not in models else f"{other.name} ({other.path.name})"
         models[label] = (other.model, other)
+        recipes[label] = _recipe(other)
     diagnoses = {label: diagnose(model, images, layer1="conv1" if "conv1" in getattr(model, "paper_layers", {})
                                  else None, layer2=_layer2(owner), nonlinearities=owner.nonlinearities)
                  for label, (model, owner) in models.items()}
-    return FiltersResult(diagnoses, gradient_note("deconvnet", run.nonlinearities))
+    return FiltersResult(diagnoses, gradient_note("deconvnet", run.nonlinearities), recipes)
+
+
+def _recipe(run: Run, epoch: int | None = None) -> dict[str, Any]:
+    cfg = run.config
+    return {} if cfg is None else {"model": cfg.model, "renorm": bool(cfg.renorm), "epoch": epoch or cfg.epochs}
+
+
+def _dominance(rms: np.ndarray) -> float:
+    return float(rms.max() / np.median(rms))  # as FilterStats.dominance: np.median is torch.quantile's 0.5
+
+
+def findings(result: FiltersResult) -> list[Finding]:
+    """Paper Fig. 6 (section 4.1), for the runs set beside this one (the demo's ``compare/``), each against the
+    run of the first layer it is compared with at the same epoch: (b, c) the smaller-stride layer 1 (ZF's 7x7 s2)
+    keeps more mid-frequency energy than the larger (AlexNet's 11x11 s4), over filters; (d, e) the larger stride's
+    layer-2 projections alias more, over projections, above the smaller stride's sampling limit in both; (a)
+    without renormalisation a few layer-1 filters dominate: max/median filter RMS, the filters resampled."""
+    d, rec = result.diagnoses, result.recipes
+    epoch, stride = (lambda lab: rec.get(lab, {}).get("epoch")), (lambda lab: tuple(d[lab].stats.stride))
+    renormed = [lab for lab in d if rec.get(lab, {}).get("renorm") is not False]
+    small = min((stride(lab) for lab in renormed), default=None)
+    alex = next((lab for lab in renormed if stride(lab) > small), None)
+    zf = next((lab for lab in renormed if alex and stride(lab) == small and epoch(lab) == epoch(alex)), None)
+    out = []
+    if zf and alex:
+        z, a = d[zf].stats, d[alex].stats
+        name = f"{z.kernel[0]}x{z.kernel[1]} stride {z.stride[0]}", f"{a.kernel[0]}x{a.kernel[1]} stride {a.stride[0]}"
+        mid = [s.bands[:, 1][~torch.isnan(s.bands[:, 1])] for s in (z, a)]  # an all-zero filter has no spectrum
+        out.append(finding("fig6.mid_frequency", f"A smaller first layer ({name[0]}) keeps more mid-frequency "
+                           f"energy than AlexNet's ({name[1]})", "Fig. 6b-c", "fig6",
+                           difference_contrast(*mid, unit="filters"),
+                           f"layer-1 filters' mean share of energy in 1/6-1/3 cycle/px, {zf} minus {alex}",
+                           "qualitative (Fig. 6b-c)", f"mid {z.band_fractions['mid']:.2f} ({zf}) vs "
+                           f"{a.band_fractions['mid']:.2f} ({alex})"))
+        # At one cutoff for both, the smaller stride's sampling limit: above it neither grid can sample. At each
+        # model's own limit the larger stride's lower cutoff alone makes it "alias more", random weights included.
+        za, aa, cut = d[zf].aliasing, d[alex].aliasing, z.stride[0]
+        if cut in za.per_projection_at and cut in aa.per_projection_at:
+            out.append(finding("fig6.layer2_aliasing", f"A stride-{a.stride[0]} layer 1 makes layer 2 alias more "
+                               f"than stride {z.stride[0]}", "Fig. 6d-e", "fig6",
+                               difference_contrast(aa.per_projection_at[cut], za.per_projection_at[cut],
+                                                   unit="projections"),
+                               f"{aa.layer} projections' mean energy share above 1/{2 * cut} cycle/px, {alex} minus "
+                               f"{zf}", "qualitative (Fig. 6d-e)",
+                               f"above 1/{2 * cut}: {aa.fraction_at[cut]:.2f} ({alex}) vs {za.fraction_at[cut]:.2f} "
+                               f"({zf}); above each one's own limit {aa.fraction:.2f} vs {za.fraction:.2f}"))
+    raw = next((lab for lab in d if rec.get(lab, {}).get("renorm") is False), None)
+    twin = next((lab for lab in renormed if raw and stride(lab) == stride(raw) and epoch(lab) == epoch(raw)
+                 and d[lab].stats.kernel == d[raw].stats.kernel), None)
+    if raw and twin and math.isfinite(d[raw].stats.dominance) and math.isfinite(d[twin].stats.dominance):
+        out.append(finding("fig6.renorm_dominance", "Without filter renormalisation a few layer-1 filters dominate",
+                           "Fig. 6a", "fig6",
+                           bootstrap_contrast([d[raw].stats.rms, d[twin].stats.rms],
+                                              lambda x, y: _dominance(x) - _dominance(y), unit="filters"),
+                           f"layer-1 max/median filter RMS, {raw} minus {twin}", "qualitative (Fig. 6a)",
+                           f"dominance {d[raw].stats.dominance:.2f} without vs {d[twin].stats.dominance:.2f} with"))
+    return out
 
 
 def write_filters(result: FiltersResult, layout: Layout, name: str = "fig6") -> list[Path]:

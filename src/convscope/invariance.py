@@ -37,6 +37,7 @@ from torch import nn
 from . import artifacts
 from .data import SYNTHETIC
 from .errors import ConvscopeError, unknown
+from .findings import Finding, finding, paired_contrast
 from .forward import check_images, eval_mode, run_to_all
 from .layers import site
 from .layout import Layout
@@ -290,5 +291,32 @@ def compute(run: Run, n: int = 5, split: str | None = None, mode: str = "warp") 
     return result
 
 
-__all__ = ["TRANSFORMS", "InvarianceCurves", "InvarianceResult", "compute", "invariance", "invariance_figure",
-           "synthetic_renderer", "warp", "write_invariance"]
+def findings(result: InvarianceResult, analysis: str | None = None) -> list[Finding]:
+    """Zeiler & Fergus Fig. 5: layer 1 is not invariant to small translations, layer 7 much more so. Contrast: the
+    relative feature distance at the first layer minus at the last, each image's mean over the translations of up
+    to H/16 pixels (not 0), paired over images. ``analysis`` defaults to ``fig5`` (mode "warp") or
+    ``fig5_render``; keys are ``<analysis>.translation``. Empty where the result has one layer or no such shift."""
+    analysis = analysis or ("fig5" if result.mode == "warp" else f"fig5_{result.mode}")
+    c = result.curves.get("translation")
+    first, last = result.layers[0], result.layers[-1]
+    if c is None or first == last:
+        return []
+    # Small shifts only: at a quarter of the image every layer changes, and the claim is about small changes.
+    limit = c.examples.shape[-2] / 16
+    small = (c.values != 0) & (c.values.abs() <= limit)
+    if not small.any():
+        return []
+    a, b = c.distance[first][:, small].mean(1), c.distance[last][:, small].mean(1)
+    shifts = f"{limit:g} px"
+    how = "re-rendered object" if result.mode == "render" else "warped image"
+    claim = (f"Layer 1 ({first}) is not invariant to small translations, layer 7 ({last}) much more so "
+             f"(shifts of up to {shifts}, {how})")
+    return [finding(f"{analysis}.translation", claim, "Zeiler & Fergus 2014, Fig. 5", analysis,
+                    paired_contrast(a, b, unit="images"),
+                    f"relative distance {first} - {last}, mean over shifts of up to {shifts}",
+                    "layer 1 changes dramatically, layer 7 less (quasi-linear in the shift); plotted, no number",
+                    f"{float(a.mean()):.2f} ({first}) vs {float(b.mean()):.2f} ({last})")]
+
+
+__all__ = ["TRANSFORMS", "InvarianceCurves", "InvarianceResult", "compute", "findings", "invariance",
+           "invariance_figure", "synthetic_renderer", "warp", "write_invariance"]

@@ -16,6 +16,7 @@ written by ``convscope attach`` for the user's own model). Both hold the analyse
     figures/visualize/<layer>/unit_NNNN.png  visualize.json   the image optimised to excite one unit; the numbers
     probes/  transfer/<target>/  ablation/  compare/<run>/
     manifest.json  timings.json  report.html          what each analysis wrote; the demo's timings; the report
+    findings.json  findings-seeds.json  seeds/seed-K/  each claim's verdict; over seeds; the demo at other seeds
 
 Nothing else in convscope spells a file name of a run: writers, the report and the viewer ask the layout.
 """
@@ -226,6 +227,21 @@ class Layout:
         return sorted(p for p in self.compare.iterdir() if Layout(p).is_run())
 
     # --- what was written, and the report
+    @property
+    def findings(self) -> Path:
+        """Each claim the analyses tested, with its measured contrast and verdict (:mod:`convscope.findings`)."""
+        return self.root / "findings.json"
+
+    @property
+    def seed_findings(self) -> Path:
+        """The findings over every training seed of ``convscope demo --seeds N`` (this run's and ``seeds/``')."""
+        return self.root / "findings-seeds.json"
+
+    @property
+    def seed_runs(self) -> Path:
+        """``convscope demo --seeds N``: the demo again at training seeds 1..N-1, one folder each (``seed-1``)."""
+        return self.root / "seeds"
+
     @property
     def manifest(self) -> Path:
         """Every file each analysis wrote (``{key: [paths]}``), so that one deleted later shows as missing."""

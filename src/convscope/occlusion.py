@@ -33,6 +33,7 @@ from torch import nn
 from . import artifacts, incremental
 from .deconvnet import Projector
 from .errors import ConvscopeError, check_int, unknown
+from .findings import Finding, finding, proportion_contrast
 from .forward import check_images, eval_mode, run_to_all
 from .incremental import map_totals
 from .layers import Site, site
@@ -63,6 +64,7 @@ class OcclusionResult:
     activation_clean: float  # total activation of ``channel`` on the unoccluded image
     method: str = "dense"  # how the occluded passes ran: "incremental", "approximate" or "dense"
     method_note: str = ""  # why that method (for dense: why not incremental)
+    predicted: int = -1  # the most probable class on the unoccluded image (-1: not recorded)
 
     def centres(self) -> torch.Tensor:
         """Centre (x, y) in pixels of the square at every position, (rows, cols, 2)."""
@@ -245,7 +247,7 @@ def occlusion(
         positions=positions, activation=torch.cat(b).view(grid), projection=projection,
         prob=torch.cat(d).view(grid), top_class=torch.cat(e).view(grid),
         prob_clean=float(probs[0, label]), activation_clean=float(totals[0, channel]), method=used,
-        method_note=note,
+        method_note=note, predicted=int(probs[0].argmax()),
     )
 
 
@@ -330,6 +332,7 @@ class OcclusionResults:
     classes: list[str]
     label_source: list[str]  # "true" or "predicted"
     note: str | None = None
+    boxes: torch.Tensor | None = None  # (N, 4) x0, y0, x1, y1 of each image's object; None without ground truth
 
 
 def compute(run: Run, n: int = 5, split: str | None = None, layer: str | None = None, size: int | None = None,
@@ -354,7 +357,9 @@ def compute(run: Run, n: int = 5, split: str | None = None, layer: str | None = 
     results = [occlusion(run.model, x[i], int(labels[i]), layer=layer, size=size, stride=stride,
                          batch_size=batch_size, nonlinearities=run.nonlinearities, method=method, approx=approx)
                for i in range(len(x))]
-    return OcclusionResults(results, list(run.classes), source, gradient_note("deconvnet", run.nonlinearities))
+    boxes = data.truth.boxes[index].clone() if data.truth is not None else None
+    return OcclusionResults(results, list(run.classes), source, gradient_note("deconvnet", run.nonlinearities),
+                            boxes)
 
 
 def write_occlusion(result: OcclusionResults, layout: Layout, name: str = "fig7") -> list[Path]:
@@ -377,6 +382,32 @@ def write_occlusion(result: OcclusionResults, layout: Layout, name: str = "fig7"
     return [png, js]
 
 
-__all__ = ["METHODS", "OcclusionResult", "OcclusionResults", "box_hit", "compute", "default_fill", "occlude",
-           "occluded_passes", "occlusion", "occlusion_figure", "square_positions", "write_occlusion"]
+def findings(result: OcclusionResults, analysis: str = "fig7") -> list[Finding]:
+    """Zeiler & Fergus Fig. 7: occlusion finds the object. Over the images classified correctly (true label, known
+    box), the share whose most harmful square (lowest p(correct class)) has its centre in the object's box, minus
+    the share expected by chance: the mean fraction of square positions whose centre lies in the box. Empty
+    without ground-truth boxes."""
+    if result.boxes is None:
+        return []
+    hits, chance = [], []
+    for r, src, box in zip(result.images, result.label_source, result.boxes):
+        if src != "true" or r.predicted != r.label or torch.isnan(box).any():
+            continue
+        hits.append(box_hit(r, box))
+        # Chance: were the most harmful square any position at random, its centre would fall in the box this often.
+        x, y = r.centres().unbind(-1)
+        x0, y0, x1, y1 = (float(v) for v in box)
+        chance.append(float(((x >= x0) & (x <= x1) & (y >= y0) & (y <= y1)).float().mean()))
+    if not hits:
+        return []
+    null = sum(chance) / len(chance)
+    return [finding(f"{analysis}.on_object", "Occlusion finds the object: the square that lowers p(correct class) "
+                    "most lies on the object (its centre in the object's box)", "Zeiler & Fergus 2014, Fig. 7",
+                    analysis, proportion_contrast(sum(hits), len(hits), null, unit="correctly classified images"),
+                    "share of images with the most harmful square in the box - chance (share of positions there)",
+                    "qualitative: p(correct class) drops significantly when the object is occluded",
+                    f"{sum(hits)} of {len(hits)} in the box (chance {null:.2f})")]
 
+
+__all__ = ["METHODS", "OcclusionResult", "OcclusionResults", "box_hit", "compute", "default_fill", "findings",
+           "occlude", "occluded_passes", "occlusion", "occlusion_figure", "square_positions", "write_occlusion"]

@@ -120,6 +120,36 @@ class PointingResult:
                     for t in self.hits[m]} for m in self.hits}
 
 
+def findings(result: PointingResult) -> list:
+    """The pointing game's claim (Zhang et al. 2016; Fong et al. 2019, TorchRay), per gradient method and
+    occlusion: the method's map points at the true class's object more often than the image centre does.
+    Contrast: its accuracy minus the centre's, paired over images; each image's hit is weighted by
+    N / (classes x its class's images), so the mean is TorchRay's mean over classes (the table's number)."""
+    from .findings import finding, paired_contrast
+
+    if "center" not in result.hits:
+        return []
+    labels = result.labels.long()
+    counts = torch.bincount(labels).double()
+    weight = len(labels) / (int((counts > 0).sum()) * counts[labels])  # 1 for every image when classes are even
+    centre = result.hits["center"]["true"].double() * weight
+    out = []
+    for method in METHODS[1:]:
+        if method not in result.hits:
+            continue
+        contrast = paired_contrast(result.hits[method]["true"].double() * weight, centre, "images")
+        ref = TORCHRAY_VOC07.get(method)
+        out.append(finding(
+            f"pointing.{method}", f"{method}'s map points at the object more often than the image centre does",
+            "Zhang et al. 2016 / Fong et al. 2019 (TorchRay), pointing game", "pointing", contrast,
+            "accuracy(method) - accuracy(centre), true class, mean over classes",
+            f"VOC07, VGG-16: {ref[0]:.1f}% vs centre {TORCHRAY_VOC07['center'][0]:.1f}%" if ref else
+            "not in TorchRay's table",
+            f"{100 * result.accuracy(method):.1f}% vs centre {100 * result.accuracy('center'):.1f}% "
+            f"({len(labels)} images)"))
+    return out
+
+
 def read_masks(data, index: torch.Tensor, folder: str | Path, side: int) -> torch.Tensor:
     """The object masks of images ``index`` of an image folder: ``folder/<class>/<image name>.png``, white where
     the object is, read at the images' size as the images are (short side scaled, centre crop). (N, H, W) bool."""
@@ -224,5 +254,5 @@ def write_pointing(result: PointingResult, layout: Layout) -> list[Path]:
             artifacts.write_text(layout.figure("pointing", ".md"), pointing_table(result))]
 
 
-__all__ = ["METHODS", "PointingResult", "compute", "hits", "pointing_table", "smooth", "tolerance",
+__all__ = ["METHODS", "PointingResult", "compute", "findings", "hits", "pointing_table", "smooth", "tolerance",
            "write_pointing"]

@@ -156,6 +156,10 @@ class ProbeResult:
     grid: int
     seed: int
     paper: dict[str, dict[str, float]] = field(default_factory=lambda: PAPER_TABLE7)
+    # per test example, whether each classifier on each layer got it right, and its label: the units that the
+    # findings pair across layers
+    correct: dict[str, dict[str, list[bool]]] = field(default_factory=dict)
+    test_labels: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -179,11 +183,40 @@ def probe_layers(model: nn.Module, train: ImageSet, test: ImageSet, layers: Sequ
     train_f = extract_features(model, train, layers, pool, grid, batch_size)
     test_f = extract_features(model, test, layers, pool, grid, batch_size)
     k = len(train.classes)
-    accuracy = {kind: {layer: mean_per_class_accuracy(fit_predict(kind, train_f[layer], train.labels,
-                                                                  test_f[layer], seed, C), test.labels, k)
-                       for layer in layers} for kind in classifiers}
+    pred = {kind: {layer: fit_predict(kind, train_f[layer], train.labels, test_f[layer], seed, C) for layer in layers}
+            for kind in classifiers}
+    accuracy = {kind: {layer: mean_per_class_accuracy(p, test.labels, k) for layer, p in ps.items()}
+                for kind, ps in pred.items()}
+    correct = {kind: {layer: (p == test.labels).tolist() for layer, p in ps.items()} for kind, ps in pred.items()}
     return ProbeResult(layers, {layer: int(train_f[layer].shape[1]) for layer in layers}, accuracy,
-                       list(train.classes), n_per_class, len(train), len(test), pool, grid, seed)
+                       list(train.classes), n_per_class, len(train), len(test), pool, grid, seed,
+                       correct=correct, test_labels=test.labels.tolist())
+
+
+def findings(result: ProbeResult, classifier: str = "svm") -> list:
+    """Paper section 5.2, Table 7: deeper features are more discriminative. Contrast: the accuracy of
+    ``classifier`` (the paper's linear SVM) on the deepest probed layer minus on the first, paired over test
+    examples; each example's 0/1 correctness is weighted by N / (classes x its class's examples), so the mean is
+    the table's mean per-class accuracy."""
+    from .findings import finding, paired_contrast
+
+    right = result.correct.get(classifier, {})
+    first, last = result.layers[0], result.layers[-1]
+    if first == last or first not in right or last not in right:
+        return []  # one layer, or a result made without per-example correctness: nothing to pair
+    labels = torch.tensor(result.test_labels, dtype=torch.long)
+    counts = torch.bincount(labels).double()
+    weight = len(labels) / (int((counts > 0).sum()) * counts[labels])  # 1 for every example when classes are even
+    contrast = paired_contrast(torch.tensor(right[last]).double() * weight,
+                               torch.tensor(right[first]).double() * weight, "test examples")
+    paper = result.paper.get(classifier, {})
+    acc = result.accuracy[classifier]
+    return [finding(
+        f"table7.{classifier}.{first}_vs_{last}", f"deeper features are more discriminative: {classifier} accuracy "
+        f"rises from {first} to {last}", "Zeiler & Fergus 2014, Table 7", "table7", contrast,
+        f"accuracy({last}) - accuracy({first}), {classifier}, mean per-class",
+        "Caltech-101, 30 per class: " + ", ".join(f"{la} {v:.1f}%" for la, v in paper.items()) if paper else "-",
+        f"{first} {100 * acc[first]:.1f}%, {last} {100 * acc[last]:.1f}% ({len(labels)} test examples)")]
 
 
 def probe_table(result: ProbeResult) -> str:

@@ -182,6 +182,46 @@ def compute(run: Run, n: int = 8, split: str | None = None, order: str = "top_do
                         measures["ssim"], measures["image"])
 
 
+def findings(result: SanityResult, depth: str = "fc6") -> list:
+    """Adebayo et al. 2018, "Sanity checks for saliency maps", on the Spearman correlation of the absolute maps
+    with the trained model's (per image): guided backprop's map stays closer to the trained one than the
+    gradient's once the layers from the top through ``depth`` are randomised (their Fig. 2, 4: guided backprop
+    barely changes); and, cascading to the bottom, every method's map changes once all layers are random.
+    A model without ``depth`` is measured at every step, averaged per image."""
+    from .findings import finding, mean_contrast, paired_contrast
+
+    rho = result.spearman_abs
+    step = next((i for i, name in enumerate(result.layers) if name == depth or name.endswith("." + depth)), None)
+    cascade = result.order == "top_down"
+    where = ("every step of randomisation, averaged" if step is None else
+             f"{'the layers from the top through' if cascade else 'only'} {result.layers[step]} randomised")
+
+    def at(method):
+        return rho[method].mean(0) if step is None else rho[method][step]
+
+    out = []
+    if "guided" in rho and "gradient" in rho:
+        a, b = at("guided"), at("gradient")
+        ok = np.isfinite(a) & np.isfinite(b)  # a constant map has no rank correlation
+        out.append(finding(
+            "sanity.guided_vs_gradient", f"guided backprop's map changes less than the gradient's with {where}",
+            "Adebayo et al. 2018, Sanity checks for saliency maps", "sanity", paired_contrast(a[ok], b[ok], "images"),
+            "Spearman(|map|, trained |map|): guided - gradient",
+            "Inception v3, ImageNet: guided backprop's maps stay close to the trained ones, the gradient's do not",
+            f"guided {a[ok].mean():.2f}, gradient {b[ok].mean():.2f} ({int(ok.sum())} images)"))
+    if cascade:  # the last step of a cascade has every layer random
+        for method, r in rho.items():
+            last = r[-1][np.isfinite(r[-1])]
+            contrast = mean_contrast(1 - last, unit="images")
+            out.append(finding(
+                f"sanity.{method}.all_random", f"{method}'s map changes once every layer is random",
+                "Adebayo et al. 2018, Sanity checks for saliency maps", "sanity", contrast,
+                "1 - Spearman(|map|, trained |map|), all layers random",
+                "a map that explains the weights must change when they are all random",
+                f"Spearman {last.mean():.2f} ({len(last)} images)" if len(last) else "no finite correlation"))
+    return out
+
+
 def sanity_figure(result: SanityResult, image: int = 0):
     """Adebayo et al.'s layout for one image: rows the methods, columns the image, the trained model's map, then
     the map after each step of randomisation (|map|, largest over colours; occlusion: the drop of p(class))."""
@@ -233,5 +273,5 @@ def write_sanity(result: SanityResult, layout: Layout) -> list[Path]:
             artifacts.write_json(layout.figure("sanity", ".json"), numbers)]
 
 
-__all__ = ["METHODS", "SanityResult", "class_maps", "compute", "mprt", "randomised", "sanity_figure",
+__all__ = ["METHODS", "SanityResult", "class_maps", "compute", "findings", "mprt", "randomised", "sanity_figure",
            "sanity_table", "spearman", "ssim", "write_sanity"]

@@ -68,7 +68,7 @@ FEATURES = ("fc7", "all")  # the paper's softmax on layer 7, and one on all seve
 # from scratch), as quoted in PAPER.md. Caltech-256 (Table 5) is left out rather than guessed.
 PAPER_TABLE4 = {15: (83.8, 22.8), 30: (86.5, 46.5)}
 
-__all__ = ["FEATURES", "SHOTS", "TransferResult", "compute", "fold_indices", "mean_per_class_accuracy",
+__all__ = ["FEATURES", "SHOTS", "TransferResult", "compute", "findings", "fold_indices", "mean_per_class_accuracy",
            "train_scratch", "transfer", "write_transfer"]
 
 
@@ -202,6 +202,33 @@ class TransferResult:
                 "scratch": None if self.scratch is None else summary(self.scratch),
                 "train_indices": {str(n): [f.tolist() for f in folds] for n, folds in self.train_indices.items()},
                 "paper_caltech101": {str(n): {"pretrained": p, "scratch": s} for n, (p, s) in PAPER_TABLE4.items()}}
+
+
+def findings(result: TransferResult, shots: int | None = None) -> list:
+    """Paper section 5.1, Tables 4-5 and Fig. 9: features pretrained on a large set beat the same net trained from
+    scratch on a few examples per class. Per frozen feature set, at ``shots`` per class (default the fewest
+    measured): accuracy(frozen features + softmax) - accuracy(from scratch), paired over folds. Keys and the
+    ``analysis`` label name the target (``transfer_<target>``), so two targets' findings live side by side."""
+    from .findings import finding, paired_contrast
+
+    if result.scratch is None or not result.shots:
+        return []
+    n = min(result.shots) if shots is None else shots
+    if n not in result.shots:
+        return []
+    i, target = result.shots.index(n), result.target or "target"
+    paper_n = min(PAPER_TABLE4, key=lambda k: abs(k - n))  # the paper's row nearest n (it has 15 and 30)
+    paper = PAPER_TABLE4[paper_n]
+    scratch = result.scratch[i]
+    return [finding(
+        f"transfer.{target}.{name}.n{n}", f"on {target}, frozen pretrained features ({_label(result, name)}) beat "
+        f"the same net trained from scratch at {n} per class", "Zeiler & Fergus 2014, Tables 4-5, Fig. 9",
+        f"transfer_{target}", paired_contrast(acc[i], scratch, "folds"),
+        f"accuracy(frozen {name} + softmax) - accuracy(from scratch), mean per-class",
+        f"Caltech-101, {paper_n} per class: {paper[0]}% pretrained vs {paper[1]}% from scratch",
+        f"{100 * float(acc[i].mean()):.1f}% vs {100 * float(scratch.mean()):.1f}% from scratch ({result.folds} "
+        f"folds, chance {100 / len(result.classes):.1f}%)")
+        for name, acc in result.pretrained.items()]
 
 
 def transfer(pretrained_model: nn.Module, target_train: ImageSet, target_test: ImageSet,

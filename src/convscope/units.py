@@ -29,6 +29,7 @@ from .data import seeded_subset
 from .deconvnet import RULES, Projector
 from .distributed import Group, barrier
 from .errors import ConvscopeError, check_int, check_seed, unknown
+from .findings import Finding, difference_contrast, finding, mean_contrast
 from .forward import eval_mode, exact_float32, input_channels, run_to
 from .imaging import caption, make_grid, to_image, upscale
 from .layers import site
@@ -267,17 +268,22 @@ def layer_grid(views: UnitViews | list[np.ndarray], ncol: int = 4, min_side: int
     return make_grid(tiles, nrow=ncol, pad=6, fill=255)
 
 
-def class_agreement(topk: TopK, labels: torch.Tensor, layer: str) -> tuple[float, float]:
-    """How often two of a unit's top-k images share a class, averaged over units, and what chance gives (the
-    same for labels drawn at random with the data set's class frequencies). Fig. 2's claim that upper-layer
-    units are class-specific, as a number."""
+def unit_agreement(topk: TopK, labels: torch.Tensor, layer: str) -> torch.Tensor:
+    """Per unit of ``layer``, (C,): the share of pairs of its top-k images that share a class (see
+    :func:`class_agreement`, their mean)."""
     idx = topk.images[layer]
     lab = labels[idx.clamp_min(0)]
     k = idx.shape[1]
     same = (lab[:, :, None] == lab[:, None, :]).float().sum((1, 2)) - k
-    agreement = (same / (k * (k - 1))).mean().item()
+    return same / (k * (k - 1))
+
+
+def class_agreement(topk: TopK, labels: torch.Tensor, layer: str) -> tuple[float, float]:
+    """How often two of a unit's top-k images share a class, averaged over units, and what chance gives (the
+    same for labels drawn at random with the data set's class frequencies). Fig. 2's claim that upper-layer
+    units are class-specific, as a number."""
     freq = torch.bincount(labels).double() / len(labels)
-    return agreement, float((freq * freq).sum())
+    return unit_agreement(topk, labels, layer).mean().item(), float((freq * freq).sum())
 
 
 def mask_energy(projections: torch.Tensor, masks: torch.Tensor) -> tuple[float, float]:
@@ -409,6 +415,7 @@ class ScanResult:
     seed: int = 0
     classes: list[str] = field(default_factory=list)  # the data's class names (the per-class statistics' order)
     group: Group = field(default_factory=Group)  # the processes that share the drawing (torchrun)
+    labels: torch.Tensor | None = None  # the scanned split's labels (None where it has none): Fig. 2's findings
 
     @property
     def rule(self) -> str:
@@ -464,7 +471,13 @@ def compute(run: Run, layers: list[str] | None = None, k: int = 9, split: str | 
 
     return ScanResult(topk, split, chosen, rules, run.nonlinearities,
                       {**identity, "layers": layers, "k": k, "rules": rules, "nonlinearities": run.nonlinearities},
-                      draw, seed, list(data.classes), group)
+                      draw, seed, list(data.classes), group, _labels(data))
+
+
+def _labels(data) -> torch.Tensor | None:
+    # A lookup, not a pass over the images: the scan's cost stays what it was.
+    labels = getattr(data, "labels", None)
+    return labels.detach().cpu().long().clone() if isinstance(labels, torch.Tensor) and len(labels) else None
 
 
 def _drawn(path: Path, identity: dict) -> dict[str, set[int]]:
@@ -561,3 +574,35 @@ def summary(result: ScanResult) -> str:
     return (f"scanned {result.topk.seen} images of split {result.split!r}; drew "
             + ", ".join(f"{len(u)} units of {layer}" for layer, u in result.units.items())
             + (f" under {', '.join(result.rules)}" if len(result.rules) > 1 else ""))
+
+
+def findings(result: ScanResult) -> list[Finding]:
+    """Paper Fig. 2 (section 4): higher layers show "more class-specific" structure. Two claims on the scan: a unit's
+    top-k images share a class more often than chance at the last layer scanned (per-unit :func:`unit_agreement`
+    against the chance that two distinct images of the split share a class), and more often there than at the
+    first layer scanned (units of the two layers as independent samples). None where the split has no labels (or
+    one class) or the scan saw fewer than k images. Projection energy on the object (:func:`mask_energy`) is not
+    here: the scan holds neither projections nor masks, and drawing them is what :func:`write_scan` spends its
+    time on."""
+    topk, labels, layers = result.topk, result.labels, result.topk.layers
+    if (labels is None or not layers or topk.k < 2 or topk.seen < topk.k or labels.min() < 0
+            or len(torch.unique(labels)) < 2):
+        return []
+    agree = {layer: unit_agreement(topk, labels, layer) for layer in layers}
+    # Chance for two distinct images, drawn without replacement: class_agreement's sum of squared frequencies
+    # is the same at a thousand images but above it on a small split, where it would read as units below chance.
+    counts = torch.bincount(labels).double()
+    chance = float((counts * (counts - 1)).sum() / (len(labels) * (len(labels) - 1)))
+    first, top, k = layers[0], layers[-1], topk.k
+    every = ", ".join(f"{layer} {float(a.mean()):.2f}" for layer, a in agree.items())
+    out = [finding(f"fig2.{top}.class_agreement", f"Upper-layer units are class-specific: two of a unit's top-{k} "
+                   f"images share a class more often than chance ({top})", "Fig. 2", "fig2",
+                   mean_contrast(agree[top], chance, unit=f"{top} units"),
+                   f"share of a unit's top-{k} image pairs of one class at {top}, minus chance ({chance:.3f})",
+                   "qualitative (Fig. 2)", f"{every}; chance {chance:.2f}")]
+    if top != first:
+        out.append(finding(f"fig2.{first}_{top}.agreement_rises", f"Class specificity rises with depth: a unit's "
+                           f"top-{k} images share a class more often at {top} than at {first}", "Fig. 2", "fig2",
+                           difference_contrast(agree[top], agree[first], unit="units"),
+                           f"mean top-{k} class agreement at {top} minus at {first}", "qualitative (Fig. 2)", every))
+    return out

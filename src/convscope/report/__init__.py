@@ -258,6 +258,7 @@ def collect(run_dir: str | Path, out: str | Path | None = None, pending: Sequenc
         return relative_url(given / p.relative_to(run_dir), folder)
 
     found, absent = sections(layout, src)
+    findings, findings_seeds = _findings(layout, files.damaged, shown)
     missing = [{"ref": a.ref, "title": a.title, "command": a.command.format(run=shown)} for a in absent]
     retrain = f"convscope train --config {shown}/config.json --out {shown}"
     if files.attached is None:
@@ -277,9 +278,28 @@ def collect(run_dir: str | Path, out: str | Path | None = None, pending: Sequenc
         "test": test, "paper_table2": PAPER["table2"], "curve": src(curve) if curve else None,
         "model": model, "classes": classes, "sections": found, "missing": missing, "damaged": files.damaged,
         "gradient_note": {a.key: NONLINEARITY_NOTE for a in REGISTRY if a.projects} if gradient else {},
+        "findings": findings, "findings_seeds": findings_seeds,
         "pending": list(pending), "timings": timings, "timings_total": sum(timings.values()) if timings else None,
         "train_seconds": sum(m.get("seconds", 0.0) for m in metrics),
     }
+
+
+def _findings(layout: Layout, damaged: list[dict], shown: str) -> tuple[list[dict], int]:
+    """The rows of the findings table (the demo's over several seeds where it measured them), and how many seeds;
+    a damaged findings file is listed with the damaged files, never half-read."""
+    from ..findings import interval_text, read_findings, seeds_text
+
+    path = layout.seed_findings if layout.seed_findings.is_file() else layout.findings
+    try:
+        findings = read_findings(path)
+    except ConvscopeError:
+        damaged.append({"file": path.relative_to(layout.root).as_posix(), "problem": "not readable",
+                        "command": f"convscope findings {shown} (or run the analyses again)"})
+        return [], 1
+    rows = [{"claim": printable(f.claim), "source": printable(f.source), "contrast": printable(f.contrast),
+             "paper": printable(f.paper), "value": printable(f.value), "interval": interval_text(f), "n": f.n,
+             "method": printable(f.method), "verdict": f.verdict, "seeds_text": seeds_text(f)} for f in findings]
+    return rows, max((f.seeds for f in findings), default=1)
 
 
 NONLINEARITY_NOTE = ("This run was attached with --nonlinearities gradient: the projections pass the model's "
