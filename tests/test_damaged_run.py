@@ -113,3 +113,25 @@ def test_class_names_that_are_not_utf8_show_escaped(tmp_path):
     assert "caf\\udce9" in html
     page = TestClient(make_app(run), base_url="http://127.0.0.1").get("/")
     assert page.status_code == 200 and "caf\\udce9" in page.text
+
+
+def test_damaged_final_weights_are_named_not_replaced_by_an_older_checkpoint_in_silence(run):
+    """Before: the report summarised checkpoints/epoch_002 and said nothing of the damaged model.safetensors."""
+    (run / "model.safetensors").write_bytes(b"\x00" * 64)
+    html = render_report(run)
+    assert "<code>model.safetensors</code> is not loadable" in damaged(html)
+    assert "checkpoints/epoch_002.safetensors" in html  # what the summary shows instead, named
+
+
+def test_a_damaged_manifest_is_named_as_it_turns_off_the_check_for_missing_figures(run):
+    (run / "manifest.json").write_text('{"fig7": ["figures/fig7.png"')
+    (run / "figures" / "fig7.png").unlink()
+    html = render_report(run)
+    assert "<code>manifest.json</code> is not valid JSON" in damaged(html)
+
+
+def test_a_damaged_findings_file_is_named(run):
+    (run / "findings.json").write_text('{"findings": [')
+    html = render_report(run)
+    assert "<code>findings.json</code> is not readable" in damaged(html)
+    assert 'id="findings"' not in html

@@ -40,8 +40,9 @@ def test_quick_demo_runs_every_step_and_resumes(tmp_path):
     assert peak and float(peak.group(1)) > 0.1  # this process's peak, which holds the earlier tests' too
     # every claim tested has its verdict, in findings.json, the report and the demo's last words
     findings = json.loads((out / "findings.json").read_text())["findings"]
-    assert {"table1", "table1_parts", "fig5", "fig7", "pointing", "sanity", "table7", "transfer_digits",
-            "transfer_heldout", "table3"} <= {f["analysis"] for f in findings}
+    # (the quick demo classifies too few images right for Fig. 7's claim, and trains two of Table 3's variants)
+    assert {f["analysis"] for f in findings} == {"fig2", "fig5", "fig5_render", "fig6", "table1", "table1_parts",
+                                                 "table7", "pointing", "sanity", "transfer_digits", "transfer_heldout"}
     for f in findings:
         assert {"claim", "source", "measured", "interval", "verdict", "analysis"} <= set(f)
         assert f["verdict"] in ("holds", "not shown", "reversed")

@@ -139,7 +139,8 @@ def test_a_model_that_refuses_channels_last_is_scanned_row_major():
     data = ImageSet(images, torch.zeros(10, dtype=torch.long), ["x"])
     with pytest.raises(RuntimeError, match="view"):  # the failure the scan works around
         model(torch.rand(2, 3, 8, 8).contiguous(memory_format=torch.channels_last))
-    t = scan(model, data, ["conv", "fc"], k=3, batch_size=4, progress=False)
+    with pytest.warns(UserWarning, match="refused channels-last input .*view.*scanning row-major"):
+        t = scan(model, data, ["conv", "fc"], k=3, batch_size=4, progress=False)
     with torch.no_grad():
         x = data.batch(torch.arange(10))[0]
         expect = {"conv": model.conv(x), "fc": model(x)}
@@ -147,6 +148,28 @@ def test_a_model_that_refuses_channels_last_is_scanned_row_major():
         ref = from_activations({name: act}, torch.arange(10), 3)
         assert torch.equal(t.images[name], ref.images[name]) and torch.equal(t.positions[name], ref.positions[name])
         assert torch.allclose(t.values[name], ref.values[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("message", ["DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 GB",
+                                     "CUDA out of memory. Tried to allocate 2.00 GiB"])
+def test_out_of_memory_in_the_scan_says_how_to_fit_instead_of_changing_layout(monkeypatch, message):
+    import convscope.topk as topk
+
+    def exhausted(*args, **kwargs):
+        raise RuntimeError(message)
+
+    monkeypatch.setattr(topk, "_capture", exhausted)
+    with pytest.raises(ConvscopeError, match=r"out of memory scanning 4 images at once .*--batch-size 1\)"):
+        scan(_Probe(), _dataset(), ["relu"], k=2, batch_size=4, progress=False)
+
+
+def test_a_models_own_error_in_the_scan_is_raised_not_worked_around(monkeypatch):
+    class Broken(_Probe):
+        def forward(self, x):
+            raise RuntimeError("shapes cannot be multiplied (the model's own bug)")
+
+    with pytest.raises(RuntimeError, match="the model's own bug"), pytest.warns(UserWarning, match="row-major"):
+        scan(Broken(), _dataset(), ["relu"], k=2, batch_size=8, progress=False)
 
 
 def test_interrupted_scan_resumes_to_the_same_result(tmp_path, monkeypatch):

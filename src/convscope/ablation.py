@@ -185,7 +185,8 @@ def findings(result: AblationResult) -> list[Finding]:
     hits = (round(both.val_top1_err * both.val_images), round(worse.val_top1_err * worse.val_images))
     contrast = two_proportions(hits, (both.val_images, worse.val_images))
     return [finding("table3.depth", "Removing layers 3,4 and 6,7 together costs far more than either alone",
-                    "Table 3", "table3", contrast, f"val top-1 error without conv3-4 and fc6-7 minus without "
+                    "Zeiler & Fergus 2014, Table 3", "table3", contrast,
+                    "val top-1 error without conv3-4 and fc6-7 minus without "
                     f"{'conv3-4' if worse.variant == 'no_conv34' else 'fc6-7'} alone (the larger single cost)",
                     "71.3 % vs 45.4 (3,4) and 44.8 (6,7)",
                     f"{100 * both.val_top1_err:.1f} % vs {100 * rows['no_conv34'].val_top1_err:.1f} (3,4) and "

@@ -136,6 +136,8 @@ REGISTRY: list[Analysis] = [
         help={"layers": _LAYERS + " [conv1..conv5, or the model's stages]",
               "k": "Strongest activations kept per feature map.", "split": _SPLIT.replace("val / test", "val"),
               "units": "Units per layer to draw (a seeded subset); 0 = all.", "seed": "Seed of the unit subset.",
+              "batch_size": "Images per forward pass of the scan (lower it where memory is short; the result is "
+                            "the same).",
               "class_k": "Strongest images kept per map and class (zennit-crp's per-class statistics); a unit's "
                          "class histogram counts the classes of its class-k strongest images. 0 = none.",
               "rule": _RULE + " Several, comma-separated (deconvnet,guided,gradient), draw each unit under "

@@ -639,7 +639,7 @@ def findings(result: FiltersResult) -> list[Finding]:
         name = f"{z.kernel[0]}x{z.kernel[1]} stride {z.stride[0]}", f"{a.kernel[0]}x{a.kernel[1]} stride {a.stride[0]}"
         mid = [s.bands[:, 1][~torch.isnan(s.bands[:, 1])] for s in (z, a)]  # an all-zero filter has no spectrum
         out.append(finding("fig6.mid_frequency", f"A smaller first layer ({name[0]}) keeps more mid-frequency "
-                           f"energy than AlexNet's ({name[1]})", "Fig. 6b-c", "fig6",
+                           f"energy than AlexNet's ({name[1]})", "Zeiler & Fergus 2014, Fig. 6b-c", "fig6",
                            difference_contrast(*mid, unit="filters"),
                            f"layer-1 filters' mean share of energy in 1/6-1/3 cycle/px, {zf} minus {alex}",
                            "qualitative (Fig. 6b-c)", f"mid {z.band_fractions['mid']:.2f} ({zf}) vs "
@@ -649,7 +649,7 @@ def findings(result: FiltersResult) -> list[Finding]:
         za, aa, cut = d[zf].aliasing, d[alex].aliasing, z.stride[0]
         if cut in za.per_projection_at and cut in aa.per_projection_at:
             out.append(finding("fig6.layer2_aliasing", f"A stride-{a.stride[0]} layer 1 makes layer 2 alias more "
-                               f"than stride {z.stride[0]}", "Fig. 6d-e", "fig6",
+                               f"than stride {z.stride[0]}", "Zeiler & Fergus 2014, Fig. 6d-e", "fig6",
                                difference_contrast(aa.per_projection_at[cut], za.per_projection_at[cut],
                                                    unit="projections"),
                                f"{aa.layer} projections' mean energy share above 1/{2 * cut} cycle/px, {alex} minus "
@@ -661,7 +661,7 @@ def findings(result: FiltersResult) -> list[Finding]:
                  and d[lab].stats.kernel == d[raw].stats.kernel), None)
     if raw and twin and math.isfinite(d[raw].stats.dominance) and math.isfinite(d[twin].stats.dominance):
         out.append(finding("fig6.renorm_dominance", "Without filter renormalisation a few layer-1 filters dominate",
-                           "Fig. 6a", "fig6",
+                           "Zeiler & Fergus 2014, Fig. 6a", "fig6",
                            bootstrap_contrast([d[raw].stats.rms, d[twin].stats.rms],
                                               lambda x, y: _dominance(x) - _dominance(y), unit="filters"),
                            f"layer-1 max/median filter RMS, {raw} minus {twin}", "qualitative (Fig. 6a)",

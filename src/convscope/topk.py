@@ -13,6 +13,7 @@ with the data set. :func:`scan` saves its partial result as it goes and resumes 
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -236,6 +237,11 @@ def _capture(model: nn.Module, modules: dict[str, nn.Module], x: torch.Tensor, k
     return {n: t for n, (t, _) in kept.items()}, {n: c for n, (_, c) in kept.items() if c is not None}
 
 
+def _out_of_memory(e: RuntimeError) -> bool:
+    """Whether ``e`` says an allocation failed (CUDA's OutOfMemoryError, or the CPU allocator's message)."""
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e) or "can't allocate memory" in str(e)
+
+
 def _class_k(data, layers: Sequence[str], class_k: int) -> int:
     """``class_k`` where the data has labels and classes, else 0 (nothing to count per class)."""
     return class_k if class_k and getattr(data, "classes", None) and hasattr(data, "batch") else 0
@@ -269,14 +275,28 @@ def scan_shard(model: nn.Module, data, indices: torch.Tensor | Sequence[int], la
         for idx, (x, labels) in tqdm(zip(chunks, batches(data, chunks, workers)), total=len(chunks), desc="scan",
                                      disable=None if progress is None else not progress, unit="batch", leave=False):
             x = x.to(device)
-            if channels_last and x.dim() == 4:  # channels-last convolutions and pools: about 0.6-0.75 of the time
-                try:
-                    tops, classes = _capture(model, modules, x.contiguous(memory_format=torch.channels_last), k,
-                                             idx, labels, n_classes, class_k)
-                except RuntimeError:
-                    channels_last = False
-            if not channels_last or x.dim() != 4:
-                tops, classes = _capture(model, modules, x, k, idx, labels, n_classes, class_k)
+            try:
+                if channels_last and x.dim() == 4:  # channels-last convolutions and pools: 0.6-0.75 of the time
+                    try:
+                        tops, classes = _capture(model, modules, x.contiguous(memory_format=torch.channels_last), k,
+                                                 idx, labels, n_classes, class_k)
+                    except RuntimeError as e:
+                        if _out_of_memory(e):
+                            raise
+                        # a model that refuses channels-last input (a ``.view`` after a convolution): row-major,
+                        # which raises again if the error was the model's own
+                        warnings.warn(f"the model refused channels-last input ({str(e).splitlines()[0][:200]}); "
+                                      "scanning row-major, the same numbers somewhat slower", stacklevel=2)
+                        channels_last = False
+                if not channels_last or x.dim() != 4:
+                    tops, classes = _capture(model, modules, x, k, idx, labels, n_classes, class_k)
+            except RuntimeError as e:
+                if not _out_of_memory(e):
+                    raise
+                raise ConvscopeError(
+                    f"out of memory scanning {len(idx)} images at once on {device} ({str(e).splitlines()[0][:200]}): "
+                    f"lower the batch size (--batch-size {max(1, len(idx) // 4)}), or scan fewer layers at a time "
+                    "(--layers)") from None
             parts.append(from_batch_top(tops, idx, k, classes))
             if len(parts) == 8:  # bounded memory: fold partials as we go
                 parts = [merge(parts)]

@@ -437,7 +437,8 @@ CLASS_BYTES = 2 << 30  # the most memory the per-class statistics may take
 
 
 def compute(run: Run, layers: list[str] | None = None, k: int = 9, split: str | None = None, units: int = 0,
-            seed: int = 0, rule: str = "deconvnet", class_k: int = 25, progress: bool | None = None) -> ScanResult:
+            seed: int = 0, rule: str = "deconvnet", class_k: int = 25, batch_size: int = 128,
+            progress: bool | None = None) -> ScanResult:
     """Fig. 2: scan ``split`` for the top-``k`` of every map of ``layers`` (resuming an interrupted scan from
     the run's scan state), and each map's top ``class_k`` images per class (what a unit is about); the units to
     draw are every unit of each layer (``units`` 0), or a seeded subset of ``units`` per layer, under each of
@@ -445,6 +446,7 @@ def compute(run: Run, layers: list[str] | None = None, k: int = 9, split: str | 
     rules = parse_rules(rule)
     check_int(units, "units (0 for all)", 0)
     check_int(class_k, "class-k", 0, 10000)
+    check_int(batch_size, "batch-size", 1, 1 << 20)
     check_seed(seed)
     layers = run.check_layers(list(layers)) if layers is not None else run.map_layers()
     split = split or run.default_split("val")
@@ -459,7 +461,8 @@ def compute(run: Run, layers: list[str] | None = None, k: int = 9, split: str | 
         Projector(run.model, r, run.nonlinearities).project(data.batch(torch.tensor([0]))[0], layers[-1])
     identity = {"split": split, "data": data.name, "model": run.fingerprint}
     group = distributed.init()
-    topk = scan(run.model, data, layers, k=k, progress=progress, identity=identity, class_k=class_k, group=group,
+    topk = scan(run.model, data, layers, k=k, batch_size=batch_size, progress=progress, identity=identity,
+                class_k=class_k, group=group,
                 state_path=run.layout.of_rank(run.layout.scan_state, group.rank, group.world), workers=run.workers)
     chosen = {layer: select_units(topk.values[layer].shape[0], units or None, seed) for layer in layers}
 
@@ -596,13 +599,14 @@ def findings(result: ScanResult) -> list[Finding]:
     first, top, k = layers[0], layers[-1], topk.k
     every = ", ".join(f"{layer} {float(a.mean()):.2f}" for layer, a in agree.items())
     out = [finding(f"fig2.{top}.class_agreement", f"Upper-layer units are class-specific: two of a unit's top-{k} "
-                   f"images share a class more often than chance ({top})", "Fig. 2", "fig2",
+                   f"images share a class more often than chance ({top})", "Zeiler & Fergus 2014, Fig. 2", "fig2",
                    mean_contrast(agree[top], chance, unit=f"{top} units"),
                    f"share of a unit's top-{k} image pairs of one class at {top}, minus chance ({chance:.3f})",
                    "qualitative (Fig. 2)", f"{every}; chance {chance:.2f}")]
     if top != first:
         out.append(finding(f"fig2.{first}_{top}.agreement_rises", f"Class specificity rises with depth: a unit's "
-                           f"top-{k} images share a class more often at {top} than at {first}", "Fig. 2", "fig2",
+                           f"top-{k} images share a class more often at {top} than at {first}",
+                           "Zeiler & Fergus 2014, Fig. 2", "fig2",
                            difference_contrast(agree[top], agree[first], unit="units"),
                            f"mean top-{k} class agreement at {top} minus at {first}", "qualitative (Fig. 2)", every))
     return out

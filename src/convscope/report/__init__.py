@@ -87,9 +87,10 @@ def relative_url(path: Path, folder: Path) -> str:
     return quote(Path(os.path.relpath(path, folder)).as_posix())
 
 
-def model_summary(layout: Layout) -> dict[str, Any] | None:
+def model_summary(layout: Layout, damaged: list[dict] | None = None) -> dict[str, Any] | None:
     """Layers and parameter counts of the run's model (a trained run's final weights or latest checkpoint; an
-    attached run's model as it reopens), with its classes."""
+    attached run's model as it reopens), with its classes. A weights file that does not load is added to
+    ``damaged`` (with the command that writes it again), and the summary says which older file it shows."""
     from ..checkpoint import load_model
 
     if layout.attach.is_file():
@@ -101,12 +102,17 @@ def model_summary(layout: Layout) -> dict[str, Any] | None:
             return None
         return _summary(run.model, run.attached.get("weights") or "the model given to cs.attach", None, run.classes)
     candidates = [layout.final, *sorted(layout.saved_epochs().values(), reverse=True)]
+    shown = f"'{layout.root}'" if " " in str(layout.root) else str(layout.root)
     for path in candidates:
         if not path.is_file():
             continue
         try:
             model, info = load_model(path)
-        except ConvscopeError:
+        except ConvscopeError as e:
+            if damaged is not None:
+                damaged.append({"file": path.relative_to(layout.root).as_posix(),
+                                "problem": f"not loadable ({str(e).splitlines()[0][:160]})",
+                                "command": f"convscope train --config {shown}/config.json --out {shown}"})
             continue
         return _summary(model, path.relative_to(layout.root).as_posix(), info["epoch"], info["classes"])
     return None
@@ -207,6 +213,9 @@ def read_run(layout: Layout) -> RunFiles:
         except ConvscopeError:
             damaged.append({"file": layout.topk.relative_to(layout.root).as_posix(), "problem": "not readable",
                             "command": f"convscope scan {shown}"})
+    if layout.manifest.exists() and not isinstance(read_json(layout.manifest), dict):
+        damaged.append({"file": layout.manifest.name, "problem": "not valid JSON (so the check for missing figures "
+                        "is off)", "command": "run the analyses again; each adds its files to it"})
     recorded = written(layout)
     for analysis in REGISTRY:
         for rel in recorded.get(analysis.key, []):
@@ -267,7 +276,7 @@ def collect(run_dir: str | Path, out: str | Path | None = None, pending: Sequenc
         if test is None and not layout.test.exists():
             missing.insert(0, {"ref": "Table 2", "title": "test error (test.json)", "command": retrain})
     curve = training_curve(layout, metrics) if metrics else None
-    model = model_summary(layout)
+    model = model_summary(layout, files.damaged)
     classes = [printable(c) for c in (model["classes"] if model else (config.get("classes") or []))]
     last = metrics[-1] if metrics else None
     gradient = config.get("nonlinearities") == "gradient"
