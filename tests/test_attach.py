@@ -262,7 +262,21 @@ def test_project_writes_each_images_maps_with_their_patches(user, attached, tmp_
     assert r.exit_code == 2 and "channel 99 out of range: layer 'layer2' has 16 maps" in r.output
 
 
-def test_report_lists_the_attached_runs_figures(attached):
+@pytest.fixture
+def figures(attached):
+    """The scan and occlusion of the tests above, run here where a test runs alone or first (they write the same
+    files: each command is idempotent on the same options)."""
+    layout = Layout(attached)
+    if not (layout.units / "layer3").is_dir():
+        assert run_cli("scan", attached, "--units", "0", "--layers", "layer2,layer1.relu#2,layer3").exit_code == 0
+    if not layout.figure("fig7").is_file():
+        assert run_cli("occlusion", attached, "--n", "2", "--size", "8", "--stride", "8", "--layer",
+                       "layer3").exit_code == 0
+    return attached
+
+
+def test_report_lists_the_attached_runs_figures(figures):
+    attached = figures
     assert run_cli("report", attached).exit_code == 0
     html = (attached / "report.html").read_text()
     for key in ("fig2", "fig7"):
@@ -272,9 +286,9 @@ def test_report_lists_the_attached_runs_figures(attached):
 
 
 @pytest.mark.slow
-def test_report_from_file_and_the_viewers_deep_link_in_chromium(attached):
-    """After the scan and occlusion above: the report opened from file:// shows every image, and the viewer's
-    address of one unit shows that unit."""
+def test_report_from_file_and_the_viewers_deep_link_in_chromium(figures):
+    """The report opened from file:// shows every image, and the viewer's address of one unit shows that unit."""
+    attached = figures
     from conftest import CHROMIUM, require_chromium
     from test_browser import Watched, serving
 

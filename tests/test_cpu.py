@@ -39,6 +39,32 @@ def test_freed_memory_stays_in_the_process_only_when_asked():
     assert changed == "False" and released > 200  # the environment's choice stands
 
 
+RELEASE = """
+import os, sys
+from convscope.cpu import keep_freed_memory, release_freed_memory, resident_memory
+import torch
+keep_freed_memory()
+x = torch.ones(64, 1024, 1024)  # 256 MiB, written
+before = resident_memory()[0]
+del x
+kept = resident_memory()[0]
+release_freed_memory()
+print((before - kept) / 2**20, (before - resident_memory()[0]) / 2**20)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
+def test_released_memory_leaves_the_process_between_steps():
+    """With freed memory kept (as every command runs), what a step freed stays resident until released: the
+    demo releases it after each step, so one step's peak does not stay under the next."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "LD_PRELOAD"}
+    out = subprocess.run([sys.executable, "-c", RELEASE], capture_output=True, text=True, check=True, env=env)
+    kept_back, released = map(float, out.stdout.split())
+    assert kept_back < 8 and released > 200
+
+
 @pytest.mark.parametrize("kernel, stride, padding, ceil_mode, shape", [
     (3, 2, 0, True, (4, 5, 15, 15)),  # zfnet's pools: overlapping, ceil mode (a last window past the edge)
     (3, 2, 1, False, (2, 3, 9, 12)),

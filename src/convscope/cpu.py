@@ -57,6 +57,35 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
 
 
+def release_freed_memory() -> None:
+    """Hand the memory ``malloc`` holds free back to the kernel (glibc's ``malloc_trim``), between the steps of a
+    long process: with :func:`keep_freed_memory`, each step's peak would otherwise stay resident, and a later step's
+    blocks of other sizes would grow the heap past it. Nothing off glibc."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim(0)
+
+
+def resident_memory() -> tuple[int, int]:
+    """This process's resident memory now and at its peak, in bytes (``/proc``, and ``getrusage``'s peak, which
+    Linux counts in kilobytes and macOS in bytes)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = peak if sys.platform == "darwin" else peak * 1024
+    try:
+        with open("/proc/self/statm") as f:
+            now = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        now = peak
+    return now, peak
+
+
 class _ChannelsLastMaxPool(torch.autograd.Function):
     """``max_pool2d`` of a row-major input: forward by the channels-last kernel, backward by the row-major one
     from the same indices (what autograd runs for a row-major pool)."""
@@ -100,4 +129,4 @@ def channels_last_pooling() -> TorchFunctionMode:
     return _Pooling()
 
 
-__all__ = ["channels_last_pooling", "keep_freed_memory"]
+__all__ = ["channels_last_pooling", "keep_freed_memory", "release_freed_memory", "resident_memory"]

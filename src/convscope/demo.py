@@ -22,6 +22,7 @@ from pathlib import Path
 
 from . import artifacts
 from .config import PRESETS, TrainConfig
+from .cpu import release_freed_memory, resident_memory
 from .data.synthetic import CLASSES
 from .layout import Layout
 
@@ -171,7 +172,7 @@ def run_demo(out: str | Path, quick: bool = False, echo: Callable[[str], None] =
             write_findings(Layout(out).seed_findings, combine([read_findings(Layout(f).findings) for f in folders]))
         build_report(out)
     total = time.perf_counter() - start
-    echo(f"[demo] total: {total:.0f} s ({total / 60:.1f} min); peak memory {peak_memory() / 2**30:.2f} GB")
+    echo(f"[demo] total: {total:.0f} s ({total / 60:.1f} min); peak memory {resident_memory()[1] / 2**30:.2f} GB")
     return out
 
 
@@ -186,7 +187,9 @@ def _run_steps(out: Path, quick: bool, seed: int, echo: Callable[[str], None], s
         t0 = time.perf_counter()
         step()
         timings[name] = round(time.perf_counter() - t0, 2)
-        echo(f"[demo] {name}: {timings[name]:.0f} s")
+        now, peak = resident_memory()
+        release_freed_memory()  # what the step freed goes back: the next step's peak is its own
+        echo(f"[demo] {name}: {timings[name]:.0f} s (memory {now / 2**30:.2f} GB, peak so far {peak / 2**30:.2f})")
         if name == FIRST_REPORT:
             echo(f"[demo] the main run's report is ready after {time.perf_counter() - start:.0f} s: "
                  f"{Layout(out).report.resolve()} (written again with the comparisons when they are done)")
@@ -203,10 +206,3 @@ def findings_text(out: Path) -> str:
     return f"findings ({path}):\n{findings_table(findings)}" if findings else f"no findings in {path}"
 
 
-def peak_memory() -> int:
-    """The process's peak resident memory in bytes (``getrusage``; Linux counts kilobytes, macOS bytes)."""
-    import resource
-    import sys
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
