@@ -472,6 +472,17 @@ def test_mobilenet_block_projects_with_gradient_nonlinearities_and_equals_captum
     band = tile[-14:]  # the note: dark red text on a white band below the projections and patches
     assert (band == 255).all(-1).mean() > 0.7 and ((band[..., 0] > 60) & (band[..., 1] < 40)).any()
     assert load_topk(Layout(tmp_path / "lenient").topk)[1]["nonlinearities"] == "gradient"
+    from starlette.testclient import TestClient
+
+    from convscope.viewer import make_app
+
+    viewer = TestClient(make_app(tmp_path / "lenient"), base_url="http://127.0.0.1")
+    unit = int(sorted((Layout(tmp_path / "lenient").units / "6").glob("unit_*.png"))[0].stem.split("_")[1])
+    for url in ("/layer/6", f"/layer/6/unit/{unit}"):  # the viewer's pages of the projections say so too
+        page = viewer.get(url)
+        assert page.status_code == 200 and "other than ReLU by their plain gradient" in page.text, url
+    strict = TestClient(make_app(tmp_path / "strict"), base_url="http://127.0.0.1").get("/")
+    assert "other than ReLU by their plain gradient" not in strict.text  # and only where the run passes them so
 
 
 def test_commands_say_which_layers_they_use_and_what_a_run_cannot_do(user, attached, tmp_path):
