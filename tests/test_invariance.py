@@ -124,16 +124,24 @@ def test_bad_input():
 
 
 @pytest.mark.slow
-def test_trained_net_layer1_moves_more_than_layer7(trained_zf, untrained_zf, measured):
-    """Fig. 5: small translations change layer 1 a lot and layer 7 less (relative distances)."""
+def test_trained_net_layer1_moves_more_than_layer7_and_keeps_the_true_class(trained_zf, untrained_zf, measured):
+    """Fig. 5: small translations change layer 1 a lot and layer 7 less (relative distances), and the output keeps
+    the true class (the paper's third column). The first part is the architecture's as much as training's: the
+    untrained net's layer 1 moves as much more than its layer 7 (ratio 4.2 against the trained net's 3.9 at seed
+    0), so the property that training adds, and the control fails, is the second. Measured over seeds 0-2
+    (scripts/seeds.py): conv1 / fc7 ratio 2.7-3.9 (control 4.2); mean p(true class) under shifts of up to 4 px
+    TRAINED_P (control CONTROL_P)."""
     for prefix, (model, data) in (("", trained_zf), ("control.", untrained_zf)):
         x, y = data.batch(torch.arange(5))
         for mode, render in (("warp", None), ("render", synthetic_renderer("test", range(5)))):
             r = invariance(model, x, y, translations=[-4, -2, 2, 4], scales=[1.0], rotations=[0], render=render)
-            d = r.curves["translation"].distance
-            ratio = float(d["conv1"].mean() / d["fc7"].mean())
+            curve = r.curves["translation"]
+            ratio = float(curve.distance["conv1"].mean() / curve.distance["fc7"].mean())
+            p_true = float(curve.prob.mean())
             measured(f"{prefix}fig5.{mode}.conv1_over_fc7", ratio)
+            measured(f"{prefix}fig5.{mode}.p_true", p_true)
+            assert ratio > 1.5
             if prefix:
-                assert not ratio > 1.2
+                assert not p_true > 0.5
             else:
-                assert ratio > 1.2
+                assert p_true > 0.5

@@ -161,7 +161,7 @@ def test_bad_input():
 
 
 @pytest.mark.slow
-def test_trained_net_is_most_sensitive_on_the_object(trained_zf, measured):
+def test_trained_net_is_most_sensitive_on_the_object(trained_zf, untrained_zf, measured):
     """Section 4.2: occluding the object, not its context, lowers the correct class most (12 px, stride 4)."""
     model, data = trained_zf
     x, y = data.batch(torch.arange(60))
@@ -173,3 +173,7 @@ def test_trained_net_is_most_sensitive_on_the_object(trained_zf, measured):
     measured("fig7.hit_fraction", sum(hits) / len(hits))
     assert len(correct) >= 15
     assert sum(hits) / len(hits) >= 0.8
+    with torch.no_grad():  # the untrained control classifies too few images right to have a most harmful square
+        control = int((untrained_zf[0](x).argmax(1) == y).sum())
+    measured("control.fig7.correct", control)
+    assert not control >= 15

@@ -39,11 +39,16 @@ def test_accuracy_is_the_mean_over_classes():
     assert r.accuracy("center", subset=r.difficult) == pytest.approx((1.0 + 0.0) / 2)
 
 
+POINT_MIN = 0.93
+
+
 @pytest.mark.slow
 def test_on_the_trained_net_every_map_points_at_the_object_more_than_the_centre(trained_run, untrained_run, measured):
     """The synthetic scenes hold one object on a plain background: unlike VOC07, where TorchRay measured the
-    deconvnet below the centre baseline (67.5 against 69.6), every method here is far above it. Measured on 300
-    test images: centre 57.7 %, deconvnet 99.3, guided 99.3, gradient 95.7, occlusion 99.3."""
+    deconvnet below the centre baseline (67.5 against 69.6), every method here is far above it. So is the untrained
+    control's (Adebayo's and Nie's point: the maps show the image as much as the model), so the property of
+    training is the margin: every trained map hits at least POINT_MIN of the images, no untrained one does.
+    Measured over seeds 0-2 on 60 test images (scripts/seeds.py): POINT_RANGE; untrained CONTROL_RANGE."""
     from convscope import pointing
 
     r = pointing.compute(trained_run, n=60, progress=False)
@@ -55,7 +60,8 @@ def test_on_the_trained_net_every_map_points_at_the_object_more_than_the_centre(
         measured(f"control.pointing.{method}", control[method]["true"]["all"])
     for method in ("deconvnet", "guided", "gradient", "occlusion"):
         assert t[method]["true"]["all"] > t["center"]["true"]["all"] + 0.25, (method, t)
-        assert t[method]["true"]["difficult"] > 0.8, (method, t)
+        assert t[method]["true"]["all"] >= POINT_MIN and t[method]["true"]["difficult"] > 0.8, (method, t)
+    assert all(control[m]["true"]["all"] < POINT_MIN for m in ("deconvnet", "guided", "gradient", "occlusion"))
     assert 0 < int(r.difficult.sum()) < 60 and "| deconvnet |" in pointing_table(r) and "67.5" in pointing_table(r)
 
 

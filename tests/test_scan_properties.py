@@ -61,10 +61,10 @@ def test_projection_energy_lies_on_the_object(trained_run, untrained_run, val_sc
     measured("fig2.energy_on_object", inside)
     measured("fig2.object_share", share)
     assert share < 0.2
-    assert inside > 3 * share
+    assert inside > 4 * share
     inside, share = energy_on_object(untrained_run, *control_scan)
     measured("control.fig2.energy_on_object", inside)
-    assert not inside > 3 * share
+    assert not inside > 4 * share  # an untrained net's projections lie on the object too, but less
 
 
 def test_scan_command_writes_the_figures(trained_run, tmp_path):

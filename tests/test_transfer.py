@@ -85,6 +85,18 @@ def test_fold_results_shape_and_files(tmp_path):
             pred = fit_predict("softmax", joined_train[idx], train.labels[idx], joined_test)
             expected = mean_per_class_accuracy(pred, test.labels, 3)
             assert result.pretrained["all"][i, f].item() == pytest.approx(expected)
+    # the untrained baseline: the same softmax on the same layers of the scratch nets' architecture at its
+    # initialisation under the seed, its input normalisation from the target's training pool
+    from convscope.transfer import _scratch_model
+
+    fresh = _scratch_model(model, 3, None, train, 0)
+    assert not torch.equal(fresh.features.conv1.weight, model.features.conv1.weight)
+    fresh_train = torch.cat([extract_features(fresh, train, ["fc7"])["fc7"]], 1)
+    fresh_test = extract_features(fresh, test, ["fc7"])["fc7"]
+    for i, n in enumerate((1, 2)):
+        for f, idx in enumerate(result.train_indices[n]):
+            pred = fit_predict("softmax", fresh_train[idx], train.labels[idx], fresh_test)
+            assert result.untrained["fc7"][i, f].item() == pytest.approx(mean_per_class_accuracy(pred, test.labels, 3))
     mean, std = TransferResult.spread(torch.tensor([[0.5, 0.7, 0.6]], dtype=torch.float64))
     assert mean.item() == pytest.approx(0.6) and std.item() == pytest.approx(0.1)
     result.target = "toy"
@@ -95,36 +107,36 @@ def test_fold_results_shape_and_files(tmp_path):
     assert json.loads(paths[0].read_text())["pretrained"]["all"]["folds"] == result.pretrained["all"].tolist()
     table = paths[1].read_text()
     assert table.count("\n| ") == 2  # a row per n
-    assert "| frozen, softmax on fc7 | frozen, softmax on conv1..fc7 joined | from scratch |" in table
+    assert ("| frozen, softmax on fc7 | frozen, softmax on conv1..fc7 joined | untrained net, softmax on fc7 | "
+            "untrained net, softmax on conv1..fc7 joined | from scratch |") in table
+    assert json.loads(paths[0].read_text())["untrained"]["fc7"]["folds"] == result.untrained["fc7"].tolist()
 
 
 @pytest.mark.slow
-def test_frozen_features_beat_scratch_on_digits(trained_run, untrained_run, measured):
-    """Tables 4-5 on a real small data set the net never saw: 5 digits per class, 2 folds (a third gives the
-    same picture: 78.4 against 77.5 % from scratch), frozen features of the synthetic-pretrained net against the
-    same net trained from scratch (the run's recipe, 300 steps; 600 steps give the same mean). Measured, per
-    fold: all seven layers joined 77.8, 82.2 %; from scratch 75.8, 77.0 %; fc7 alone 56.3, 50.2 % (chance 10 %).
-    Digits are far from the synthetic scenes: fc7 alone is too specialised to the pretraining classes, the earlier
-    layers carry (conv3 alone: 79 %). The nets from scratch are trained at 5 per class only (each fold's seed
-    depends on its n and fold alone, so the numbers are those of one call with both n)."""
+def test_on_digits_pretraining_specialises_fc7_and_the_joined_layers_carry(trained_run, untrained_run, measured):
+    """Tables 4-5 on a real small data set the net never saw: 5 digits per class, 2 folds, frozen features of the
+    synthetic-pretrained net. Digits are far from the synthetic scenes: fc7 is specialised to the pretraining
+    classes, and all seven layers joined carry far more; the untrained control's fc7 is not specialised. Nor does
+    pretraining on the scenes beat random features here: the untrained net's joined layers transfer as well or
+    better (the README's finding), and neither beats the same net trained from scratch by a margin that holds at
+    every seed, so neither is asserted. Measured over seeds 0-2 (scripts/seeds.py): DIGITS_RANGES."""
     from convscope.data.digits import load_digits
 
     train, test = load_digits("train", size=64), load_digits("test", size=64)
     result = transfer(trained_run.model, train, test, shots=(5,), folds=2, seed=0,
                       scratch_cfg=trained_run.config, scratch_steps=300, progress=False)
     one = transfer(trained_run.model, train, test, shots=(1,), folds=2, seed=0, scratch=False, progress=False)
-    joined, fc7, scratch = (result.pretrained["all"][0].mean().item(), result.pretrained["fc7"][0].mean().item(),
-                            result.scratch[0].mean().item())
     control = transfer(untrained_run.model, train, test, shots=(5,), folds=2, seed=0, scratch=False, progress=False)
-    measured("transfer.digits.all", joined)
-    measured("transfer.digits.fc7", fc7)
-    measured("transfer.digits.scratch", scratch)
-    measured("transfer.digits.all_at_1", one.pretrained["all"][0].mean().item())
-    measured("control.transfer.digits.all", control.pretrained["all"][0].mean().item())
-    measured("control.transfer.digits.fc7", control.pretrained["fc7"][0].mean().item())
-    assert joined > scratch + 0.015
+    (joined, fc7), scratch = (result.pretrained[k][0].mean().item() for k in ("all", "fc7")), result.scratch.mean()
+    c_joined, c_fc7 = (control.pretrained[k][0].mean().item() for k in ("all", "fc7"))
+    for name, value in (("all", joined), ("fc7", fc7), ("scratch", scratch),
+                        ("all_at_1", one.pretrained["all"][0].mean().item())):
+        measured(f"transfer.digits.{name}", value)
+    measured("control.transfer.digits.all", c_joined)
+    measured("control.transfer.digits.fc7", c_fc7)
     assert joined > fc7 + 0.2
-    assert joined > one.pretrained["all"][0].mean().item() + 0.15  # more examples help (Fig. 9): 49.4 -> 79.5 %
+    assert joined > one.pretrained["all"][0].mean().item() + 0.15  # more examples help (Fig. 9)
+    assert not c_joined > c_fc7 + 0.2
 
 
 @pytest.mark.slow
@@ -144,5 +156,11 @@ def test_frozen_features_beat_scratch_on_held_out_classes(six_class_run, measure
     measured("transfer.heldout.scratch", scratch)
     for name in ("fc7", "all"):
         measured(f"transfer.heldout.{name}", result.pretrained[name].mean().item())
+    from conftest import untrained_twin
+
+    control = transfer(untrained_twin(six_class_run).model, train, test, shots=(5,), folds=2, seed=0, scratch=False,
+                       progress=False)
+    for name in ("fc7", "all"):
+        measured(f"control.transfer.heldout.{name}", control.pretrained[name].mean().item())
     for name in ("fc7", "all"):
         assert result.pretrained[name].mean().item() > scratch + 0.15, name
