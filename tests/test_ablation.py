@@ -97,7 +97,7 @@ def test_interrupted_variant_resumes_and_finished_ones_are_not_retrained(tmp_pat
 
 
 @pytest.mark.slow
-def test_removing_conv3_4_and_fc6_7_together_costs_far_more_than_either_alone(trained_folder, measured):
+def test_without_conv3_4_and_fc6_7_the_net_cannot_fit_while_without_conv3_4_alone_it_fits(trained_folder, measured):
     """The demo's ablation (the named config "pairs": zfnet_small at half width, 128 px, 2000 images) stopped at
     epoch 14 of its 20 (the schedule does not depend on the number of epochs, so these are the demo's runs at
     epoch 14; about 40 s a variant), kept in pytest's cache folder like the trained fixtures. The two variants

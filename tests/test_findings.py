@@ -125,3 +125,32 @@ def test_a_damaged_findings_file_is_named_not_half_read(tmp_path):
     with pytest.raises(ConvscopeError, match="findings.json is damaged"):
         read_findings(path)
     assert read_findings(tmp_path / "none.json") == []
+
+
+def test_the_findings_command_prints_one_run_and_combines_seeds(tmp_path):
+    from click.testing import CliRunner
+
+    from convscope.cli import main
+
+    runs = []
+    for seed, (m, lo, hi) in enumerate([(0.06, 0.03, 0.09), (0.02, -0.02, 0.06), (0.05, 0.01, 0.09)]):
+        run = tmp_path / f"seed-{seed}"
+        run.mkdir()
+        (run / "config.json").write_text(json.dumps({"seed": seed}))
+        write_findings(run / "findings.json", [make("table1.fc7.left_eye", m, (lo, hi)),
+                                               make("fig7.on_object", 0.8, (0.7, 0.9), analysis="fig7")])
+        runs.append(str(run))
+    one = CliRunner().invoke(main, ["findings", runs[0]])
+    assert one.exit_code == 0 and "| claim table1.fc7.left_eye |" in one.output and "2 holds, 0 not shown" in one.output
+    out = tmp_path / "over-seeds.json"
+    many = CliRunner().invoke(main, ["findings", *runs, "--out", str(out)])
+    assert many.exit_code == 0, many.output
+    assert "3 seeds (holds, not shown, holds)" in many.output and "3 seeds (3 of 3 holds)" in many.output
+    combined = {f.key: f for f in read_findings(out)}
+    assert combined["table1.fc7.left_eye"].verdict == NOT_SHOWN and combined["fig7.on_object"].verdict == HOLDS
+    assert json.loads(out.read_text())["seeds"] == 3
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.json").write_text("{}")
+    r = CliRunner().invoke(main, ["findings", str(empty)])
+    assert r.exit_code != 0 and "no findings" in r.output

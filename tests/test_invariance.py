@@ -140,7 +140,7 @@ def test_trained_net_layer1_moves_more_than_layer7_and_keeps_the_true_class(trai
             p_true = float(curve.prob.mean())
             measured(f"{prefix}fig5.{mode}.conv1_over_fc7", ratio)
             measured(f"{prefix}fig5.{mode}.p_true", p_true)
-            assert ratio > 1.5
+            assert ratio > 1.0  # the architecture's as much as training's: asserted of both
             if prefix:
                 assert not p_true > 0.5
             else:

@@ -91,10 +91,11 @@ def test_probe_accuracy_rises_with_depth(trained_run, untrained_run, tmp_path, m
             measured(f"table7.{classifier}.{layer}", value)
             measured(f"control.table7.{classifier}.{layer}", control[classifier][layer])
     for acc in (soft, svm):
-        assert acc["conv1"] + 0.15 < acc["conv3"]
-        assert acc["conv3"] + 0.06 < acc["conv5"]
+        assert acc["conv1"] + 0.3 < acc["conv3"] < acc["fc7"]
         assert acc["conv5"] > 3 / 12  # far above chance (1/12)
-    assert soft["fc7"] > soft["conv1"] + 0.3
+        assert acc["fc7"] > acc["conv1"] + 0.5
+    for acc in control.values():  # an untrained net's features: no layer far above another
+        assert not acc["fc7"] > acc["conv1"] + 0.5
     paths = probes.write_probes(result, Layout(tmp_path))
     assert [p.relative_to(tmp_path).as_posix() for p in paths] == ["probes/probes.json", "probes/probes.md",
                                                                    "probes/probes.png"]
