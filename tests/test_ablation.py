@@ -104,7 +104,7 @@ def test_without_conv3_4_and_fc6_7_the_net_cannot_fit_while_without_conv3_4_alon
     whose outcome is structural: without conv3-4, a conv5 unit still sees both discs' colours through fc6-7 and
     the net fits pairs within two epochs at every seed; without conv3-4 and fc6-7, no layer sees both discs
     (test_pairs.py) and the net cannot even fit its training set (the paper's 71.1 / 71.3). Measured over seeds
-    0-2 (scripts/seeds.py): no_conv34 val error 0.0-0.4 %, no_conv34_fc67 val 49-55 %, train 41-44 %. Not
+    0-2 (scripts/seeds.py): no_conv34 val error 0.0-0.2 %, no_conv34_fc67 val 48-53 %, train 41 %. Not
     asserted: the net without fc6-7 alone, whose leaving chance is a matter of seed (measured: epoch 8, epoch 14,
     and still at chance at epoch 14 on this machine's seed 0), which the demo's Table 3 verdict reports."""
     from dataclasses import replace

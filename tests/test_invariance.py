@@ -129,8 +129,9 @@ def test_trained_net_layer1_moves_more_than_layer7_and_keeps_the_true_class(trai
     the true class (the paper's third column). The first part is the architecture's as much as training's: the
     untrained net's layer 1 moves as much more than its layer 7 (ratio 4.2 against the trained net's 3.9 at seed
     0), so the property that training adds, and the control fails, is the second. Measured over seeds 0-2
-    (scripts/seeds.py): conv1 / fc7 ratio 2.7-3.9 (control 4.2); mean p(true class) under shifts of up to 4 px
-    TRAINED_P (control CONTROL_P)."""
+    (scripts/seeds.py): conv1 / fc7 ratio 2.3-3.9 on warped images (control 2.7-4.2), 1.06-2.7 on re-rendered
+    ones (so asserted on the warped only); mean p(true class) under shifts of up to 4 px 0.84-0.93 warped,
+    0.78-0.96 re-rendered (control 0.08)."""
     for prefix, (model, data) in (("", trained_zf), ("control.", untrained_zf)):
         x, y = data.batch(torch.arange(5))
         for mode, render in (("warp", None), ("render", synthetic_renderer("test", range(5)))):
@@ -140,7 +141,7 @@ def test_trained_net_layer1_moves_more_than_layer7_and_keeps_the_true_class(trai
             p_true = float(curve.prob.mean())
             measured(f"{prefix}fig5.{mode}.conv1_over_fc7", ratio)
             measured(f"{prefix}fig5.{mode}.p_true", p_true)
-            assert ratio > 1.0  # the architecture's as much as training's: asserted of both
+            assert mode == "render" or ratio > 1.5  # the architecture's as much as training's: asserted of both
             if prefix:
                 assert not p_true > 0.5
             else:

@@ -49,7 +49,8 @@ def test_on_the_trained_net_every_map_points_at_the_object_more_than_the_centre(
     control's (Adebayo's and Nie's point: the maps show the image as much as the model), so the property of
     training is the margin: the trained maps hit at least POINT_MIN of the images on average, the untrained ones
     do not.
-    Measured over seeds 0-2 on 60 test images (scripts/seeds.py): POINT_RANGE; untrained CONTROL_RANGE."""
+    Measured over seeds 0-2 on 60 test images (scripts/seeds.py): the four methods' mean 0.95-0.99 (each 0.92-1.0),
+    the centre 0.50-0.57; untrained 0.73-0.81 (each 0.58-0.88)."""
     from convscope import pointing
 
     r = pointing.compute(trained_run, n=60, progress=False)

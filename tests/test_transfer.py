@@ -119,7 +119,9 @@ def test_on_digits_pretraining_specialises_fc7_and_the_joined_layers_carry(train
     classes, and all seven layers joined carry far more; the untrained control's fc7 is not specialised. Nor does
     pretraining on the scenes beat random features here: the untrained net's joined layers transfer as well or
     better (the README's finding), and neither beats the same net trained from scratch by a margin that holds at
-    every seed, so neither is asserted. Measured over seeds 0-2 (scripts/seeds.py): DIGITS_RANGES."""
+    every seed, so neither is asserted. Measured over seeds 0-2 (scripts/seeds.py), mean per-class accuracy:
+    joined 0.72-0.75, fc7 0.46-0.53 (joined minus fc7 0.23-0.26), joined at 1 per class 0.38-0.44, from scratch
+    0.74; untrained joined 0.85-0.89, fc7 0.71-0.76 (minus 0.10-0.15)."""
     from convscope.data.digits import load_digits
 
     train, test = load_digits("train", size=64), load_digits("test", size=64)
@@ -134,17 +136,19 @@ def test_on_digits_pretraining_specialises_fc7_and_the_joined_layers_carry(train
         measured(f"transfer.digits.{name}", value)
     measured("control.transfer.digits.all", c_joined)
     measured("control.transfer.digits.fc7", c_fc7)
-    assert joined > fc7 + 0.2
+    assert joined > fc7 + 0.18
     assert joined > one.pretrained["all"][0].mean().item() + 0.15  # more examples help (Fig. 9)
-    assert not c_joined > c_fc7 + 0.2
+    assert not c_joined > c_fc7 + 0.18
 
 
 @pytest.mark.slow
 def test_frozen_features_beat_scratch_on_held_out_classes(six_class_run, measured):
     """Tables 4-5 on synthetic classes held out of pretraining: pretrained on six classes (10 epochs), transferred
-    to the other six at 5 per class, 2 folds. Measured, mean of the folds: fc7 40.4 %, all seven layers joined
-    42.8 %, from scratch (300 steps) 17.7 % (chance 16.7 %); the demo's 15 epochs give fc7 42.5 %, joined 43.1 %.
-    Fewer pretraining epochs weaken the features: at epoch 5 (val error 56 %) fc7 gives 25 %."""
+    to the other six at 5 per class, 2 folds, against the same net from scratch (300 steps) and the same net's
+    untrained features, which stay at chance here (unlike on digits). Measured over seeds 0-2 (scripts/seeds.py),
+    mean of the folds: fc7 0.25-0.40, all seven layers joined 0.26-0.39, from scratch 0.18-0.19, untrained fc7
+    0.17-0.20, joined 0.19-0.20 (chance 0.167). The margins are small at seed 1 (fc7 0.06 over scratch), as the
+    fixture stops at epoch 10 of the demo's 15."""
     from convscope.data.synthetic import CLASSES
     from convscope.targets import load_target
 
@@ -163,4 +167,6 @@ def test_frozen_features_beat_scratch_on_held_out_classes(six_class_run, measure
     for name in ("fc7", "all"):
         measured(f"control.transfer.heldout.{name}", control.pretrained[name].mean().item())
     for name in ("fc7", "all"):
-        assert result.pretrained[name].mean().item() > scratch + 0.05, name
+        pretrained, untrained = result.pretrained[name].mean().item(), control.pretrained[name].mean().item()
+        assert pretrained > scratch + 0.03 and pretrained > untrained + 0.03, name
+        assert not untrained > scratch + 0.03, name
