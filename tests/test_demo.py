@@ -18,7 +18,7 @@ def test_quick_demo_runs_every_step_and_resumes(tmp_path):
     out = tmp_path / "demo"
     r = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out)], catch_exceptions=False)
     assert r.exit_code == 0, r.output
-    assert re.search(r"\[demo\] total: \d+ s \(\d+\.\d min\)\n", r.output)
+    assert re.search(r"\[demo\] total: \d+ s \(\d+\.\d min\); peak memory \d+\.\d\d GB\n", r.output)
     # the main run's report comes first, before the comparisons are trained
     first = r.output.index("[demo] the main run's report is ready after")
     assert r.output.index("[demo] probes (Table 7): ") < first

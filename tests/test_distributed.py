@@ -65,7 +65,8 @@ def test_torchrun_scan_equals_the_single_process_scan(copied_run, single):
         assert all(layout.unit(layer, u).is_file() and layout.unit_thumb(layer, u).is_file() for u in chosen)
     assert not list(layout.scan.glob("state*"))  # every rank's resume state removed at the end
     manifest = json.loads(layout.manifest.read_text())["fig2"]
-    assert "scan/topk.safetensors" in manifest and len(manifest) == 1 + 2 * (1 + 4 * 2)
+    assert "scan/topk.safetensors" in manifest and "findings.json" in manifest  # and Fig. 2's verdicts
+    assert len(manifest) == 2 + 2 * (1 + 4 * 2)
 
 
 def test_two_nodes_by_rendezvous_with_workers_equal_the_single_process_scan(copied_run, single, tmp_path):
