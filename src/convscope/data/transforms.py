@@ -48,9 +48,11 @@ def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
     return x[..., top:top + size, left:left + size]
 
 
-def mean_and_std(images, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+def mean_and_std(images, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-pixel mean image (3, H, W) and the global pixel std of uint8 images (N, 3, H, W), or of an iterable
-    of such batches (a set read from disk a batch at a time), scaled to [0, 1]."""
+    of such batches (a set read from disk a batch at a time), scaled to [0, 1]. ``chunk`` images at a time in
+    float64: at 4096 the temporaries of 10,000 images of 64 px took 1.5 GB, the demo's peak; at 256, 0.17 GB,
+    with the same float32 results on the demo's data sets (checked at seeds 0-2)."""
     total = squares = None
     n = 0
     for part in [images] if isinstance(images, torch.Tensor) else images:
