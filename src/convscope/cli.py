@@ -160,8 +160,8 @@ def train(out: str, device: str | None, workers: int, **kw) -> None:
                    "verdict over all N (it holds when it holds at every seed). Each seed takes as long as the demo.")
 def demo(out: str, quick: bool, seeds: int) -> None:
     """The whole paper on the embedded data: train zfnet_small with the paper's recipe, run every analysis,
-    write the run directory. Its report.html is first written for the main run (about 4 minutes on 2 CPU
-    cores), then again with the comparisons (about 17 minutes in all). Ends with the table of findings: each
+    write the run directory. Its report.html is first written for the main run (about 3 minutes on 2 CPU
+    cores), then again with the comparisons (about 16 minutes in all). Ends with the table of findings: each
     claim of the paper, this run's number and its verdict (holds, not shown, reversed)."""
     from .demo import findings_text, run_demo
 
