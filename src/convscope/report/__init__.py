@@ -303,7 +303,8 @@ def _findings(layout: Layout, damaged: list[dict], shown: str) -> tuple[list[dic
         findings = read_findings(path)
     except ConvscopeError:
         damaged.append({"file": path.relative_to(layout.root).as_posix(), "problem": "not readable",
-                        "command": f"convscope findings {shown} (or run the analyses again)"})
+                        "command": f"the analyses again (convscope demo --out {shown}, or each analysis command): "
+                                   "each rewrites its own entries"})
         return [], 1
     rows = [{"claim": printable(f.claim), "source": printable(f.source), "contrast": printable(f.contrast),
              "paper": printable(f.paper), "value": printable(f.value), "interval": interval_text(f), "n": f.n,
