@@ -203,8 +203,7 @@ def findings_text(out: Path) -> str:
     """The demo's findings table (over every seed where it measured several), with where it was read from."""
     from .findings import findings_table, read_findings
 
-    layout = Layout(out)
-    path = layout.seed_findings if layout.seed_findings.is_file() else layout.findings
+    path = Layout(out).shown_findings()
     findings = read_findings(path)
     return f"findings ({path}):\n{findings_table(findings)}" if findings else f"no findings in {path}"
 

@@ -237,6 +237,10 @@ class Layout:
         """The findings over every training seed of ``convscope demo --seeds N`` (this run's and ``seeds/``')."""
         return self.root / "findings-seeds.json"
 
+    def shown_findings(self) -> Path:
+        """The findings the report and the demo show: over every seed where the demo measured several."""
+        return self.seed_findings if self.seed_findings.is_file() else self.findings
+
     @property
     def seed_runs(self) -> Path:
         """``convscope demo --seeds N``: the demo again at training seeds 1..N-1, one folder each (``seed-1``)."""

@@ -298,7 +298,7 @@ def _findings(layout: Layout, damaged: list[dict], shown: str) -> tuple[list[dic
     a damaged findings file is listed with the damaged files, never half-read."""
     from ..findings import interval_text, read_findings, seeds_text
 
-    path = layout.seed_findings if layout.seed_findings.is_file() else layout.findings
+    path = layout.shown_findings()
     try:
         findings = read_findings(path)
     except ConvscopeError:
