@@ -117,6 +117,33 @@ def test_corrupt_and_truncated_checkpoints_are_refused(tmp_path):
     assert Path(run / "model.safetensors").read_bytes() == good
 
 
+def test_evaluation_batches_and_mean_image_chunks_change_no_number():
+    # both are sized by pixels so that 128 px images take no more memory than 64 px ones (the demo's peak)
+    from convscope.data.base import ImageSet
+    from convscope.data.transforms import mean_and_std
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (37, 3, 24, 24), dtype=torch.uint8, generator=g)
+    x = images.double() / 255
+    by_hand = (x.mean(0).float(), (x.pow(2).mean() - x.mean(0).pow(2).mean()).sqrt().float())
+    for chunk in (1, 3 * 24 * 24 * 5, 10 ** 9):  # one image at a time, five, all at once
+        mean, std = mean_and_std(images, chunk=chunk)
+        torch.testing.assert_close(mean, by_hand[0], rtol=0, atol=1e-7)
+        torch.testing.assert_close(std, by_hand[1], rtol=0, atol=1e-7)
+    torch.manual_seed(0)
+    model = cs.create_model("zfnet_small", 10).eval()
+    data = ImageSet(torch.randint(0, 256, (23, 3, 64, 64), dtype=torch.uint8, generator=g),
+                    torch.randint(0, 10, (23,), generator=g), [str(i) for i in range(10)])
+    with torch.no_grad():
+        logits = model(data.batch(torch.arange(23))[0])
+    wrong = (logits.argmax(1) != data.labels).float().mean().item()
+    loss = torch.nn.functional.cross_entropy(logits, data.labels).item()
+    for batch_size in (None, 1, 7, 500):
+        result = evaluate(model, data, batch_size)
+        assert result["top1_err"] == wrong
+        assert result["loss"] == pytest.approx(loss, rel=1e-5)
+
+
 def test_crop_flip_moves_and_flips_as_drawn_and_flip_false_never_flips():
     """Zero-padded translation by the drawn offset, then a mirror where drawn; without flip the generator advances
     alike (the rest of the run's random choices stay where they were) and nothing is mirrored."""
