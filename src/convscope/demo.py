@@ -2,7 +2,7 @@
 
 Steps (each timed into ``timings.json``): train zfnet_small with the paper's recipe and run the analyses over it
 (probes included), then write a first report, of the main run, which lists the steps still to come: it is ready
-after about 4 of the demo's 16 minutes. Then the comparisons: the Fig. 6 runs under ``compare/`` (alexnet_small
+after about 3 of the demo's 12 to 15 minutes. Then the comparisons: the Fig. 6 runs under ``compare/`` (alexnet_small
 at the budget of zfnet_small's epoch-10 checkpoint, zfnet_small without filter renormalisation at the full
 budget) and Fig. 6 again beside them; Table 1 again on a second run trained alike on ``synthetic-parts``, whose
 eyes and noses keep one colour (``compare/zfnet_small-parts``); transfer to scikit-learn's digits, and to the
@@ -131,7 +131,7 @@ def steps(out: Path, quick: bool, seed: int = 0) -> list[tuple[str, Callable[[],
         ("transfer to held-out classes (Tables 4-5, Fig. 9)", heldout),
         ("ablation on pairs (Table 3)", ablation),
     ]
-    # The main run's report first (about 4 of the demo's 16 minutes), saying what is still to come; the full
+    # The main run's report first (about 3 of the demo's 12 to 15 minutes), saying what is still to come; the full
     # report when the comparisons are done.
     pending = [name for name, _ in comparisons]
     return [*main_run, (FIRST_REPORT, lambda: build_report(out, pending=pending)), *comparisons,
