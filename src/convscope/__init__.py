@@ -1,6 +1,21 @@
 """convscope: see inside convolutional networks (Zeiler & Fergus, ECCV 2014)."""
 
-from . import analyses
+# the analyses, each registering itself in analyses.REGISTRY (the order is the paper's, not this one)
+from . import (  # noqa: F401
+    ablation,
+    analyses,
+    correspondence,
+    evolution,
+    filters,
+    invariance,
+    occlusion,
+    pointing,
+    probes,
+    sanity,
+    transfer,
+    units,
+    visualize,
+)
 from .deconvnet import RULES, Projector
 from .errors import ConvscopeError
 from .imaging import make_grid, to_image

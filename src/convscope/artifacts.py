@@ -121,6 +121,15 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def read_json(path: str | os.PathLike) -> Any | None:
+    """A JSON file's value, or None when it is missing or unreadable (an unfinished or damaged write): the
+    reader of every record convscope writes with :func:`write_json`."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def save_torch(path: str | os.PathLike, obj: Any) -> Path:
     """``torch.save`` atomically; read it back with ``torch.load(..., weights_only=True)``."""
     buf = io.BytesIO()

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from . import artifacts
+from .analyses import SPLIT_HELP, Analysis, existing, register
 from .errors import ConvscopeError, check_int, check_seed, unknown
 from .findings import Finding, finding, paired_contrast
 from .forward import check_images, eval_mode, run_to_all
@@ -326,6 +327,25 @@ def findings(result: CorrespondenceResult, analysis: str = "table1", data: str =
                                paired_contrast(rand, mine), "Delta(random) - Delta(part)", paper_text,
                                f"{float(mine.mean()):.3g} vs {float(rand.mean()):.3g}"))
     return out
+
+
+register(Analysis(
+    "correspondence", "table1", "Table 1", "Correspondence of object parts",
+    "The same part masked in 5 images of one class, or random regions: Delta, the mean sign change of the "
+    "feature differences over image pairs. Lower than random means the parts are encoded consistently.",
+    files=lambda layout: ([], existing(layout.figure("table1", ".txt"), layout.figure("table1_parts", ".txt"))),
+    compute=compute, findings=findings,
+    write=lambda result, layout: write_correspondence(result, layout, "table1"),
+    help={"class_name": "Class of the embedded data.", "parts": "Comma-separated part names. "
+          "[left_eye,right_eye,nose]", "split": SPLIT_HELP, "draws": "Random draws of images and regions.",
+          "size": "Side of the masking square. [1/8 of the image]", "seed": "Seed of the draws.",
+          "parts_json": 'Your own images and parts: {"images": ["a.png", ...], "parts": {"left_eye": '
+                        '[[x, y], ...]}}.'},
+    flags={"class_name": "--class"}, summary=format_table,
+    paper=[("layer 5: right eye / left eye / nose",
+            " / ".join(str(PAPER_TABLE1[5][p]) for p in ("right_eye", "left_eye", "nose"))),
+           ("layer 5: random regions", str(PAPER_TABLE1[5][RANDOM])),
+           ("layer 7: eyes, nose and random", f"{min(PAPER_TABLE1[7].values())} - {max(PAPER_TABLE1[7].values())}")]))
 
 
 __all__ = ["FACE_PARTS", "RANDOM", "CorrespondenceResult", "PartImages", "class_parts", "compute", "correspondence",

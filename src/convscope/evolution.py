@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from . import artifacts
+from .analyses import LAYERS_HELP, RULE_HELP, Analysis, json_check, register
 from .deconvnet import RULES
 from .errors import ConvscopeError, check_int, check_seed, unknown
 from .imaging import caption, make_grid, to_image, upscale
@@ -145,3 +146,18 @@ def write_evolution(result: EvolutionResult, layout: Layout) -> list[Path]:
                             "values": ev.values.tolist()} for layer, ev in result.layers.items()})
     paths.append(artifacts.write_json(summary_path, summary))
     return paths
+
+
+register(Analysis(
+    "evolution", "fig4", "Fig. 4", "Evolution of features during training",
+    "Per layer, a few maps (rows) at the saved epochs (columns): the strongest activation over training "
+    "images, projected. Lower layers settle in a few epochs, upper layers much later.",
+    files=lambda layout: (list(layout.layer_figures("fig4").values()), []),
+    compute=compute, write=write_evolution, per_layer=True, projects=True,
+    help={"layers": LAYERS_HELP + " [conv1..conv5, or the model's stages]",
+          "units": "Units per layer (a seeded subset).", "n_images": "Training images searched at each epoch.",
+          "seed": "Seed of the units and images.", "rule": RULE_HELP,
+          "checkpoints": "A folder of state dicts, one per epoch, the epoch a number in each file name "
+                         "(epoch_5.pth, 10.safetensors). [the run's own epoch checkpoints]"},
+    check=lambda layout: json_check(layout.figure("fig4", ".json"), lambda v: isinstance(v, dict) and all(
+        isinstance(e, dict) and isinstance(e.get("epochs"), list) for e in v.values()))))

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from . import artifacts
+from .analyses import Analysis, figure_files, register
 from .deconvnet import RULES, Projector
 from .errors import ConvscopeError, unknown
 from .findings import Finding, bootstrap_contrast, difference_contrast, finding
@@ -672,6 +673,18 @@ def findings(result: FiltersResult) -> list[Finding]:
 def write_filters(result: FiltersResult, layout: Layout, name: str = "fig6") -> list[Path]:
     """Fig. 6 into the run's figures: ``<name>.png``, ``<name>.json`` and each model's filter grid."""
     return save_diagnosis(layout.figures, result.diagnoses, figure(result.diagnoses, note=result.note), name=name)
+
+
+register(Analysis(
+    "filters", "fig6", "Fig. 6", "Architecture diagnosis of layers 1 and 2",
+    "Layer-1 filters with and without filter renormalisation, and with a large (11x11, stride 4) vs the "
+    "paper's smaller (7x7, stride 2) first layer.",
+    files=figure_files("fig6"), compute=compute, projects=True, findings=findings,
+    write=lambda result, layout: write_filters(result, layout, "fig6"),
+    help={"others": "Another run to set beside this one (repeatable); the demo's RUN/compare/ runs come "
+                    "by default.",
+          "n_images": "Images for the layer-2 projections."},
+    flags={"others": "--compare"}))
 
 
 __all__ = [

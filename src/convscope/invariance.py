@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import artifacts
+from .analyses import SPLIT_HELP, Analysis, figure_files, register
 from .data import SYNTHETIC
 from .errors import ConvscopeError, unknown
 from .findings import Finding, finding, paired_contrast
@@ -316,6 +317,17 @@ def findings(result: InvarianceResult, analysis: str | None = None) -> list[Find
                     f"relative distance {first} - {last}, mean over shifts of up to {shifts}",
                     "layer 1 changes dramatically, layer 7 less (quasi-linear in the shift); plotted, no number",
                     f"{float(a.mean()):.2f} ({first}) vs {float(b.mean()):.2f} ({last})")]
+
+
+register(Analysis(
+    "invariance", "fig5", "Fig. 5", "Invariance to translation, scale and rotation",
+    "Distance between the feature vectors of original and transformed images at layer 1 and layer 7, and "
+    "the probability of the true label, as the image is translated, scaled and rotated.",
+    files=figure_files("fig5", "", "_render"), compute=compute, findings=findings,
+    write=lambda result, layout: write_invariance(result, layout, "fig5"),
+    help={"n": "How many images (the first of the split).", "split": SPLIT_HELP,
+          "mode": "warp: translate, scale and rotate the image (the paper); render: re-render the embedded "
+                  "data's object with the pose changed (no border artefacts)."}))
 
 
 __all__ = ["TRANSFORMS", "InvarianceCurves", "InvarianceResult", "compute", "findings", "invariance",

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from . import artifacts, incremental
+from .analyses import SPLIT_HELP, Analysis, figure_files, register
 from .deconvnet import Projector
 from .errors import ConvscopeError, check_int, unknown
 from .findings import Finding, finding, proportion_contrast
@@ -407,6 +408,24 @@ def findings(result: OcclusionResults, analysis: str = "fig7") -> list[Finding]:
                     "share of images with the most harmful square in the box - chance (share of positions there)",
                     "qualitative: p(correct class) drops significantly when the object is occluded",
                     f"{sum(hits)} of {len(hits)} in the box (chance {null:.2f})")]
+
+
+register(Analysis(
+    "occlusion", "fig7", "Fig. 7", "Occlusion sensitivity",
+    "A grey square slid over the image: (b) total activation of the strongest layer-5 map, (c) its "
+    "projection, (d) probability of the correct class, (e) most probable class, per occluder position.",
+    files=figure_files("fig7"), compute=compute, projects=True, findings=findings,
+    write=lambda result, layout: write_occlusion(result, layout, "fig7"),
+    help={"n": "How many images (the first of the split).", "split": SPLIT_HELP,
+          "layer": "Layer whose strongest map is tracked (b, c). [conv5, or the model's last stage]",
+          "size": "Side of the grey square in pixels. [3/16 of the image]",
+          "stride": "Step between squares in pixels. [1/16 of the image]",
+          "batch_size": "Occluded images per forward pass.",
+          "method": "auto (incremental where it is exact on the model, else dense), incremental (Krypton: "
+                    "each layer recomputed only where the square reaches) or dense (a full pass per "
+                    "position). The same numbers to float rounding.",
+          "approx": "Truncate the incremental change to a fraction of each map (Krypton's projective-field "
+                    "threshold): faster, approximate."}))
 
 
 __all__ = ["METHODS", "OcclusionResult", "OcclusionResults", "box_hit", "compute", "default_fill", "findings",

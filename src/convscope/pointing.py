@@ -28,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import artifacts
+from .analyses import SPLIT_HELP, Analysis, existing, register
 from .deconvnet import Projector
 from .errors import ConvscopeError, check_int
 from .forward import eval_mode
@@ -252,6 +253,22 @@ def write_pointing(result: PointingResult, layout: Layout) -> list[Path]:
                "hits": {m: {t: h.tolist() for t, h in v.items()} for m, v in result.hits.items()}}
     return [artifacts.write_json(layout.figure("pointing", ".json"), numbers),
             artifacts.write_text(layout.figure("pointing", ".md"), pointing_table(result))]
+
+
+register(Analysis(
+    "pointing", "pointing", "TorchRay's pointing game", "Does a class's map point at its object?",
+    "Not in the paper: for each image and its class (true, and predicted), the maximum of each method's map "
+    "(deconvnet, guided, gradient: TorchRay's protocol; occlusion; the image centre as the baseline) is a hit "
+    "when it lies within 15 px at 224 of the object. Mean accuracy over classes, on all images and on the "
+    "difficult ones (small, off-centre objects), beside TorchRay's VGG-16 on VOC07, where the deconvnet is "
+    "below the centre baseline.",
+    files=lambda layout: ([], existing(layout.figure("pointing", ".md"))), compute=compute,
+    write=write_pointing, projects=True, findings=findings,
+    help={"n": "How many images (the first of the split).", "split": SPLIT_HELP,
+          "masks": "A folder of object masks for your own images: <class>/<image name>.png, white on the "
+                   "object. [the embedded data's own masks]",
+          "batch_size": "Images per forward and backward pass."},
+    summary=pointing_table))
 
 
 __all__ = ["METHODS", "PointingResult", "compute", "findings", "hits", "pointing_table", "smooth", "tolerance",

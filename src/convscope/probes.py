@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import artifacts
+from .analyses import LAYERS_HELP, Analysis, existing, register
 from .data import ImageSet
 from .errors import ConvscopeError, check_int, check_seed, unknown
 from .forward import eval_mode, run_to_all
@@ -274,3 +275,18 @@ def compute(run: Run, layers: list[str] | None = None, target: str = "run", data
     layers = run.check_layers(list(layers)) if layers is not None else run.feature_layers()
     train, test = load_target(target, run=run, data_root=data_root, seed=seed)
     return probe_layers(run.model, train, test, layers, n_per_class=n_per_class, seed=seed, pool=pool, grid=grid)
+
+
+register(Analysis(
+    "probe-layers", "table7", "Table 7", "Discriminative power of each layer",
+    "A linear SVM and a softmax on the features of one layer at a time: accuracy rises with depth.",
+    files=lambda layout: (existing(layout.probe(".png")), existing(layout.probe(".md"))),
+    compute=compute, write=write_probes, findings=findings,
+    help={"layers": LAYERS_HELP + " [conv1..fc7, or the model's stages and penultimate module]",
+          "target": "Target set: run (its own splits), heldout, digits, folder (with --data-root).",
+          "data_root": "ImageFolder tree for --target folder.", "n_per_class": "Training examples per class.",
+          "pool": "Pooling of conv maps to a fixed grid: max or avg.", "grid": "Side of that grid.",
+          "seed": "Seed of the examples drawn."},
+    summary=probe_table,
+    paper=[(f"Caltech-101 linear SVM, layer {layer[-1]} (accuracy)", str(acc))
+           for layer, acc in PAPER_TABLE7["svm"].items()]))

@@ -29,6 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import artifacts
+from .analyses import SPLIT_HELP, Analysis, existing, register
 from .deconvnet import Projector
 from .errors import ConvscopeError, check_int, check_seed, unknown
 from .layout import Layout
@@ -271,6 +272,22 @@ def write_sanity(result: SanityResult, layout: Layout) -> list[Path]:
     return [artifacts.save_figure(layout.figure("sanity"), sanity_figure(result)),
             artifacts.write_text(layout.figure("sanity", ".md"), sanity_table(result)),
             artifacts.write_json(layout.figure("sanity", ".json"), numbers)]
+
+
+register(Analysis(
+    "sanity", "sanity", "Adebayo et al. 2018", "Sanity check: the maps when the weights are randomised",
+    "Not in the paper: the model's modules re-initialised from the top down, one more at a time (Quantus's "
+    "MPRT), and each method's map of the same images compared with the trained model's (Spearman rank "
+    "correlation of the absolute maps). A map that barely changes shows the image or the architecture, not "
+    "what the network learnt: the deconvnet's critique (Adebayo et al. 2018, Nie et al. 2018), measured on "
+    "this model.",
+    files=lambda layout: (existing(layout.figure("sanity")), existing(layout.figure("sanity", ".md"))),
+    compute=compute, write=write_sanity, projects=True, findings=findings,
+    help={"n": "How many images (the first of the split).", "split": SPLIT_HELP,
+          "order": "top_down: cascading, the layers above stay randomised (Adebayo's cascade); independent: "
+                   "one layer at a time.",
+          "seed": "Seed of the re-initialisation (Quantus's: torch seeded at seed + 1 per layer)."},
+    summary=sanity_table))
 
 
 __all__ = ["METHODS", "SanityResult", "class_maps", "compute", "findings", "mprt", "randomised", "sanity_figure",

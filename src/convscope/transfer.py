@@ -45,6 +45,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import artifacts
+from .analyses import Analysis, register
 from .config import TrainConfig
 from .cpu import channels_last_pooling
 from .data import ImageSet
@@ -67,6 +68,8 @@ FEATURES = ("fc7", "all")  # the paper's softmax on layer 7, and one on all seve
 # From the paper's Table 4 (Caltech-101, mean per-class accuracy %, 5 folds): n per class -> (pretrained,
 # from scratch), as quoted in PAPER.md. Caltech-256 (Table 5) is left out rather than guessed.
 PAPER_TABLE4 = {15: (83.8, 22.8), 30: (86.5, 46.5)}
+PAPER_TABLE6 = 79.0  # PASCAL VOC 2012, mean accuracy over its 20 classes (%)
+
 
 __all__ = ["FEATURES", "SHOTS", "TransferResult", "compute", "findings", "fold_indices", "mean_per_class_accuracy",
            "train_scratch", "transfer", "write_transfer"]
@@ -403,3 +406,24 @@ def compute(run: Run, target: str = "heldout", data_root: str | None = None, sho
     return transfer(run.model, train, test, shots, folds, seed, features, scratch=scratch,
                     scratch_cfg=run.config, scratch_steps=scratch_steps, progress=progress,
                     scratch_model=lambda k, s: run.new_model(k, s), joined=joined, target=target)
+
+
+register(Analysis(
+    "transfer", "transfer", "Tables 4-5, Fig. 9", "Transfer to small data sets",
+    "Layers 1-7 kept fixed and a new softmax trained on n examples per class, on fc7 as in the paper and "
+    "on conv1..fc7 joined, against the same net trained from scratch on those examples (mean per-class "
+    "accuracy over folds).",
+    files=lambda layout: (layout.transfers(".png"), layout.transfers(".md")), compute=compute,
+    write=write_transfer, findings=findings,
+    help={"target": "heldout (synthetic classes the run did not see), digits, folder (with --data-root), "
+                    "run (the run's own splits).",
+          "data_root": "ImageFolder tree for --target folder (Caltech-101/256).",
+          "shots": "Training images per class.", "folds": "Seeded folds per number of shots.",
+          "features": "Frozen feature sets, comma-separated, each scored: a layer (fc7: the paper's) or all "
+                      "(every probed layer joined). [fc7,all; on other models the penultimate module and all]",
+          "scratch": "Also train the same net from scratch.",
+          "scratch_steps": "SGD steps of each from-scratch net.", "seed": "Seed of the folds and nets."},
+    summary=transfer_table,
+    paper=[("Caltech-101, 15 / 30 per class, pretrained (accuracy)", f"{PAPER_TABLE4[15][0]} / {PAPER_TABLE4[30][0]}"),
+           ("Caltech-101, 15 / 30 per class, from scratch", f"{PAPER_TABLE4[15][1]} / {PAPER_TABLE4[30][1]}"),
+           ("PASCAL 2012 (Table 6), mean accuracy", str(PAPER_TABLE6))]))

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from . import artifacts, distributed
+from .analyses import LAYERS_HELP, RULE_HELP, SPLIT_HELP, Analysis, register
 from .data import seeded_subset
 from .deconvnet import RULES, Projector
 from .distributed import Group, barrier
@@ -35,7 +36,7 @@ from .imaging import caption, make_grid, to_image, upscale
 from .layers import site
 from .layout import Layout
 from .receptive_field import receptive_field
-from .topk import TopK, save_topk, scan
+from .topk import TopK, load_topk, save_topk, scan
 
 if TYPE_CHECKING:
     from .run import Run
@@ -610,3 +611,33 @@ def findings(result: ScanResult) -> list[Finding]:
                            difference_contrast(agree[top], agree[first], unit="units"),
                            f"mean top-{k} class agreement at {top} minus at {first}", "qualitative (Fig. 2)", every))
     return out
+
+
+def _check_scan(layout: Layout) -> list[tuple[Path, str]]:
+    """The scan's record (its top-k tensors) where it is there but does not load."""
+    if not layout.topk.exists():
+        return []
+    try:
+        load_topk(layout.topk)
+    except ConvscopeError:
+        return [(layout.topk, "not readable")]
+    return []
+
+
+register(Analysis(
+    "scan", "fig2", "Fig. 2", "Feature visualisation",
+    "Per layer, a subset of feature maps; per map its top-9 activations over the validation set, each "
+    "projected to pixels by the deconvnet (left 3x3), beside the image patches under them (right 3x3).",
+    files=lambda layout: (list(layout.layer_figures("fig2").values()), []),
+    compute=compute, write=write_scan, per_layer=True, projects=True, distributed=True,
+    findings=findings,
+    help={"layers": LAYERS_HELP + " [conv1..conv5, or the model's stages]",
+          "k": "Strongest activations kept per feature map.", "split": SPLIT_HELP.replace("val / test", "val"),
+          "units": "Units per layer to draw (a seeded subset); 0 = all.", "seed": "Seed of the unit subset.",
+          "batch_size": "Images per forward pass of the scan (lower it where memory is short; the result is "
+                        "the same).",
+          "class_k": "Strongest images kept per map and class (zennit-crp's per-class statistics); a unit's "
+                     "class histogram counts the classes of its class-k strongest images. 0 = none.",
+          "rule": RULE_HELP + " Several, comma-separated (deconvnet,guided,gradient), draw each unit under "
+                          "each; the viewer switches between them."},
+    summary=summary, check=_check_scan))

@@ -34,6 +34,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import artifacts
+from .analyses import LAYERS_HELP, Analysis, register
 from .errors import ConvscopeError, check_int, check_seed, unknown
 from .forward import eval_mode, run_to
 from .imaging import make_grid, tensor_to_pil, upscale
@@ -270,6 +271,22 @@ def summary(result: VisualizeResult) -> str:
     return "; ".join(f"{layer}: {len(v.units)} units, strongest activation {v.activations.min():.3g}.."
                      f"{v.activations.max():.3g} after {result.steps} steps ({v.seconds:.1f} s)"
                      for layer, v in result.layers.items())
+
+
+register(Analysis(
+    "visualize", "visualize", "Olah et al. 2017", "Images optimised to excite each unit",
+    "Not in the paper: per unit, the image optimised to excite it most (Adam on a decorrelated Fourier "
+    "parameterisation, jittered, scaled and rotated at every step, as Lucid does). Fig. 2 shows what excites "
+    "a unit among the data's images; this asks the model itself.",
+    files=lambda layout: (list(layout.layer_figures("visualize").values()), []), compute=compute,
+    write=write_visualize,
+    help={"layers": LAYERS_HELP + " [conv1..conv5, or the model's stages]",
+          "units": "Units per layer to visualise (a seeded subset); 0 = all.",
+          "objective": "neuron: the unit at the centre of its map (compares with its strongest activation "
+                       "in the data); channel: its mean over the map (a texture).",
+          "steps": "Optimisation steps (Adam, lr 0.05), all of a layer's units in one batch.",
+          "seed": "Seed of the unit subset, the starting images and the random transforms."},
+    summary=summary))
 
 
 __all__ = ["VisualizeResult", "Visualization", "color_matrix", "compute", "init_spectrum", "layer_output", "pictures",

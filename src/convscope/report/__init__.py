@@ -27,29 +27,7 @@ from .. import artifacts
 from ..analyses import REGISTRY, Analysis, written
 from ..errors import ConvscopeError, printable
 from ..layout import Layout
-from ..train import metrics_ok, result_ok
-
-# The paper's numbers (Zeiler & Fergus, ECCV 2014; ImageNet 2012 unless said otherwise), shown beside the run's.
-# Errors and accuracies in %. Key: the registry entry they belong to.
-# Table 2's rows are (what, top-1 error, top-5 error); the others (what, value).
-PAPER: dict[str, list[tuple[str, ...]]] = {
-    "table2": [("ZF single model (Fig. 3), val", "38.4", "16.5"),
-               ("AlexNet replication, val", "40.5", "18.1"),
-               ("ZF ensemble of 6 nets, test", "", "14.8")],
-    "table1": [("layer 5: right eye / left eye / nose", "0.067 / 0.069 / 0.079"),
-               ("layer 5: random regions", "0.107"),
-               ("layer 7: eyes, nose and random", "0.068 - 0.073")],
-    "table3": [("Our Model (as per Fig. 3): train top-1 / val top-1 / val top-5", "33.1 / 38.4 / 16.6"),
-               ("Removed layers 3,4", "41.8 / 45.4 / 22.1"),
-               ("Removed layers 6,7", "27.4 / 44.8 / 22.4"),
-               ("Removed layers 3,4,6,7", "71.1 / 71.3 / 50.1"),
-               ("Adjust layers 3,4,5: 512,1024,512 maps", "35.7 / 37.5 / 16.0")],
-    "transfer": [("Caltech-101, 15 / 30 per class, pretrained (accuracy)", "83.8 / 86.5"),
-                 ("Caltech-101, 15 / 30 per class, from scratch", "22.8 / 46.5"),
-                 ("PASCAL 2012 (Table 6), mean accuracy", "79.0")],
-    "table7": [("Caltech-101 linear SVM, layer 1 (accuracy)", "44.8"),
-               ("Caltech-101 linear SVM, layer 5 (accuracy)", "86.2")],
-}
+from ..train import PAPER_TABLE2, metrics_ok, result_ok
 
 
 def require_run(run_dir: str | Path) -> Path:
@@ -64,21 +42,12 @@ def require_run(run_dir: str | Path) -> Path:
     return path.resolve()
 
 
-def label_of(path: Path, run_dir: Path) -> str:
-    """A short label for one image of an entry: ``fig2_conv5.png`` -> ``conv5``."""
-    stem = path.stem
-    for prefix in ("fig2_", "fig4_", "fig5_", "fig6_", "fig7_"):
-        if stem.startswith(prefix):
-            return stem[len(prefix):]
+def label_of(path: Path, run_dir: Path, key: str = "") -> str:
+    """A short label for one image of analysis ``key``: ``fig2_conv5.png`` -> ``conv5``; a file not named after
+    the key, by its path in the run."""
+    if key and path.stem.startswith(key + "_"):
+        return path.stem[len(key) + 1:]
     return path.relative_to(run_dir).with_suffix("").as_posix().removeprefix("figures/")
-
-
-def read_json(path: Path) -> Any | None:
-    """A JSON artifact, or None when it is missing or unreadable (an unfinished write, say)."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def relative_url(path: Path, folder: Path) -> str:
@@ -188,7 +157,7 @@ def read_run(layout: Layout) -> RunFiles:
     def check(path: Path, ok, command: str):
         if not path.exists():
             return None
-        value = read_json(path)
+        value = artifacts.read_json(path)
         if value is None or not ok(value):
             what = "not valid JSON" if value is None else "not of the shape convscope writes"
             damaged.append({"file": path.relative_to(layout.root).as_posix(), "problem": what, "command": command})
@@ -202,18 +171,11 @@ def read_run(layout: Layout) -> RunFiles:
     test = check(layout.test, result_ok, retrain)
     timings = check(layout.timings, lambda v: isinstance(v, dict) and all(_number(t) for t in v.values()),
                     f"convscope demo --out {shown}")
-    check(layout.figure("fig4", ".json"), lambda v: isinstance(v, dict) and all(
-        isinstance(e, dict) and isinstance(e.get("epochs"), list) for e in v.values()),
-        f"convscope evolution {shown}")
-    if layout.topk.exists():
-        from ..topk import load_topk
-
-        try:
-            load_topk(layout.topk)
-        except ConvscopeError:
-            damaged.append({"file": layout.topk.relative_to(layout.root).as_posix(), "problem": "not readable",
-                            "command": f"convscope scan {shown}"})
-    if layout.manifest.exists() and not isinstance(read_json(layout.manifest), dict):
+    for analysis in REGISTRY:  # each analysis's own records (its JSON, the scan's tensors)
+        for path, problem in analysis.check(layout) if analysis.check else []:
+            damaged.append({"file": path.relative_to(layout.root).as_posix(), "problem": problem,
+                            "command": analysis.command.format(run=shown)})
+    if layout.manifest.exists() and not isinstance(artifacts.read_json(layout.manifest), dict):
         damaged.append({"file": layout.manifest.name, "problem": "not valid JSON (so the check for missing figures "
                         "is off)", "command": "run the analyses again; each adds its files to it"})
     recorded = written(layout)
@@ -242,8 +204,9 @@ def sections(layout: Layout, src) -> tuple[list[dict], list[Analysis]]:
         if not images and not texts:
             missing.append(analysis)
             continue
-        found.append({"entry": analysis, "paper": PAPER.get(analysis.key, []),
-                      "images": [{"label": printable(label_of(p, layout.root)), "src": src(p)} for p in images],
+        found.append({"entry": analysis, "paper": list(analysis.paper),
+                      "images": [{"label": printable(label_of(p, layout.root, analysis.key)), "src": src(p)}
+                                 for p in images],
                       "texts": [{"label": p.relative_to(layout.root).as_posix(),
                                  "text": printable(p.read_text(errors="replace"))} for p in texts]})
     return found, missing
@@ -284,7 +247,7 @@ def collect(run_dir: str | Path, out: str | Path | None = None, pending: Sequenc
         "run_name": printable(run_dir.name), "run_dir": printable(run_dir), "config": config,
         "attached": files.attached is not None,
         "config_json": printable(json.dumps(config, indent=2, sort_keys=True)), "metrics": metrics, "last": last,
-        "test": test, "paper_table2": PAPER["table2"], "curve": src(curve) if curve else None,
+        "test": test, "paper_table2": PAPER_TABLE2, "curve": src(curve) if curve else None,
         "model": model, "classes": classes, "sections": found, "missing": missing, "damaged": files.damaged,
         "gradient_note": {a.key: NONLINEARITY_NOTE for a in REGISTRY if a.projects} if gradient else {},
         "findings": findings, "findings_seeds": findings_seeds,
@@ -344,4 +307,4 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, pending: Se
                                     render_report(run_dir, out, pending))
 
 
-__all__ = ["PAPER", "REGISTRY", "RunFiles", "build_report", "collect", "read_run", "render_report", "require_run"]
+__all__ = ["REGISTRY", "RunFiles", "build_report", "collect", "read_run", "render_report", "require_run"]

@@ -23,10 +23,11 @@ from starlette.responses import FileResponse, HTMLResponse, RedirectResponse, Re
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from .. import artifacts
 from ..analyses import REGISTRY
 from ..errors import ConvscopeError, check_int, printable
 from ..layout import Layout, natural_key
-from ..report import NONLINEARITY_NOTE, environment, label_of, read_json, read_run, require_run
+from ..report import NONLINEARITY_NOTE, environment, label_of, read_run, require_run
 
 STATIC = Path(__file__).parent / "static"
 PAGE = 256  # units per page of a layer: its thumbnails load lazily, and a layer of thousands pages
@@ -200,7 +201,7 @@ def make_app(run_dir: str | Path, allowed_hosts: list[str] | tuple[str, ...] | N
                "prev-layer": unit_url(prev_layer, art.layer_units(prev_layer)[0]) if prev_layer else None,
                "next-layer": unit_url(next_layer, art.layer_units(next_layer)[0]) if next_layer else None,
                "up": layer_url(layer)}
-        fig4 = read_json(layout.figure("fig4", ".json"))
+        fig4 = artifacts.read_json(layout.figure("fig4", ".json"))
         entry = fig4.get(layer) if isinstance(fig4, dict) else None
         epochs = entry.get("epochs") if isinstance(entry, dict) else None
         if not isinstance(epochs, list) or not all(isinstance(e, int) for e in epochs):
@@ -222,7 +223,7 @@ def make_app(run_dir: str | Path, allowed_hosts: list[str] | tuple[str, ...] | N
                     occluded=_occluded(layout, layer, unit))
 
     def figures(art: Artifacts, only: str | None = None) -> list[dict]:
-        return [{"entry": a, "images": [(label_of(p, root), art.url(p)) for p in images],
+        return [{"entry": a, "images": [(label_of(p, root, a.key), art.url(p)) for p in images],
                  "texts": [(p.relative_to(root).as_posix(), p.read_text(errors="replace")) for p in texts],
                  "note": note if a.projects else None}
                 for a, (images, texts) in _other_figures(layout) if only in (None, a.key)]
@@ -337,7 +338,7 @@ def _unit_classes(layout: Layout, cache: dict, layer: str) -> dict[int, dict] | 
 def _occluded(layout: Layout, layer: str, unit: int) -> list[dict]:
     """The images of Fig. 7 whose tracked map is this unit (occlusion ran on it): label, clean activation and the
     lowest under the grey square."""
-    saved = read_json(layout.figure("fig7", ".json"))
+    saved = artifacts.read_json(layout.figure("fig7", ".json"))
     images = saved.get("images") if isinstance(saved, dict) else None
     out = []
     for i, im in enumerate(images if isinstance(images, list) else []):
