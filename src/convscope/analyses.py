@@ -23,6 +23,7 @@ from typing import Any
 from . import artifacts, distributed
 from .errors import unknown
 from .layout import Layout
+from .panels import Panel, UnitBadge
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,13 @@ class Analysis:
     findings: Callable[[Any], list] | None = None  # the claims its result tests (convscope.findings.Finding)
     paper: Sequence[tuple[str, str]] = ()  # the paper's numbers, shown beside the run's: (what, value) rows
     check: Callable[[Layout], list[tuple[Path, str]]] | None = None  # its records there but damaged: (path, problem)
+    # The viewer's unit pages (convscope.panels): the units it has a picture of (layer -> unit -> picture), which
+    # the viewer lists; its panel of one unit, given the page's query (a variant to show); a unit's thumbnail; and
+    # a badge per unit of a layer, which the layer page shows and can sort by.
+    units: Callable[[Layout], dict[str, dict[int, Path]]] | None = None
+    unit_panel: Callable[[Layout, str, int, Mapping[str, str]], Panel | None] | None = None
+    unit_thumb: Callable[[Layout, str, int], Path | None] | None = None
+    unit_badges: Callable[[Layout, str], dict[int, UnitBadge] | None] | None = None
 
     @property
     def command(self) -> str:

@@ -25,6 +25,7 @@ from .deconvnet import RULES
 from .errors import ConvscopeError, check_int, check_seed, unknown
 from .imaging import caption, make_grid, to_image, upscale
 from .layout import Layout
+from .panels import Panel, Picture
 from .topk import scan_shard
 from .units import gradient_note, select_units, unit_views
 
@@ -148,6 +149,23 @@ def write_evolution(result: EvolutionResult, layout: Layout) -> list[Path]:
     return paths
 
 
+def unit_panel(layout: Layout, layer: str, unit: int, query=None) -> Panel | None:
+    """The unit's strip of epochs (Fig. 4), each labelled with its epoch from ``fig4.json`` (without labels where
+    that file is damaged)."""
+    strip = layout.evolution_strip(layer, unit)
+    if not strip.is_file():
+        return None
+    saved = artifacts.read_json(layout.figure("fig4", ".json"))
+    entry = saved.get(layer) if isinstance(saved, dict) else None
+    epochs = entry.get("epochs") if isinstance(entry, dict) else None
+    if not isinstance(epochs, list) or not all(isinstance(e, int) and not isinstance(e, bool) for e in epochs):
+        epochs = None
+    when = f"epochs {', '.join(map(str, epochs))}" if epochs else "the saved epochs"
+    return Panel([Picture(strip, f"evolution of {layer} unit {unit}", "Fig. 4.",
+                          f"The unit's strongest activation over training images at {when}, projected.",
+                          id="evolution-img", labels=tuple(f"epoch {e}" for e in epochs or ()))])
+
+
 register(Analysis(
     "evolution", "fig4", "Fig. 4", "Evolution of features during training",
     "Per layer, a few maps (rows) at the saved epochs (columns): the strongest activation over training "
@@ -159,5 +177,6 @@ register(Analysis(
           "seed": "Seed of the units and images.", "rule": RULE_HELP,
           "checkpoints": "A folder of state dicts, one per epoch, the epoch a number in each file name "
                          "(epoch_5.pth, 10.safetensors). [the run's own epoch checkpoints]"},
+    units=lambda layout: Layout.unit_files(layout.evolution), unit_panel=unit_panel,
     check=lambda layout: json_check(layout.figure("fig4", ".json"), lambda v: isinstance(v, dict) and all(
         isinstance(e, dict) and isinstance(e.get("epochs"), list) for e in v.values()))))

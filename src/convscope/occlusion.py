@@ -33,12 +33,13 @@ from torch import nn
 from . import artifacts, incremental
 from .analyses import SPLIT_HELP, Analysis, figure_files, register
 from .deconvnet import Projector
-from .errors import ConvscopeError, check_int, unknown
+from .errors import ConvscopeError, check_int, printable, unknown
 from .findings import Finding, finding, proportion_contrast
 from .forward import check_images, eval_mode, run_to_all
 from .incremental import map_totals
 from .layers import Site, site
 from .layout import Layout
+from .panels import Line, Panel
 
 if TYPE_CHECKING:
     from .run import Run
@@ -410,6 +411,27 @@ def findings(result: OcclusionResults, analysis: str = "fig7") -> list[Finding]:
                     f"{sum(hits)} of {len(hits)} in the box (chance {null:.2f})")]
 
 
+def unit_panel(layout: Layout, layer: str, unit: int, query=None) -> Panel | None:
+    """The images of Fig. 7 whose tracked map is this unit: each one's label, its clean activation and the lowest
+    under the grey square (from ``fig7.json``)."""
+    saved = artifacts.read_json(layout.figure("fig7", ".json"))
+    images = saved.get("images") if isinstance(saved, dict) else None
+    seen = []
+    for i, im in enumerate(images if isinstance(images, list) else []):
+        if not (isinstance(im, dict) and im.get("layer") == layer and im.get("channel") == unit):
+            continue
+        grid, clean = im.get("activation"), im.get("activation_clean")
+        values = [v for row in grid if isinstance(row, list) for v in row] if isinstance(grid, list) else []
+        values = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
+        text = f"image {i} ({printable(str(im.get('label', '?')))}"
+        if isinstance(clean, int | float) and not isinstance(clean, bool):
+            text += f": {clean:.3g}, down to {f'{min(values):.3g}' if values else '?'} under the grey square"
+        seen.append(text + ")")
+    if not seen:
+        return None
+    return Panel([Line("Occlusion (", f") tracked this unit in {'; '.join(seen)}.", "fig7", "Fig. 7", id="occluded")])
+
+
 register(Analysis(
     "occlusion", "fig7", "Fig. 7", "Occlusion sensitivity",
     "A grey square slid over the image: (b) total activation of the strongest layer-5 map, (c) its "
@@ -425,7 +447,8 @@ register(Analysis(
                     "each layer recomputed only where the square reaches) or dense (a full pass per "
                     "position). The same numbers to float rounding.",
           "approx": "Truncate the incremental change to a fraction of each map (Krypton's projective-field "
-                    "threshold): faster, approximate."}))
+                    "threshold): faster, approximate."},
+    unit_panel=unit_panel))
 
 
 __all__ = ["METHODS", "OcclusionResult", "OcclusionResults", "box_hit", "compute", "default_fill", "findings",

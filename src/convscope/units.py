@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import artifacts, distributed
+from . import artifacts, distributed, scanned
 from .analyses import LAYERS_HELP, RULE_HELP, SPLIT_HELP, Analysis, register
 from .data import seeded_subset
 from .deconvnet import RULES, Projector
@@ -640,4 +640,5 @@ register(Analysis(
                      "class histogram counts the classes of its class-k strongest images. 0 = none.",
           "rule": RULE_HELP + " Several, comma-separated (deconvnet,guided,gradient), draw each unit under "
                           "each; the viewer switches between them."},
-    summary=summary, check=_check_scan))
+    summary=summary, check=_check_scan, units=lambda layout: Layout.unit_files(layout.units),
+    unit_panel=scanned.unit_panel, unit_thumb=scanned.unit_thumb, unit_badges=scanned.unit_badges))

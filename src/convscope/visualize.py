@@ -40,6 +40,7 @@ from .forward import eval_mode, run_to
 from .imaging import make_grid, tensor_to_pil, upscale
 from .layers import site
 from .layout import Layout, natural_key
+from .panels import Panel, Picture
 from .units import select_units
 
 if TYPE_CHECKING:
@@ -273,6 +274,16 @@ def summary(result: VisualizeResult) -> str:
                      for layer, v in result.layers.items())
 
 
+def unit_panel(layout: Layout, layer: str, unit: int, query=None) -> Panel | None:
+    """The image optimised to excite the unit, where it was visualised."""
+    path = layout.visualization(layer, unit)
+    if not path.is_file():
+        return None
+    return Panel([Picture(path, f"optimised image of {layer} unit {unit}", "Optimised.",
+                          "An image optimised to excite the unit (Olah et al. 2017): what maximises it, against what "
+                          "it responds to in the data.", id="visual-img", width=256)])
+
+
 register(Analysis(
     "visualize", "visualize", "Olah et al. 2017", "Images optimised to excite each unit",
     "Not in the paper: per unit, the image optimised to excite it most (Adam on a decorrelated Fourier "
@@ -286,7 +297,7 @@ register(Analysis(
                        "in the data); channel: its mean over the map (a texture).",
           "steps": "Optimisation steps (Adam, lr 0.05), all of a layer's units in one batch.",
           "seed": "Seed of the unit subset, the starting images and the random transforms."},
-    summary=summary))
+    summary=summary, unit_panel=unit_panel))
 
 
 __all__ = ["VisualizeResult", "Visualization", "color_matrix", "compute", "init_spectrum", "layer_output", "pictures",

@@ -13,7 +13,7 @@ from __future__ import annotations
 import mimetypes
 import socket
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -23,10 +23,10 @@ from starlette.responses import FileResponse, HTMLResponse, RedirectResponse, Re
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from .. import artifacts
 from ..analyses import REGISTRY
 from ..errors import ConvscopeError, check_int, printable
 from ..layout import Layout, natural_key
+from ..panels import Line, Panel, Picture, UnitBadge
 from ..report import NONLINEARITY_NOTE, environment, label_of, read_run, require_run
 
 STATIC = Path(__file__).parent / "static"
@@ -39,22 +39,25 @@ HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:;
            "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
 
 
-class Artifacts:
-    """What the run holds right now: layers, their units, and the unit and evolution pictures."""
+class RunView:
+    """What the run holds right now: its layers (those of a per-layer figure or of a unit picture) and per layer
+    the units that some analysis has a picture of (:attr:`convscope.analyses.Analysis.units`)."""
 
     def __init__(self, root: Path):
         self.root = root
         self.layout = Layout(root)
-        self.units = Layout.unit_files(self.layout.units)
-        self.evolution = Layout.unit_files(self.layout.evolution)
-        layers = set(self.units) | set(self.evolution)
+        self.units: dict[str, set[int]] = {}
+        for analysis in REGISTRY:
+            for layer, pictures in analysis.units(self.layout).items() if analysis.units else ():
+                self.units.setdefault(layer, set()).update(pictures)
+        layers = set(self.units)
         for analysis in REGISTRY:
             if analysis.per_layer:
                 layers |= set(self.layout.layer_figures(analysis.key))
         self.layers = sorted(layers, key=natural_key)
 
     def layer_units(self, layer: str) -> list[int]:
-        return sorted(set(self.units.get(layer, {})) | set(self.evolution.get(layer, {})))
+        return sorted(self.units.get(layer, ()))
 
     def sequence(self) -> list[tuple[str, int]]:
         """Every (layer, unit), layer by layer: the order of ArrowRight / ArrowLeft."""
@@ -103,10 +106,9 @@ def make_app(run_dir: str | Path, allowed_hosts: list[str] | tuple[str, ...] | N
     attached, config = files.attached, files.config
     classes = [printable(c) for c in _classes(layout, config)]
     note = NONLINEARITY_NOTE if config.get("nonlinearities") == "gradient" else None
-    topk_cache: dict[str, object] = {}
 
     def page(request: Request, status: int = 200, **context) -> HTMLResponse:
-        art = context.pop("art", None) or Artifacts(root)
+        art = context.pop("art", None) or RunView(root)
         figures = [(a.ref, figure_url(a.key)) for a, _ in _other_figures(layout)]
         html = template.render(run_name=printable(root.name), config=config,
                                layers=[(printable(n), layer_url(n)) for n in art.layers],
@@ -114,36 +116,39 @@ def make_app(run_dir: str | Path, allowed_hosts: list[str] | tuple[str, ...] | N
                                figure_links=figures, attached=attached is not None, **{"nav": {}, **context})
         return HTMLResponse(html, status_code=status, headers=HEADERS)
 
-    def not_found(request: Request, message: str, art: Artifacts | None = None, back: str | None = None
+    def not_found(request: Request, message: str, art: RunView | None = None, back: str | None = None
                   ) -> HTMLResponse:
         """A 404 page saying what was wrong, with a link back to the layer (``back``) or the index."""
         return page(request, 404, art=art, kind="missing", title="not found", message=message,
                     back=(printable(back), layer_url(back)) if back else None)
 
     async def index(request: Request) -> Response:
-        art = Artifacts(root)
+        art = RunView(root)
         layers = [{"name": n, "url": layer_url(n), "units": [(u, unit_url(n, u)) for u in art.layer_units(n)[:INDEXED]],
                    "count": len(art.layer_units(n))} for n in art.layers]
         seq = art.sequence()
         nav = {"next": unit_url(*seq[0])} if seq else {}
         now = read_run(layout)  # read at every request: the run may be written while the viewer runs
+        per_unit = [a for a in REGISTRY if a.units]
         return page(request, art=art, kind="index", title=root.name, index_layers=layers, nav=nav, classes=classes,
-                    test=now.test, epochs=len(now.metrics), damaged=now.damaged)
+                    test=now.test, epochs=len(now.metrics), damaged=now.damaged,
+                    per_unit=[f"{a.ref} ({a.title.lower()})" for a in per_unit],
+                    per_unit_commands=[a.command.format(run="RUN") for a in per_unit])
 
-    def missing_layer(request: Request, layer: str, art: Artifacts) -> HTMLResponse:
+    def missing_layer(request: Request, layer: str, art: RunView) -> HTMLResponse:
         return not_found(request, f"this run has no figures for layer {layer!r}; its layers: "
-                                  f"{', '.join(art.layers) or 'none yet (run `convscope scan RUN`)'}", art)
+                                  f"{', '.join(art.layers) or f'none yet (run `{_unit_command()}`)'}", art)
 
     async def layer_page(request: Request) -> Response:
         layer = request.path_params["layer"]
-        art = Artifacts(root)
+        art = RunView(root)
         if layer not in art.layers:
             return missing_layer(request, layer, art)
         units = art.layer_units(layer)
-        stats = _unit_classes(layout, topk_cache, layer)
+        badges = _badges(layout, layer)
         sort = request.query_params.get("sort", "unit")
-        if sort == "class" and stats is not None:  # most class-specific first: the share of the top class
-            units = sorted(units, key=lambda u: (-stats[u]["share"], u) if u in stats else (1, u))
+        if sort == "class" and badges is not None:  # highest score first (the scan's: most class-specific)
+            units = sorted(units, key=lambda u: (-badges[u].score, u) if u in badges else (1, u))
         pages = max(1, -(-len(units) // PAGE))
         number = request.query_params.get("page", "1")
         page_no = int(number) if number.isdigit() and len(number) < 7 else 0
@@ -159,13 +164,14 @@ def make_app(run_dir: str | Path, allowed_hosts: list[str] | tuple[str, ...] | N
                "prev-layer": layer_url(art.layers[i - 1]) if i > 0 else None,
                "next-layer": layer_url(art.layers[i + 1]) if i + 1 < len(art.layers) else None}
         shown = units[(page_no - 1) * PAGE:page_no * PAGE]
-        thumbs = [{"unit": u, "url": unit_url(layer, u),
-                   "img": art.url(_first_file(layout.unit_thumb(layer, u), art.units.get(layer, {}).get(u))),
-                   "top": stats.get(u) if stats else None} for u in shown]
+        thumbs = [{"unit": u, "url": unit_url(layer, u), "img": art.url(_thumb(layout, layer, u)),
+                   "badge": badges.get(u) if badges else None} for u in shown]
+        panels = [{"url": art.layer_figure(a.key, layer), "ref": a.ref, "caption": a.caption}
+                  for a in REGISTRY if a.per_layer and art.layer_figure(a.key, layer)]
         return page(request, art=art, kind="layer", title=layer, layer=layer, nav=nav, thumbs=thumbs, note=note,
-                    fig2=art.layer_figure("fig2", layer), fig4=art.layer_figure("fig4", layer),
+                    layer_figures=panels,
                     n_units=len(units), pages=[(n, paged(n)) for n in range(1, pages + 1)], page_no=page_no,
-                    sort=sort, sortable=stats is not None, layer_link=layer_url(layer),
+                    sort=sort, sortable=badges is not None, layer_link=layer_url(layer),
                     jump=f"{layer_url(layer)}/goto", biggest=max(units) if units else 0)
 
     async def goto(request: Request) -> Response:
@@ -182,15 +188,15 @@ def make_app(run_dir: str | Path, allowed_hosts: list[str] | tuple[str, ...] | N
             return not_found(request, f"{number[:20]!r}{'...' if len(number) > 20 else ''} is not a unit number",
                              back=layer)
         unit = int(number)
-        art = Artifacts(root)
+        art = RunView(root)
         units = art.layer_units(layer)
         if layer not in art.layers:
             return missing_layer(request, layer, art)
         if unit not in units:
             listed = ", ".join(map(str, units[:40])) + (" ..." if len(units) > 40 else "")
             return not_found(request, f"layer {layer!r} has no unit {unit} in this run; its units: "
-                                      f"{listed or 'none'}. `convscope scan RUN` draws every unit (--units N: a "
-                                      "sample of N)", art, back=layer)
+                                      f"{listed or 'none'}. `{_unit_command()}` draws every unit (--units N: a sample "
+                                      "of N)", art, back=layer)
         seq = art.sequence()
         i = seq.index((layer, unit))
         li = art.layers.index(layer)
@@ -201,39 +207,23 @@ def make_app(run_dir: str | Path, allowed_hosts: list[str] | tuple[str, ...] | N
                "prev-layer": unit_url(prev_layer, art.layer_units(prev_layer)[0]) if prev_layer else None,
                "next-layer": unit_url(next_layer, art.layer_units(next_layer)[0]) if next_layer else None,
                "up": layer_url(layer)}
-        fig4 = artifacts.read_json(layout.figure("fig4", ".json"))
-        entry = fig4.get(layer) if isinstance(fig4, dict) else None
-        epochs = entry.get("epochs") if isinstance(entry, dict) else None
-        if not isinstance(epochs, list) or not all(isinstance(e, int) for e in epochs):
-            epochs = None  # a damaged fig4.json: the strip is shown without its epoch labels
-        main, rules = _rules(layout, topk_cache)
-        rule = request.query_params.get("rule", main)
-        if rule not in rules:
-            rule = main
-        drawn = [(r, f"{unit_url(layer, unit)}?rule={r}", r == rule) for r in rules
-                 if layout.unit(layer, unit, None if r == main else r).is_file()]
-        unit_img = art.url(_first_file(layout.unit(layer, unit, None if rule == main else rule)))
-        stats = _unit_classes(layout, topk_cache, layer)
+        panels = [_panel(p, art, unit_url(layer, unit)) for a in REGISTRY if a.unit_panel
+                  for p in [a.unit_panel(layout, layer, unit, request.query_params)] if p is not None]
         return page(request, art=art, kind="unit", title=f"{layer} unit {unit}", layer=layer, unit=unit, nav=nav,
-                    unit_img=unit_img, rule=rule, rules=drawn if len(drawn) > 1 else [], note=note,
-                    evolution_img=art.url(art.evolution.get(layer, {}).get(unit)), epochs=epochs,
-                    top=_top(layout, topk_cache, layer, unit), position=(units.index(unit) + 1, len(units)),
-                    unit_classes=stats.get(unit) if stats else None,
-                    visual=art.url(_first_file(layout.visualization(layer, unit))),
-                    occluded=_occluded(layout, layer, unit))
+                    panels=panels, note=note, position=(units.index(unit) + 1, len(units)))
 
-    def figures(art: Artifacts, only: str | None = None) -> list[dict]:
+    def figures(art: RunView, only: str | None = None) -> list[dict]:
         return [{"entry": a, "images": [(label_of(p, root, a.key), art.url(p)) for p in images],
                  "texts": [(p.relative_to(root).as_posix(), p.read_text(errors="replace")) for p in texts],
                  "note": note if a.projects else None}
                 for a, (images, texts) in _other_figures(layout) if only in (None, a.key)]
 
     async def figures_page(request: Request) -> Response:
-        art = Artifacts(root)
+        art = RunView(root)
         return page(request, art=art, kind="figures", title="figures", figures=figures(art))
 
     async def figure_page(request: Request) -> Response:
-        art, key = Artifacts(root), request.path_params["key"]
+        art, key = RunView(root), request.path_params["key"]
         shown = figures(art, key)
         if not shown:
             present = ", ".join(a.key for a, _ in _other_figures(layout)) or "none yet"
@@ -283,90 +273,35 @@ def _other_figures(layout: Layout) -> list[tuple[object, tuple[list[Path], list[
     return out
 
 
-def _scan(layout: Layout, cache: dict):
-    """The run's scan (TopK, its metadata), read again only when the file changed; None if there is none or it
-    is damaged (the index names it)."""
-    path = layout.topk
-    if not path.is_file():
-        return None
-    key = f"{path.stat().st_mtime_ns}"
-    if cache.get("key") != key:
-        from ..topk import load_topk
-
-        cache.clear()
-        try:
-            cache["topk"], cache["info"] = load_topk(path)
-        except ConvscopeError:
-            return None
-        cache["key"] = key
-    return cache["topk"], cache["info"]
+def _unit_command() -> str:
+    """The command of the first analysis that draws units (the scan's)."""
+    return next(a.command.format(run="RUN") for a in REGISTRY if a.units)
 
 
-def _rules(layout: Layout, cache: dict) -> tuple[str, list[str]]:
-    """The scan's main rule and every rule it drew units under."""
-    scanned = _scan(layout, cache)
-    info = scanned[1] if scanned else {}
-    rules = [r for r in info.get("rules") or [info.get("rule") or "deconvnet"] if isinstance(r, str)]
-    return (rules[0] if rules else "deconvnet"), rules or ["deconvnet"]
+def _thumb(layout: Layout, layer: str, unit: int) -> Path | None:
+    """The unit's thumbnail: the first that an analysis gives (:attr:`~convscope.analyses.Analysis.unit_thumb`)."""
+    return next((p for a in REGISTRY if a.unit_thumb for p in [a.unit_thumb(layout, layer, unit)] if p), None)
 
 
-def _unit_classes(layout: Layout, cache: dict, layer: str) -> dict[int, dict] | None:
-    """unit -> its top classes ((name, count) pairs, most first), the share of its top class, and how many images
-    were counted: from the scan's per-class statistics (None where the scan kept none)."""
-    scanned = _scan(layout, cache)
-    if scanned is None or layer not in scanned[0].class_values:
-        return None
-    memo = cache.setdefault("classes", {})
-    if layer not in memo:
-        from ..topk import class_histogram
-
-        names = scanned[1].get("classes") if isinstance(scanned[1].get("classes"), list) else []
-        try:
-            hist = class_histogram(scanned[0], layer)
-        except (RuntimeError, ValueError, IndexError):  # tensors of the wrong shape: shown without classes
-            return None
-        memo[layer] = {}
-        for u, counts in enumerate(hist.tolist()):
-            total = sum(counts)
-            ranked = sorted(((c, i) for i, c in enumerate(counts) if c), reverse=True)[:5]
-            memo[layer][u] = {"classes": [(printable(str(names[i])) if i < len(names) else str(i), c)
-                                          for c, i in ranked],
-                              "share": ranked[0][0] / total if total else 0.0, "counted": total}
-    return memo[layer]
+def _badges(layout: Layout, layer: str) -> dict[int, UnitBadge] | None:
+    """The badges of a layer's units from the first analysis that has them (None: the page does not sort)."""
+    return next((b for a in REGISTRY if a.unit_badges for b in [a.unit_badges(layout, layer)] if b is not None),
+                None)
 
 
-def _occluded(layout: Layout, layer: str, unit: int) -> list[dict]:
-    """The images of Fig. 7 whose tracked map is this unit (occlusion ran on it): label, clean activation and the
-    lowest under the grey square."""
-    saved = artifacts.read_json(layout.figure("fig7", ".json"))
-    images = saved.get("images") if isinstance(saved, dict) else None
-    out = []
-    for i, im in enumerate(images if isinstance(images, list) else []):
-        if isinstance(im, dict) and im.get("layer") == layer and im.get("channel") == unit:
-            grid, clean = im.get("activation"), im.get("activation_clean")
-            values = [v for row in grid if isinstance(row, list) for v in row] if isinstance(grid, list) else []
-            values = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
-            out.append({"image": i, "label": printable(str(im.get("label", "?"))),
-                        "clean": clean if isinstance(clean, int | float) and not isinstance(clean, bool) else None,
-                        "lowest": min(values) if values else None})
-    return out
-
-
-def _first_file(*paths: Path | None) -> Path | None:
-    return next((p for p in paths if p is not None and p.is_file()), None)
-
-
-def _top(layout: Layout, cache: dict, layer: str, unit: int) -> list[dict] | None:
-    """The unit's top-k activations from the scan (value, data-set image index, position), if scanned."""
-    scanned = _scan(layout, cache)
-    if scanned is None:
-        return None
-    topk = scanned[0]
-    if layer not in topk.values or unit >= topk.values[layer].shape[0]:
-        return None
-    return [{"value": float(v), "image": int(i), "position": tuple(p)} for v, i, p in
-            zip(topk.values[layer][unit].tolist(), topk.images[layer][unit].tolist(),
-                topk.positions[layer][unit].tolist()) if i >= 0]
+def _panel(panel: Panel, art: RunView, here: str) -> dict:
+    """A panel as the template draws it: URLs for the run's files, the linked figures and the variants."""
+    items = []
+    for item in panel.items:
+        kind = type(item).__name__.lower()
+        fields = {k: getattr(item, k) for k in item.__dataclass_fields__}
+        if isinstance(item, Picture):
+            fields["url"] = art.url(item.path)
+        if isinstance(item, Line):
+            fields["url"] = figure_url(item.figure) if item.figure else None
+        items.append({"kind": kind, **fields})
+    variants = [(name, f"{here}?{urlencode({panel.switch: name})}", on) for name, on in panel.variants]
+    return {"items": items, "switch": panel.switch, "variants": variants, "missing": panel.missing}
 
 
 def bind(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
@@ -408,4 +343,4 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, log_le
         sock.close()
 
 
-__all__ = ["Artifacts", "bind", "make_app", "safe_path", "serve"]
+__all__ = ["RunView", "bind", "make_app", "safe_path", "serve"]

@@ -1,0 +1,124 @@
+"""A run's scan read back for showing it: its top-k per unit, the rules it drew units under, the classes of each
+unit's strongest images, and from them the scan's panel of a unit page, its thumbnails and its badges
+(:mod:`convscope.panels`). The record is read again only when its file changes, so a viewer that runs while the
+scan writes shows the new one on reload, and a page of a layer of thousands of units reads it once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+from .errors import ConvscopeError, printable
+from .layout import Layout
+from .panels import Counts, Panel, Picture, Table, UnitBadge
+from .topk import TopK, class_histogram, load_topk
+
+_cache: dict[Path, tuple[int, TopK, dict, dict]] = {}  # topk file -> (mtime, topk, its metadata, class memo)
+
+
+def read_scan(layout: Layout) -> tuple[TopK, dict, dict] | None:
+    """The run's scan (its TopK, its metadata, a memo of per-layer class counts); None if there is none or it is
+    damaged (the report and the viewer's index name it)."""
+    path = layout.topk
+    try:
+        stamp = path.stat().st_mtime_ns
+    except OSError:
+        return None
+    cached = _cache.get(path)
+    if cached is None or cached[0] != stamp:
+        try:
+            topk, info = load_topk(path)
+        except ConvscopeError:
+            return None
+        cached = _cache[path] = (stamp, topk, info, {})
+    return cached[1], cached[2], cached[3]
+
+
+def rules(layout: Layout) -> tuple[str, list[str]]:
+    """The scan's main rule and every rule it drew units under."""
+    scanned = read_scan(layout)
+    info = scanned[1] if scanned else {}
+    found = [r for r in info.get("rules") or [info.get("rule") or "deconvnet"] if isinstance(r, str)]
+    return (found[0] if found else "deconvnet"), found or ["deconvnet"]
+
+
+def unit_classes(layout: Layout, layer: str) -> dict[int, dict] | None:
+    """unit -> its top classes ((name, count) pairs, most first), the share of its top class, and how many images
+    were counted: from the scan's per-class statistics (None where the scan kept none)."""
+    scanned = read_scan(layout)
+    if scanned is None or layer not in scanned[0].class_values:
+        return None
+    topk, info, memo = scanned
+    if layer not in memo:
+        names = info.get("classes") if isinstance(info.get("classes"), list) else []
+        try:
+            hist = class_histogram(topk, layer)
+        except (RuntimeError, ValueError, IndexError):  # tensors of the wrong shape: shown without classes
+            return None
+        memo[layer] = {}
+        for u, counts in enumerate(hist.tolist()):
+            total = sum(counts)
+            ranked = sorted(((c, i) for i, c in enumerate(counts) if c), reverse=True)[:5]
+            memo[layer][u] = {"classes": [(printable(str(names[i])) if i < len(names) else str(i), c)
+                                          for c, i in ranked],
+                              "share": ranked[0][0] / total if total else 0.0, "counted": total}
+    return memo[layer]
+
+
+def top(layout: Layout, layer: str, unit: int) -> list[dict] | None:
+    """The unit's top-k activations from the scan (value, data-set image index, position), if scanned."""
+    scanned = read_scan(layout)
+    if scanned is None:
+        return None
+    topk = scanned[0]
+    if layer not in topk.values or unit >= topk.values[layer].shape[0]:
+        return None
+    return [{"value": float(v), "image": int(i), "position": tuple(p)} for v, i, p in
+            zip(topk.values[layer][unit].tolist(), topk.images[layer][unit].tolist(),
+                topk.positions[layer][unit].tolist()) if i >= 0]
+
+
+def unit_panel(layout: Layout, layer: str, unit: int, query: Mapping[str, str]) -> Panel:
+    """The unit's Fig. 2 tile under the rule the page asks for (``?rule=``; the main one by default), the rules it
+    was drawn under, the classes of its strongest images and its top-k activations."""
+    main, drawn_rules = rules(layout)
+    rule = query.get("rule", main)
+    rule = rule if rule in drawn_rules else main
+    drawn = [(r, r == rule) for r in drawn_rules if layout.unit(layer, unit, None if r == main else r).is_file()]
+    path = layout.unit(layer, unit, None if rule == main else rule)
+    items: list = []
+    if path.is_file():
+        items.append(Picture(path, f"{layer} unit {unit}", "Fig. 2.",
+                             f"The top-9 activations of {layer} unit {unit} over the scanned images, each projected to "
+                             f"pixels ({rule}, left), beside the image patches under them (right).", id="unit-img"))
+    stats = (unit_classes(layout, layer) or {}).get(unit)
+    if stats and stats["classes"]:
+        items.append(Counts(f"Classes of its {stats['counted']} strongest images:", tuple(stats["classes"]),
+                            id="unit-classes"))
+    best = top(layout, layer, unit)
+    if best:
+        items.append(Table((("rank", tuple(str(i + 1) for i in range(len(best)))),
+                            ("activation", tuple(f"{t['value']:.3g}" for t in best)),
+                            ("image", tuple(str(t["image"]) for t in best)),
+                            ("position", tuple(f"{t['position'][0]},{t['position'][1]}" for t in best))), id="top"))
+    return Panel(items, "rule", tuple(drawn) if len(drawn) > 1 else (),
+                 "" if path.is_file() else "No projections of this unit: `convscope scan RUN` draws every unit.")
+
+
+def unit_thumb(layout: Layout, layer: str, unit: int) -> Path | None:
+    """The unit's thumbnail (its strongest activation, projected), or its whole tile where it has none."""
+    return next((p for p in (layout.unit_thumb(layer, unit), layout.unit(layer, unit)) if p.is_file()), None)
+
+
+def unit_badges(layout: Layout, layer: str) -> dict[int, UnitBadge] | None:
+    """Per unit of ``layer``: its top class and that class's share of its strongest images (the layer page sorts
+    the most class-specific first); None where the scan kept no per-class statistics."""
+    stats = unit_classes(layout, layer)
+    if stats is None:
+        return None
+    return {u: UnitBadge(f"{s['classes'][0][0]} {round(100 * s['share'])}%", "share of its top images in its top class",
+                         s["share"]) for u, s in stats.items() if s["classes"]}
+
+
+__all__ = ["read_scan", "rules", "top", "unit_badges", "unit_classes", "unit_panel", "unit_thumb"]
