@@ -5,6 +5,7 @@ computed. A new analysis without a check here fails the first test."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -225,3 +226,80 @@ def test_the_report_and_the_viewer_show_every_analysis(tiny):
             if a.per_layer and "conv1" not in path.name:
                 continue
             assert f'src="/files/{path.relative_to(tiny / "run").as_posix()}"' in page.text, (url, path)
+
+
+def test_a_new_per_unit_analysis_needs_no_edit_outside_its_own_module(tiny_files, tmp_path, request):
+    """What the coming per-unit analyses (concept labels) rely on: one registration, and the command line, the
+    report, the viewer's unit pages and the findings table take it up. The toy analysis here: each conv1 unit's
+    mean activation over the first images, a bar picture per unit, and a claim that it is positive."""
+    from click.testing import CliRunner
+    from starlette.testclient import TestClient
+
+    from convscope import artifacts, cli
+    from convscope.findings import finding, mean_contrast
+    from convscope.forward import run_to
+    from convscope.panels import Counts, Panel, Picture, UnitBadge
+    from convscope.report import render_report
+    from convscope.viewer import make_app
+
+    before = list(analyses.REGISTRY)
+    request.addfinalizer(lambda: analyses.REGISTRY.__setitem__(slice(None), before))  # the toy leaves with the test
+    for name in ("images", "masks", "parts.json", "epochs"):
+        (tmp_path / name).symlink_to(tiny_files / name)
+    run = cs.attach("zfnet_small", "folder", tmp_path / "run", data_root=tmp_path / "images", model_args=TINY_ARGS)
+
+    def compute(run, n: int = 4):
+        x = run.split("all").batch(torch.arange(n))[0]
+        with torch.no_grad():
+            return run_to(run.model.eval(), run.model.features.conv1, x).relu().mean((0, 2, 3))
+
+    def write(means, layout):
+        paths = [artifacts.write_json(layout.figure("toymeans", ".json"), means.tolist())]
+        for u, m in enumerate(means.tolist()):
+            bar = np.zeros((8, 64, 3), np.uint8)
+            bar[:, : max(1, int(64 * m / means.max().item()))] = 255
+            paths.append(artifacts.save_image(layout.figures / "toymeans" / "conv1" / f"unit_{u:04d}.png", bar))
+        return paths
+
+    def units(layout):
+        return Layout.unit_files(layout.figures / "toymeans")
+
+    def panel(layout, layer, unit, query):
+        means = artifacts.read_json(layout.figure("toymeans", ".json"))
+        path = units(layout).get(layer, {}).get(unit)
+        if path is None or not isinstance(means, list):
+            return None
+        return Panel([Picture(path, f"toy bar {unit}", "Toy.", f"mean activation {means[unit]:.4f}", id="toy-bar"),
+                      Counts("toy counts:", (("mean x 1000", round(1000 * means[unit])),))])
+
+    toy = analyses.register(analyses.Analysis(
+        "toy-means", "toymeans", "Toy", "Mean activation per unit", "A bar per unit.",
+        files=lambda layout: (analyses.existing(layout.figure("toymeans")), analyses.existing(
+            layout.figure("toymeans", ".json"))),
+        compute=compute, write=lambda means, layout: write(means, layout), help={"n": "Images."},
+        findings=lambda means: [finding("toy.positive", "conv1's mean activation is positive", "toy", "toymeans",
+                                        mean_contrast(means.tolist()), "its mean", "none", f"{means.mean():.3f}")],
+        units=units, unit_panel=panel,
+        unit_badges=lambda layout, layer: {u: UnitBadge(f"toy {u}", "toy", u) for u in units(layout).get(layer, {})}
+        or None))
+    # the command line: generated from the entry, its option from compute's keyword
+    result = CliRunner().invoke(cli.main, ["toy-means", str(run.path), "--n", "3"], obj={},
+                                standalone_mode=False, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    means = compute(run, 3)
+    assert artifacts.read_json(run.layout.figure("toymeans", ".json")) == pytest.approx(means.tolist())
+    # the findings table and the report
+    html = render_report(run.path)
+    assert "conv1&#39;s mean activation is positive" in html and "holds" in html
+    # the viewer: the layer is listed, the unit page shows the toy's panel, its badges sort the layer
+    client = TestClient(make_app(run.path), base_url="http://127.0.0.1")
+    assert 'href="/layer/conv1"' in client.get("/").text
+    page = client.get("/layer/conv1/unit/2").text
+    assert 'id="toy-bar" src="/files/figures/toymeans/conv1/unit_0002.png"' in page
+    assert f"mean activation {means[2].item():.4f}" in page
+    assert f"mean x 1000 <b>{round(1000 * means[2].item())}</b>" in page
+    order = [int(u) for u in re.findall(r'id="u(\d+)"', client.get("/layer/conv1?sort=class").text)]
+    assert order == sorted(order, reverse=True) and len(order) == means.numel()  # the badges' order
+    assert analyses.get("toymeans") is toy
+    report = render_report(run.path)  # its section, with its text file
+    assert "Mean activation per unit" in report and "figures/toymeans.json" in report

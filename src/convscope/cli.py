@@ -23,6 +23,23 @@ class _Path(click.Path):
 
 
 class _Group(click.Group):
+    """The commands written here, and one per analysis of the registry, made when it is asked for: an analysis
+    registered after this module was imported has its command too."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        from .analyses import REGISTRY
+
+        return sorted({*super().list_commands(ctx), *(a.name for a in REGISTRY if a.compute is not None)})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        from .analyses import REGISTRY
+
+        command = super().get_command(ctx, name)
+        if command is None:
+            analysis = next((a for a in REGISTRY if a.name == name and a.compute is not None), None)
+            command = _analysis_command(analysis) if analysis is not None else None
+        return command
+
     def invoke(self, ctx: click.Context):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UserWarning)
@@ -231,14 +248,6 @@ def _analysis_command(analysis) -> click.Command:
                                  *(_option(p, analysis) for p in analysis.options()), *_compute_options()])
 
 
-def _register_analyses() -> None:
-    from .analyses import REGISTRY
-
-    for analysis in REGISTRY:
-        if analysis.compute is not None:
-            main.add_command(_analysis_command(analysis))
-
-
 # ------------------------------------------------------------------------------------- the user's own model
 
 
@@ -422,6 +431,3 @@ def serve(run: str, host: str, port: int) -> None:
     from .viewer import serve as run_viewer
 
     run_viewer(run, host=host, port=port, announce=lambda url: click.echo(f"serving {run} at {url} (Ctrl-C to stop)"))
-
-
-_register_analyses()
