@@ -1,6 +1,6 @@
 """Drawing every unit (paper Fig. 2 for all conv units, ``convscope scan``) as forward-images per projection.
 
-For each model, a scan of N random images, then every conv unit's top-9 projected (``units.unit_views``, the
+For each model, a scan of N random images, then every conv unit's top-9 projected (``views.unit_views``, the
 code ``convscope scan`` runs: crops of each unit's receptive field, batched across units and images).
 ratio = time of all the projections / (number of projections x time of a plain forward of one image, the full
 net in eval mode under no_grad, batched). The goal is at most 1.0. Beside it, the same projections from whole
@@ -19,13 +19,13 @@ from pathlib import Path
 
 import torch
 
-import convscope.units as units_module
+import convscope.views as views_module
 from convscope import artifacts
 from convscope.data import ImageSet
 from convscope.layout import Layout
 from convscope.models import create_model
 from convscope.topk import scan
-from convscope.units import select_units, thumbnail, unit_tile, unit_views
+from convscope.views import select_units, thumbnail, unit_tile, unit_views
 
 LAYERS = ["conv1", "conv2", "conv3", "conv4", "conv5"]
 
@@ -45,9 +45,9 @@ def forward_time(model, x: torch.Tensor, repeats: int = 3) -> float:
 
 def draw(model, data, topk, chosen: dict, whole: bool) -> tuple[float, dict]:
     """Seconds to project every chosen unit's top-9, per layer (crops off when ``whole``)."""
-    window = units_module._window
+    window = views_module._window
     if whole:
-        units_module._window = lambda box, size, field, step: (0, 0, *size)
+        views_module._window = lambda box, size, field, step: (0, 0, *size)
     try:
         out = {}
         for layer, which in chosen.items():
@@ -56,7 +56,7 @@ def draw(model, data, topk, chosen: dict, whole: bool) -> tuple[float, dict]:
             out[layer] = (time.perf_counter() - t, views)
         return sum(t for t, _ in out.values()), out
     finally:
-        units_module._window = window
+        views_module._window = window
 
 
 def bench(name: str, n_images: int, n_units: int | None) -> None:

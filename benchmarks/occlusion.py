@@ -25,7 +25,8 @@ from captum.attr import Occlusion
 import convscope as cs
 from convscope import incremental
 from convscope.layers import site
-from convscope.occlusion import as_fill, occlude, occlusion, square_positions
+from convscope.occluders import as_fill, occlude, square_positions
+from convscope.occlusion import occlusion
 
 SIZE, STRIDE, BATCH = 32, 8, 64
 CAPTUM_BATCHES = (16, 64, 256)

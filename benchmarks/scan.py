@@ -16,7 +16,7 @@ import torch
 import convscope as cs
 from convscope.data import ImageSet
 from convscope.topk import scan
-from convscope.units import unit_views
+from convscope.views import unit_views
 
 
 def _median(f, repeats=3):

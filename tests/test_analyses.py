@@ -51,7 +51,7 @@ def png(path) -> np.ndarray:
 
 def check_scan(result, layout):
     from convscope.topk import load_topk
-    from convscope.units import layer_grid, unit_tile
+    from convscope.views import layer_grid, unit_tile
 
     saved, meta = load_topk(layout.topk)
     assert meta["split"] == "all" and saved.seen == 30 and saved.layers == result.topk.layers

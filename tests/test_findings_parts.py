@@ -14,7 +14,8 @@ from convscope import correspondence, invariance, occlusion
 from convscope.correspondence import RANDOM, CorrespondenceResult
 from convscope.findings import HOLDS, NOT_SHOWN, REVERSED
 from convscope.invariance import InvarianceCurves, InvarianceResult
-from convscope.occlusion import OcclusionResult, OcclusionResults, square_positions
+from convscope.occluders import square_positions
+from convscope.occlusion import OcclusionResult, OcclusionResults
 
 T975_3 = 3.182446305284263  # Student's t, 97.5% quantile, 3 degrees of freedom
 T975_2 = 4.302652729749464  # and 2

@@ -22,7 +22,8 @@ from convscope.errors import ConvscopeError
 from convscope.forward import eval_mode, on_device
 from convscope.layers import site
 from convscope.layout import Layout
-from convscope.occlusion import OcclusionResults, occluded_passes, occlusion, square_positions, write_occlusion
+from convscope.occluders import occluded_passes, square_positions
+from convscope.occlusion import OcclusionResults, occlusion, write_occlusion
 from convscope.usermodel import Normalization
 
 FILL = torch.tensor([0.3, 0.5, 0.7])

@@ -16,15 +16,8 @@ from torch import nn
 import convscope as cs
 from convscope.errors import ConvscopeError
 from convscope.layout import Layout
-from convscope.occlusion import (
-    OcclusionResults,
-    box_hit,
-    default_fill,
-    occlude,
-    occlusion,
-    square_positions,
-    write_occlusion,
-)
+from convscope.occluders import default_fill, occlude, square_positions
+from convscope.occlusion import OcclusionResults, box_hit, occlusion, write_occlusion
 
 
 class RegionNet(nn.Module):

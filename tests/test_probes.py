@@ -9,11 +9,12 @@ import torch.nn.functional as F
 from conftest import random_imageset
 
 import convscope as cs
-from convscope import probes
+from convscope import probes, readout
 from convscope.data import ImageSet
 from convscope.errors import ConvscopeError
 from convscope.layout import Layout
-from convscope.probes import extract_features, mean_per_class_accuracy, probe_layers, sample_per_class
+from convscope.probes import probe_layers
+from convscope.readout import extract_features, mean_per_class_accuracy, sample_per_class
 
 
 def test_mean_per_class_accuracy_averages_classes_not_examples():
@@ -45,8 +46,8 @@ def test_features_are_pooled_layer_outputs_from_one_forward_per_batch(monkeypatc
     model = cs.create_model("zfnet_small", 3).eval()
     data = random_imageset([0, 1, 2, 0, 1])
     calls = []
-    real = probes.run_to_all
-    monkeypatch.setattr(probes, "run_to_all", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = readout.run_to_all
+    monkeypatch.setattr(readout, "run_to_all", lambda *a, **k: calls.append(1) or real(*a, **k))
     feats = extract_features(model, data, ["conv1", "conv5", "fc7"], pool="max", grid=2, batch_size=2)
     assert len(calls) == 3  # batches of 2, 2, 1: every layer from the same pass
     assert {k: tuple(v.shape) for k, v in feats.items()} == {"conv1": (5, 128), "conv5": (5, 256),

@@ -1,6 +1,6 @@
 """The design in docs/architecture.md, held against the code: every module is in it, the registry is the only
-place that knows the analyses (the viewer and the report name none, analyses.py imports none), and the imports
-between analyses only shrink."""
+place that knows the analyses (the viewer and the report name none, analyses.py imports none), and no analysis
+imports another."""
 
 from __future__ import annotations
 
@@ -51,6 +51,47 @@ def test_every_module_is_in_the_architecture_document():
         assert re.search(rf"`{module}\.py` \| `{key}`", text), module
 
 
+def _sections() -> dict[str, int]:
+    """Each module of the document's module map (``units.py``, ``data/base.py``, ``report/``) -> the number of
+    its section (Foundations 0, Data and models 1, ...)."""
+    text = DOC.read_text().split("## From a command to files")[0].split("## The module map")[1]
+    found, section = {}, -1
+    for line in text.splitlines():
+        if line.startswith("**"):
+            section += 1
+        for name in re.findall(r"`([\w/]+(?:\.py|/))`", line):
+            found.setdefault(name, section)
+    return found
+
+
+def _module_of(path: Path) -> str:
+    rel = path.relative_to(SRC).as_posix()
+    return rel.removesuffix("__init__.py") if rel.endswith("/__init__.py") else rel
+
+
+def test_imports_run_down_the_layers_of_the_document():
+    """A module imports only modules of its own section of the map or of an earlier one."""
+    sections = _sections()
+    assert (sections["forward.py"] < sections["deconvnet.py"] < sections["run.py"] < sections["analyses.py"]
+            < sections["units.py"] < sections["viewer/"] < sections["cli.py"])  # the map was read
+    wrong = []
+    for path in sorted(SRC.rglob("*.py")):
+        here = _module_of(path)
+        folder = path.parent.relative_to(SRC).as_posix()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ImportFrom) or not node.level:
+                continue
+            base = [] if folder == "." else folder.split("/")
+            base = base[:len(base) - (node.level - 1)]
+            names = [node.module.split(".")[0]] if node.module else [a.name for a in node.names]
+            for name in names:
+                target = "/".join([*base, name])
+                module = f"{target}/" if (SRC / target).is_dir() else f"{target}.py"
+                if module in sections and sections[module] > sections[here]:
+                    wrong.append(f"{here} (section {sections[here]}) imports {module} (section {sections[module]})")
+    assert not wrong, wrong
+
+
 def test_the_viewer_and_the_report_name_no_analysis():
     words = {w for a in analyses.REGISTRY for w in (a.key, a.name)}
     assert {"fig2", "fig4", "fig7", "evolution", "visualize", "pointing"} <= words
@@ -68,17 +109,12 @@ def test_the_viewer_and_the_report_name_no_analysis():
     assert not found, "the viewer and the report take what they show from the registry: " + "; ".join(found)
 
 
-def test_analyses_py_imports_no_analysis_and_analyses_import_each_other_less_and_less():
+def test_no_analysis_imports_another_and_analyses_py_imports_none():
+    """The analysis layer is flat: what analyses share (occluders, views, the readout) lives below them."""
     assert not _imports(SRC / "analyses.py") & ANALYSIS_MODULES
-    # Issue 26 moves what these share into modules of their own below the analyses; until then, none is added.
-    standing = {("correspondence", "occlusion"), ("evolution", "units"), ("filters", "units"),
-                ("invariance", "occlusion"), ("occlusion", "units"), ("pointing", "occlusion"),
-                ("sanity", "occlusion"), ("transfer", "probes"), ("visualize", "units")}
     now = {(m, other) for m in ANALYSIS_MODULES for other in _imports(SRC / f"{m}.py") & ANALYSIS_MODULES
            if other != m}
-    assert now <= standing, f"an analysis imports another: {sorted(now - standing)}"
-    gone = standing - now
-    assert not gone, f"{sorted(gone)} no longer import each other: take them off this list"
+    assert not now, f"an analysis imports another: {sorted(now)}"
 
 
 def test_a_word_of_an_analysis_in_the_viewer_is_caught(tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ from convscope.config import TrainConfig
 from convscope.data import ImageSet
 from convscope.errors import ConvscopeError
 from convscope.layout import Layout
-from convscope.probes import extract_features, fit_predict, mean_per_class_accuracy
+from convscope.readout import extract_features, fit_predict, mean_per_class_accuracy
 from convscope.transfer import TransferResult, fold_indices, transfer, write_transfer
 
 

@@ -8,7 +8,8 @@ import convscope as cs
 from convscope.data import ImageSet
 from convscope.layout import Layout
 from convscope.topk import load_topk, scan
-from convscope.units import ScanResult, layer_grid, select_units, unit_tile, unit_views, write_scan
+from convscope.units import ScanResult, write_scan
+from convscope.views import layer_grid, select_units, unit_tile, unit_views
 
 
 @pytest.fixture(scope="module")

@@ -347,7 +347,7 @@ def project(run: str, images: tuple[str, ...], layer: str | None, channels: str 
 
     from .data.folder import read_image
     from .run import open_run
-    from .units import project_images, write_sheet
+    from .sheets import project_images, write_sheet
 
     r = open_run(run)
     layer = r.check_layers([layer])[0] if layer else r.map_layers()[-1]

@@ -44,7 +44,7 @@ from .findings import Finding, finding, paired_contrast
 from .forward import check_images, eval_mode, run_to_all
 from .layers import site
 from .layout import Layout
-from .occlusion import as_fill, occlude
+from .occluders import as_fill, occlude
 
 if TYPE_CHECKING:
     from .run import Run

@@ -395,4 +395,10 @@ def _seed(act: torch.Tensor, channel, position: Sequence[int] | None, mode: str)
     return seed
 
 
+def gradient_note(rule: str, nonlinearities: str) -> str | None:
+    """What a figure must say when its projections passed nonlinearities other than ReLU by their gradient."""
+    if nonlinearities == "gradient" and rule != "gradient":
+        return f"{rule}: nonlinearities other than ReLU passed by their gradient (--nonlinearities gradient)"
+    return None
+
 __all__ = ["MODES", "NONLINEARITIES", "RULES", "Projector"]

@@ -21,13 +21,13 @@ from torch import nn
 
 from . import artifacts
 from .analyses import LAYERS_HELP, RULE_HELP, Analysis, json_check, register
-from .deconvnet import RULES
+from .deconvnet import RULES, gradient_note
 from .errors import ConvscopeError, check_int, check_seed, unknown
 from .imaging import caption, make_grid, to_image, upscale
 from .layout import Layout
 from .panels import Panel, Picture
 from .topk import scan_shard
-from .units import gradient_note, select_units, unit_views
+from .views import select_units, unit_views
 
 if TYPE_CHECKING:
     from .run import Run

@@ -31,7 +31,7 @@ from torch import nn
 
 from . import artifacts
 from .analyses import Analysis, figure_files, register
-from .deconvnet import RULES, Projector
+from .deconvnet import RULES, Projector, gradient_note
 from .errors import ConvscopeError, unknown
 from .findings import Finding, bootstrap_contrast, difference_contrast, finding
 from .forward import eval_mode, run_to
@@ -587,8 +587,6 @@ def compute(run: Run, others: tuple[str, ...] = (), n_images: int = 16) -> Filte
     demo's ``compare/`` runs on the same data. A compared run of fewer epochs is matched by this run's checkpoint
     at that epoch, so the comparison is like for like."""
     from .run import open_run
-    from .units import gradient_note
-
     if isinstance(n_images, bool) or not isinstance(n_images, int) or n_images < 1:
         raise ConvscopeError(f"n_images must be a positive whole number, got {n_images!r}")
     runs = [open_run(p) for p in others]

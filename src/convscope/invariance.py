@@ -42,7 +42,7 @@ from .findings import Finding, finding, paired_contrast
 from .forward import check_images, eval_mode, run_to_all
 from .layers import site
 from .layout import Layout
-from .occlusion import as_fill
+from .occluders import as_fill
 
 if TYPE_CHECKING:
     from .run import Run

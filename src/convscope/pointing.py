@@ -33,7 +33,7 @@ from .deconvnet import Projector
 from .errors import ConvscopeError, check_int
 from .forward import eval_mode
 from .layout import Layout
-from .occlusion import default_square, occluded_probs
+from .occluders import default_square, occluded_probs
 
 if TYPE_CHECKING:
     from .run import Run

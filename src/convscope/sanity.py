@@ -33,7 +33,7 @@ from .analyses import SPLIT_HELP, Analysis, existing, register
 from .deconvnet import Projector
 from .errors import ConvscopeError, check_int, check_seed, unknown
 from .layout import Layout
-from .occlusion import default_square, occluded_probs
+from .occluders import default_square, occluded_probs
 
 if TYPE_CHECKING:
     from .run import Run

@@ -55,7 +55,7 @@ from .errors import ConvscopeError, check_int, check_seed
 from .forward import eval_mode
 from .layers import PAPER_LAYERS, resolve_layer
 from .layout import Layout
-from .probes import check_target, default_layers, extract_features, fit_predict, mean_per_class_accuracy
+from .readout import check_target, default_layers, extract_features, fit_predict, mean_per_class_accuracy
 from .train import configure_optimizer, renormalize_filters_
 
 if TYPE_CHECKING:

@@ -41,7 +41,7 @@ from .imaging import make_grid, tensor_to_pil, upscale
 from .layers import site
 from .layout import Layout, natural_key
 from .panels import Panel, Picture
-from .units import select_units
+from .views import select_units
 
 if TYPE_CHECKING:
     from .run import Run
