@@ -132,3 +132,11 @@ def test_a_word_of_an_analysis_in_the_viewer_is_caught(tmp_path, monkeypatch):
         assert "doc" not in str(e)
     else:
         raise AssertionError("a viewer naming fig7 passed")
+
+
+def test_the_papers_layer_names_are_read_in_one_place():
+    """``paper_layers`` is declared by the built-in models and read by ``layers.paper_names`` alone; the rest asks
+    the run (``run.paper_names``) or that function."""
+    readers = sorted(_module_of(p) for p in SRC.rglob("*.py") if "paper_layers" in p.read_text()
+                     and not _module_of(p).startswith("models/"))
+    assert readers == ["layers.py"], readers

@@ -67,12 +67,13 @@ def main() -> None:
 @main.command()
 def models() -> None:
     """List the built-in models and their paper layer names."""
+    from .layers import paper_names
     from .models import create_model, list_models
 
     for name in list_models():
         model = create_model(name, num_classes=10)
         n = sum(p.numel() for p in model.parameters())
-        layers = ", ".join(getattr(model, "paper_layers", {}))
+        layers = ", ".join(paper_names(model))
         click.echo(f"{name:14s} {model.input_size:>4d} px  {n / 1e6:7.2f} M params (10 classes)  layers: {layers}")
 
 

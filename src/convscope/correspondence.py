@@ -290,7 +290,7 @@ def compute(run: Run, class_name: str = "face", parts: list[str] | None = None, 
     else:
         images = class_parts(run.split(split or run.default_split("test")), class_name)
         parts = list(FACE_PARTS) if parts is None else parts
-    paper = getattr(run.model, "paper_layers", {})
+    paper = run.paper_names
     layers = ("conv5", "fc7") if {"conv5", "fc7"} <= set(paper) else (run.map_layers()[-1], run.vector_layer())
     return correspondence(run.model, images, parts=parts, layers=layers, draws=draws, seed=seed, size=size)
 

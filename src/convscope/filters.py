@@ -36,7 +36,7 @@ from .errors import ConvscopeError, unknown
 from .findings import Finding, bootstrap_contrast, difference_contrast, finding
 from .forward import eval_mode, run_to
 from .imaging import make_grid, to_image
-from .layers import resolve_layer, site
+from .layers import paper_names, resolve_layer, site
 from .layout import Layout
 
 if TYPE_CHECKING:
@@ -61,7 +61,7 @@ def conv_module(model: nn.Module, layer: str | None = "conv1") -> nn.Conv2d:
     convs = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     if not convs:
         raise ConvscopeError("the model has no nn.Conv2d layer: filter diagnosis needs convolution filters")
-    if layer is None or (layer == "conv1" and not getattr(model, "paper_layers", None)
+    if layer is None or (layer == "conv1" and not paper_names(model)
                          and "conv1" not in dict(model.named_modules())):
         return convs[0][1]
     name, module = resolve_layer(model, layer)
@@ -569,7 +569,7 @@ class FiltersResult:
 
 def _layer2(run) -> str:
     """The layer whose projections show layer 1's aliasing: conv2, or the model's second stage."""
-    if "conv2" in getattr(run.model, "paper_layers", {}):
+    if "conv2" in run.paper_names:
         return "conv2"
     maps = run.map_layers()
     return maps[1] if len(maps) > 1 else maps[0]
@@ -605,7 +605,7 @@ def compute(run: Run, others: tuple[str, ...] = (), n_images: int = 16) -> Filte
         label = other.name if other.name not in models else f"{other.name} ({other.path.name})"
         models[label] = (other.model, other)
         recipes[label] = _recipe(other)
-    diagnoses = {label: diagnose(model, images, layer1="conv1" if "conv1" in getattr(model, "paper_layers", {})
+    diagnoses = {label: diagnose(model, images, layer1="conv1" if "conv1" in paper_names(model)
                                  else None, layer2=_layer2(owner), nonlinearities=owner.nonlinearities)
                  for label, (model, owner) in models.items()}
     return FiltersResult(diagnoses, gradient_note("deconvnet", run.nonlinearities), recipes)

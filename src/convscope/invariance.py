@@ -285,7 +285,7 @@ def compute(run: Run, n: int = 5, split: str | None = None, mode: str = "warp") 
         render = synthetic_renderer(split, idx.tolist(), size=x.shape[-1], seed=run.data.seed,
                                     classes=list(run.data.classes) if run.data.classes else None,
                                     fixed_parts=run.data.name == "synthetic-parts")
-    paper = getattr(run.model, "paper_layers", {})
+    paper = run.paper_names
     layers = ("conv1", "fc7") if {"conv1", "fc7"} <= set(paper) else (run.map_layers()[0], run.vector_layer())
     result = invariance(run.model, x, labels, layers=layers, render=render)
     result.classes = list(run.classes)

@@ -14,6 +14,7 @@ modules that produce the logits (a ResNet's ``avgpool``): the analogues of conv1
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -35,9 +36,16 @@ class Site:
     call: int = 1
 
 
+def paper_names(model: nn.Module) -> dict[str, str]:
+    """The paper's layer names the model declares (``conv1`` .. ``fc7`` -> module name), empty for a model without
+    them: the one place that reads a model's ``paper_layers``."""
+    names = getattr(model, "paper_layers", None)
+    return dict(names) if isinstance(names, Mapping) else {}
+
+
 def layer_names(model: nn.Module) -> list[str]:
     """Every name :func:`resolve_layer` accepts: paper aliases first, then module names."""
-    aliases = list(getattr(model, "paper_layers", {}))
+    aliases = list(paper_names(model))
     return aliases + [name for name, _ in model.named_modules() if name]
 
 
@@ -60,7 +68,7 @@ def site(model: nn.Module, layer: str) -> Site:
     if not isinstance(layer, str):
         raise ConvscopeError(f"a layer is named by a string, got {type(layer).__name__} {layer!r}")
     base, call = _split_call(layer)
-    name = getattr(model, "paper_layers", {}).get(base, base)
+    name = paper_names(model).get(base, base)
     modules = dict(model.named_modules())
     if not name or name not in modules:
         raise unknown("layer", layer, layer_names(model))
@@ -146,7 +154,7 @@ def output_layer(infos: list[ModuleInfo], logits_shape: tuple[int, ...]) -> str:
 
 def map_layers(model: nn.Module, infos: list[ModuleInfo]) -> list[str]:
     """The layers with feature maps the analyses show by default: conv1..conv5, or the model's stages."""
-    aliases = getattr(model, "paper_layers", {})
+    aliases = paper_names(model)
     found = [n for n in PAPER_CONV if n in aliases] or stages(infos)
     if not found:
         raise ConvscopeError(f"found no layer with feature maps larger than 1x1 in this model; pass --layers "
@@ -156,7 +164,7 @@ def map_layers(model: nn.Module, infos: list[ModuleInfo]) -> list[str]:
 
 def vector_layer(model: nn.Module, infos: list[ModuleInfo], outputs: int) -> str:
     """The paper's layer 7 (fc7), or the model's penultimate module (the last before its ``outputs`` logits)."""
-    if "fc7" in getattr(model, "paper_layers", {}):
+    if "fc7" in paper_names(model):
         return "fc7"
     found = penultimate(infos, (1, outputs))
     if found is None:
@@ -166,7 +174,7 @@ def vector_layer(model: nn.Module, infos: list[ModuleInfo], outputs: int) -> str
 
 def feature_layers(model: nn.Module, infos: list[ModuleInfo], outputs: int) -> list[str]:
     """The layers the probes read by default: conv1..fc7, or the model's stages and its penultimate module."""
-    aliases = getattr(model, "paper_layers", {})
+    aliases = paper_names(model)
     paper = [n for n in PAPER_LAYERS if n in aliases]
     if paper:
         return paper
@@ -181,4 +189,4 @@ def candidates(infos: list[ModuleInfo], n: int = 12) -> str:
 
 
 __all__ = ["CALL", "PAPER_CONV", "PAPER_LAYERS", "ModuleInfo", "Site", "census", "feature_layers", "layer_names",
-           "map_layers", "penultimate", "resolve_layer", "site", "stages", "vector_layer"]
+           "map_layers", "paper_names", "penultimate", "resolve_layer", "site", "stages", "vector_layer"]

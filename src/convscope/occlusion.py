@@ -242,7 +242,7 @@ def compute(run: Run, n: int = 5, split: str | None = None, layer: str | None = 
     x = data.batch(index)[0]
     labels, source = run.targets(data, index)
     layer = run.check_layers([layer])[0] if layer is not None else (
-        "conv5" if "conv5" in getattr(run.model, "paper_layers", {}) else run.map_layers()[-1])
+        "conv5" if "conv5" in run.paper_names else run.map_layers()[-1])
     default_size, default_stride = default_square(x.shape[-1])
     size = size if size is not None else default_size
     stride = stride if stride is not None else default_stride

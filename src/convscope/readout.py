@@ -31,7 +31,7 @@ from torch import nn
 from .data import ImageSet
 from .errors import ConvscopeError, check_int, unknown
 from .forward import eval_mode, run_to_all
-from .layers import PAPER_LAYERS, site
+from .layers import PAPER_LAYERS, paper_names, site
 
 POOLS = ("max", "avg")
 CLASSIFIERS = ("svm", "softmax")
@@ -76,7 +76,7 @@ def sample_per_class(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
 
 
 def default_layers(model: nn.Module) -> list[str]:
-    names = [name for name in PAPER_LAYERS if name in getattr(model, "paper_layers", {})]
+    names = [name for name in PAPER_LAYERS if name in paper_names(model)]
     if not names:
         raise ConvscopeError("this model has no paper layer names (conv1..fc7): pass the layers to probe")
     return names

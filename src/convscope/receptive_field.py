@@ -26,7 +26,7 @@ from torch.overrides import TorchFunctionMode
 
 from .errors import ConvscopeError
 from .forward import eval_mode, input_channels, run_to, run_to_all
-from .layers import site
+from .layers import paper_names, site
 
 
 @dataclass(frozen=True)
@@ -262,7 +262,7 @@ def layer_table(model: nn.Module, input_size: int, outputs: int | None = None) -
     if outputs is None:
         outputs = census_outputs(model, input_size)
     shapes = geometry(model, [i.name for i in infos if i.calls >= 1 and i.shape is not None], input_size)
-    aliases = {v: k for k, v in getattr(model, "paper_layers", {}).items()}
+    aliases = {v: k for k, v in paper_names(model).items()}
     try:
         defaults = set(feature_layers(model, infos, outputs))
     except ConvscopeError:

@@ -189,6 +189,11 @@ class Run:
         """Every module of the model after one forward pass at the run's image size."""
         return census(self.model, self.image_size)
 
+    @cached_property
+    def paper_names(self) -> dict[str, str]:
+        """The paper's layer names the model has (``conv1`` .. ``fc7`` -> module name); empty for other models."""
+        return layers.paper_names(self.model)
+
     def map_layers(self) -> list[str]:
         """The layers with feature maps an analysis shows by default: conv1..conv5, or the model's stages."""
         return layers.map_layers(self.model, self.modules)
@@ -206,7 +211,11 @@ class Run:
         return layers.feature_layers(self.model, self.modules, len(self.classes))
 
     def channels(self, layer: str) -> int:
-        """How many maps (or units) ``layer`` has."""
+        """How many maps (or units) ``layer`` has: from the census, or (a module's later call) one forward pass."""
+        s = site(self.model, layer)
+        info = next((i for i in self.modules if i.name == s.name), None)
+        if s.call == 1 and info is not None and info.shape is not None and len(info.shape) >= 2:
+            return int(info.shape[1])
         from .forward import eval_mode, run_to
 
         param = next(self.model.parameters())
@@ -216,7 +225,7 @@ class Run:
 
     def names_defaults(self) -> str | None:
         """For a model without the paper's layer names: which of its layers the analyses use unless told."""
-        if getattr(self.model, "paper_layers", None):
+        if self.paper_names:
             return None
         return (f"layers: this model has no conv1..fc7, so the analyses use its stages {', '.join(self.map_layers())} "
                 f"(the last module at each map size) and its penultimate module {self.vector_layer()}; choose others "

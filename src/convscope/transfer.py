@@ -400,9 +400,9 @@ def compute(run: Run, target: str = "heldout", data_root: str | None = None, sho
     check_seed(seed)
     train, test = load_target(target, run=run, data_root=data_root, seed=seed)
     if features is None:
-        paper = "fc7" in getattr(run.model, "paper_layers", {})
+        paper = "fc7" in run.paper_names
         features = ["fc7" if paper else run.vector_layer(), "all"]
-    joined = None if set(PAPER_LAYERS) <= set(getattr(run.model, "paper_layers", {})) else run.feature_layers()
+    joined = None if set(PAPER_LAYERS) <= set(run.paper_names) else run.feature_layers()
     return transfer(run.model, train, test, shots, folds, seed, features, scratch=scratch,
                     scratch_cfg=run.config, scratch_steps=scratch_steps, progress=progress,
                     scratch_model=lambda k, s: run.new_model(k, s), joined=joined, target=target)

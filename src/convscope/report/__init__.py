@@ -26,6 +26,7 @@ from urllib.parse import quote
 from .. import artifacts
 from ..analyses import REGISTRY, Analysis, written
 from ..errors import ConvscopeError, printable
+from ..layers import paper_names
 from ..layout import Layout
 from ..train import PAPER_TABLE2, metrics_ok, result_ok
 
@@ -96,7 +97,7 @@ def _summary(model, source: str, epoch: int | None, classes: list[str]) -> dict[
         rows.append({"name": name, "kind": type(module).__name__, "detail": module.extra_repr(), "params": n})
     return {"source": source, "epoch": epoch, "classes": classes, "rows": rows,
             "params": sum(p.numel() for p in model.parameters()),
-            "paper_layers": dict(getattr(model, "paper_layers", {}))}
+            "paper_names": paper_names(model)}
 
 
 def training_curve(layout: Layout, metrics: list[dict[str, float]]) -> Path | None:
