@@ -5,6 +5,7 @@ computed here without convscope (brute force, Captum's Occlusion)."""
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import sys
@@ -150,12 +151,28 @@ def test_attach_records_the_run_and_reopens_it(user, attached):
     record = json.loads((attached / "attach.json").read_text())
     assert record["model"].endswith("model.py:TinyResNet") and record["classes"] == CLASSES
     assert record["data"] == {"name": "folder", "root": str((user / "images").resolve()), "size": SIZE, "seed": 0}
-    assert record["normalize"] == {"mean": MEAN, "std": STD} and len(record["weights_sha256"]) == 64
+    assert record["normalize"] == {"mean": MEAN, "std": STD, "source": "the mean and std given to attach"}
+    assert len(record["weights_sha256"]) == 64
     run = cs.open_run(attached)
     net, forward = reference(user)
     x = run.split("all").batch(torch.arange(6))[0]
     with torch.no_grad():
         torch.testing.assert_close(run.model(x), forward(x), rtol=1e-5, atol=1e-5)
+    # the normalisation is declared as values, applied once before the first module, kept by a copy, removable
+    from convscope.forward import preprocessing_hook, unprepare
+
+    declared = run.preprocessing
+    assert (declared.mean, declared.std) == (tuple(MEAN), tuple(STD)) and not declared.follow_device
+    assert declared.source == "the mean and std given to attach" and len(run.model._forward_pre_hooks) == 1
+    assert run.to("cpu").preprocessing.follow_device and len(run.model._forward_pre_hooks) == 1  # the same hook
+    copied = copy.deepcopy(run.model)
+    with torch.no_grad():
+        torch.testing.assert_close(copied(x), forward(x), rtol=1e-5, atol=1e-5)
+        unprepare(copied)
+        assert preprocessing_hook(copied) is None and not copied._forward_pre_hooks
+        mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+        torch.testing.assert_close(copied((x - mean) / std), forward(x), rtol=1e-5, atol=1e-5)
+    assert preprocessing_hook(run.model) is not None  # the run's own model keeps its own
     assert run.kind == "attached" and len(run.split("all")) == 24
     assert run.map_layers() == ["layer1", "layer2", "layer3"] and run.vector_layer() == "avgpool"
     # attaching the same again is a no-op; another model into the same directory is refused

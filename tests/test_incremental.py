@@ -24,7 +24,7 @@ from convscope.layers import site
 from convscope.layout import Layout
 from convscope.occluders import occluded_passes, square_positions
 from convscope.occlusion import OcclusionResults, occlusion, write_occlusion
-from convscope.usermodel import Normalization
+from convscope.usermodel import add_normalization
 
 FILL = torch.tensor([0.3, 0.5, 0.7])
 
@@ -166,7 +166,7 @@ def test_residual_net(layer, hooks):
     model = seeded(TinyResNet(num_classes=5), logits=0.1)
     image = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(3))
     if hooks:  # what attach and --device add: the engine runs them on the image and the patch itself
-        model.register_forward_pre_hook(Normalization([0.5, 0.45, 0.4], [0.25, 0.25, 0.25]))
+        add_normalization(model, [0.5, 0.45, 0.4], [0.25, 0.25, 0.25])
         on_device(model, torch.device("cpu"))
     t_inc, p_inc, used, _ = passes(model, image, layer, 8, 5, "incremental")
     t_dense, p_dense, _, _ = passes(model, image, layer, 8, 5, "dense")

@@ -140,3 +140,11 @@ def test_the_papers_layer_names_are_read_in_one_place():
     readers = sorted(_module_of(p) for p in SRC.rglob("*.py") if "paper_layers" in p.read_text()
                      and not _module_of(p).startswith("models/"))
     assert readers == ["layers.py"], readers
+
+
+def test_the_engines_recognise_no_hook_by_its_class_or_name():
+    """The engines ask ``forward.preprocessing`` what the inputs go through; none looks for a hook's class or name."""
+    for name in ("deconvnet.py", "incremental.py", "receptive_field.py", "topk.py"):
+        text = (SRC / name).read_text()
+        for word in ("__qualname__", "Normalization", "on_device", "_forward_pre_hooks.values"):
+            assert word not in text, (name, word)

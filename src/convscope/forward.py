@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -96,20 +97,81 @@ def exact_float32() -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
 
 
-def on_device(model: nn.Module, device: torch.device) -> nn.Module:
-    """``model`` moved to ``device``, its inputs moved there too as each forward pass starts (a pre-hook, as
-    Accelerate's device hooks do): every analysis then runs where the model is, whatever device its images come
-    from. Gradients still reach an input on the CPU (the move is differentiable)."""
-    model.to(device)
-    if not getattr(model, "_convscope_on_device", False):
-        def follow(module: nn.Module, args: tuple):
-            param = next(module.parameters(), None)
-            if param is None:
-                return None
-            return tuple(a.to(param.device) if isinstance(a, torch.Tensor) else a for a in args)
+# ------------------------------------------------------------------------------------------ preprocessing
 
-        model.register_forward_pre_hook(follow)
-        model._convscope_on_device = True
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What images in [0, 1] go through on their way into a model, declared as values (timm's configs carry their
+    ``mean`` and ``std`` alike): a per-channel ``mean`` subtracted and ``std`` divided (None: nothing, as for the
+    built-in nets, which normalise inside), where they come from (``source``), and whether the images follow the
+    model to its device (``follow_device``, as Accelerate's device hooks do: an analysis then runs where the model
+    is, whatever device its images come from; gradients still reach an input on the CPU). :meth:`apply` is the
+    one place it happens."""
+
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    source: str = ""
+    follow_device: bool = False
+
+    def apply(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as ``model``'s first module receives it: normalised, then on the model's device."""
+        if self.mean is not None and self.std is not None:
+            like = {"dtype": x.dtype, "device": x.device}  # float32 constants, as the values were first stored
+            mean = torch.tensor(self.mean, dtype=torch.float32).view(-1, 1, 1).to(**like)
+            std = torch.tensor(self.std, dtype=torch.float32).view(-1, 1, 1).to(**like)
+            x = (x - mean) / std
+        if self.follow_device:
+            param = next(model.parameters(), None)
+            if param is not None:
+                x = x.to(param.device)
+        return x
+
+
+_DECLARED = "_convscope_preprocessing"  # the attribute that holds it: a deep copy of the model keeps it
+
+
+def _apply(model: nn.Module, args: tuple):
+    declared = getattr(model, _DECLARED, None)
+    if declared is None or not args or not isinstance(args[0], torch.Tensor):
+        return None
+    return (declared.apply(model, args[0]), *args[1:])
+
+
+def preprocess(model: nn.Module, **values) -> Preprocessing:
+    """Declare (or change) what ``model``'s inputs go through (the fields of :class:`Preprocessing`); the first
+    declaration registers the one forward pre-hook that applies it, :func:`unprepare` removes it."""
+    declared = replace(preprocessing(model), **values)
+    if preprocessing_hook(model) is None:
+        model.register_forward_pre_hook(_apply)
+    setattr(model, _DECLARED, declared)
+    return declared
+
+
+def preprocessing(model: nn.Module) -> Preprocessing:
+    """What ``model``'s inputs go through (nothing declared: ``Preprocessing()``)."""
+    return getattr(model, _DECLARED, None) or Preprocessing()
+
+
+def preprocessing_hook(model: nn.Module) -> int | None:
+    """The key of the pre-hook that applies ``model``'s preprocessing (in ``model._forward_pre_hooks``): an engine
+    that runs the model's graph itself applies :meth:`Preprocessing.apply` and takes no other hook for it."""
+    return next((k for k, hook in model._forward_pre_hooks.items() if hook is _apply), None)
+
+
+def unprepare(model: nn.Module) -> None:
+    """Take ``model``'s preprocessing off: it takes its inputs as given again."""
+    key = preprocessing_hook(model)
+    if key is not None:
+        del model._forward_pre_hooks[key]
+    if hasattr(model, _DECLARED):
+        delattr(model, _DECLARED)
+
+
+def on_device(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` moved to ``device``, its inputs following it there (:class:`Preprocessing`'s ``follow_device``)."""
+    model.to(device)
+    preprocess(model, follow_device=True)
     return model
 
 
@@ -135,4 +197,5 @@ def check_images(model: nn.Module, images: torch.Tensor) -> None:
         raise ConvscopeError("images contain NaN or infinite values")
 
 
-__all__ = ["check_images", "eval_mode", "exact_float32", "input_channels", "on_device", "run_to", "run_to_all"]
+__all__ = ["Preprocessing", "check_images", "eval_mode", "exact_float32", "input_channels", "on_device", "preprocess",
+           "preprocessing", "preprocessing_hook", "run_to", "run_to_all", "unprepare"]

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .errors import ConvscopeError
-from .forward import run_to_all
+from .forward import preprocessing, preprocessing_hook, run_to_all
 from .models.convnet import ContrastNorm, Normalize
 
 TAU = 0.4  # the projective-field threshold of the approximate mode: a box's side at most 0.4 of its map's
@@ -217,21 +217,13 @@ class _Tracer(fx.Tracer):
         return out
 
 
-def _input_hook(hook) -> bool:
-    """A model pre-hook the engine applies itself: an attached model's per-channel normalisation, or the move to
-    the model's device."""
-    from .usermodel import Normalization
-
-    return isinstance(hook, Normalization) or getattr(hook, "__qualname__", "").startswith("on_device.")
-
-
 def _check_hooks(model: nn.Module) -> None:
     """Hooks run around modules, which a traced graph does not call: any but the input hooks is a reason."""
     glob = nn.modules.module
     if getattr(glob, "_global_forward_hooks", None) or getattr(glob, "_global_forward_pre_hooks", None):
         raise _Unsupported("global forward hooks are registered (a traced graph would not run them)")
     for name, m in model.named_modules():
-        pre = [h for h in m._forward_pre_hooks.values() if not (m is model and _input_hook(h))]
+        pre = [k for k in m._forward_pre_hooks if not (m is model and k == preprocessing_hook(model))]
         if m._forward_hooks or pre:
             raise _Unsupported(f"module {name or 'the model'!r} has forward hooks (a traced graph would not run them)")
 
@@ -479,11 +471,9 @@ class Incremental:
         return found[probe.call - 1]
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` through the model's input hooks (its normalisation, the move to its device), as ``model(x)``."""
-        for hook in self.model._forward_pre_hooks.values():
-            out = hook(self.model, (x,))
-            x = x if out is None else out[0] if isinstance(out, tuple) else out
-        return x
+        """``x`` through the model's declared preprocessing (its normalisation, the move to its device), as
+        ``model(x)`` sends it to the first module."""
+        return preprocessing(self.model).apply(self.model, x)
 
     def _clean_pass(self, nodes: list, runners: dict, image: torch.Tensor) -> dict:
         """Every node's output on the clean image (batch 1), computed out of place so that each stays as it was."""

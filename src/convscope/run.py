@@ -29,6 +29,7 @@ from .config import TrainConfig
 from .data import ALL, SPLITS, DataSpec, ImageSet, stratified_split
 from .deconvnet import NONLINEARITIES
 from .errors import ConvscopeError, unknown
+from .forward import Preprocessing, on_device, preprocessing
 from .layers import ModuleInfo, census, site
 from .layout import Layout
 from .usermodel import FORMAT
@@ -124,7 +125,6 @@ class Run:
         """Move the model to ``device`` (``cpu``, ``cuda``, ``cuda:1``, ``auto``; see
         :func:`convscope.distributed.device`), its inputs following it; None leaves it where it is."""
         from .distributed import device as resolve
-        from .forward import on_device
 
         if device is not None:
             on_device(self.model, resolve(device))
@@ -149,7 +149,6 @@ class Run:
     def model_at(self, path: str | Path) -> nn.Module:
         """The run's model with the weights of another file (an epoch checkpoint), in eval mode."""
         from .checkpoint import load_model
-        from .forward import on_device
         from .weights import load_weights
 
         if self.kind == "trained":
@@ -181,13 +180,20 @@ class Run:
                 args["num_classes"] = num_classes
             model = build_model(spec, args)
         norm = self.attached.get("normalize")
-        return add_normalization(model, norm["mean"], norm["std"]) if norm else model
+        return add_normalization(model, norm["mean"], norm["std"], _source(norm)) if norm else model
 
     # --- layers
     @cached_property
     def modules(self) -> list[ModuleInfo]:
         """Every module of the model after one forward pass at the run's image size."""
         return census(self.model, self.image_size)
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """What the images in [0, 1] go through before the model's first module (its declared normalisation, and
+        whether they follow the model to its device), as values. A built-in net normalises inside (its
+        ``normalize`` module, the training set's mean image): nothing is declared for it."""
+        return preprocessing(self.model)
 
     @cached_property
     def paper_names(self) -> dict[str, str]:
@@ -254,7 +260,6 @@ def open_run(path: str | Path, device: str | torch.device | None = None, workers
     its model computes (default: the CPU, where it is loaded); ``workers``: processes that decode its images."""
     from .distributed import device as resolve
     from .errors import check_int
-    from .forward import on_device
 
     check_int(workers, "workers", 0, 1024)
     device = None if device is None else resolve(device)  # a device this machine lacks fails before any reading
@@ -309,6 +314,11 @@ def _read_record(layout: Layout) -> dict[str, Any]:
     return record
 
 
+def _source(norm: dict) -> str:
+    """Where an attached model's input normalisation comes from, as ``attach.json`` records it."""
+    return str(norm.get("source") or "attach.json")
+
+
 def _open_attached(layout: Layout) -> Run:
     from .usermodel import add_normalization
     from .weights import load_weights, sha256, state_sha256
@@ -334,7 +344,7 @@ def _open_attached(layout: Layout) -> Run:
                              "or its weights changed); attach it again into a new run directory")
     norm = record.get("normalize")
     if norm:
-        add_normalization(model, norm["mean"], norm["std"])
+        add_normalization(model, norm["mean"], norm["std"], _source(norm))
     if record["data"].get("in_memory"):
         raise ConvscopeError(f"{str(layout.root)!r} was attached from Python with images in memory, which the "
                              "command line cannot read again; attach a data set by name (--data, --data-root)")
@@ -410,8 +420,10 @@ def attach(model: nn.Module | str, data: str | ImageSet = "folder", out: str | P
     if every is not None and every.image_size != size:
         raise ConvscopeError(f"the images are {every.image_size} px but the run's image size is {size}; resize them "
                              f"or pass image_size={every.image_size}")
+    imagenet = isinstance(normalize, str) and normalize.strip().lower() == "imagenet"
+    source = "ImageNet's mean and std, given to attach" if imagenet else "the mean and std given to attach"
     if norm:
-        add_normalization(net, *norm)
+        add_normalization(net, *norm, source)
     outputs = check_input(net, size)[1]
     if names is not None and len(names) != outputs:
         raise ConvscopeError(f"the classes file names {len(names)} classes, but the model has {outputs} outputs")
@@ -422,7 +434,7 @@ def attach(model: nn.Module | str, data: str | ImageSet = "folder", out: str | P
     record.update(
         data=({"name": spec_data.name, "root": spec_data.root, "size": size, "seed": seed} if spec_data else
               {"name": every.name or "images", "in_memory": True, "images": len(every), "size": size}),
-        image_size=size, classes=names, normalize={"mean": norm[0], "std": norm[1]} if norm else None)
+        image_size=size, classes=names, normalize={"mean": norm[0], "std": norm[1], "source": source} if norm else None)
     with artifacts.lock(layout.root, "convscope attach"):
         _check_out(layout)
         artifacts.clean(layout.root)

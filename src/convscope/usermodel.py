@@ -8,9 +8,9 @@ A model is named by a **spec**: a built-in name (``convscope models``), ``packag
 names), so that every analysis command reopens the same model later, and refuses weights that changed since.
 
 Preprocessing: analyses feed images in [0, 1] and show projections in pixel space. A model trained on
-normalised inputs gets its normalisation (``--normalize imagenet`` or six numbers) as a forward pre-hook of
-:class:`Normalization`, so module names stay the user's own and the projections pass through the
-normalisation back to pixels.
+normalised inputs gets its normalisation (``--normalize imagenet`` or six numbers) declared as values
+(:class:`convscope.forward.Preprocessing`), applied before its first module, so module names stay the user's
+own and the projections pass through the normalisation back to pixels.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .errors import ConvscopeError
+from .forward import preprocess, preprocessing
 
 FORMAT = "convscope-attach-1"
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -128,22 +129,6 @@ def infer_num_classes(state: dict[str, torch.Tensor]) -> int | None:
 # ------------------------------------------------------------------------------------------- normalisation
 
 
-class Normalization:
-    """``x -> (x - mean) / std`` per channel, run as a forward pre-hook of the model: images in [0, 1] go in,
-    what the model was trained on reaches its first layer."""
-
-    def __init__(self, mean: Sequence[float], std: Sequence[float]):
-        self.mean = torch.tensor([float(m) for m in mean]).view(-1, 1, 1)
-        self.std = torch.tensor([float(s) for s in std]).view(-1, 1, 1)
-
-    def __call__(self, module: nn.Module, args: tuple):
-        if not args or not isinstance(args[0], torch.Tensor):
-            return None
-        x = args[0]
-        like = {"dtype": x.dtype, "device": x.device}  # not .to(x): x itself is no input of the constants
-        return ((x - self.mean.to(**like)) / self.std.to(**like), *args[1:])
-
-
 def parse_normalize(value: str | Sequence[float] | None) -> tuple[list[float], list[float]] | None:
     """``"imagenet"``, ``"none"``/None, or six numbers ``MEAN_R,MEAN_G,MEAN_B,STD_R,STD_G,STD_B``."""
     if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
@@ -160,18 +145,19 @@ def parse_normalize(value: str | Sequence[float] | None) -> tuple[list[float], l
     return numbers[:3], numbers[3:]
 
 
-def add_normalization(model: nn.Module, mean: Sequence[float], std: Sequence[float]) -> nn.Module:
-    """Register :class:`Normalization` on ``model`` (a model convscope built; it keeps the hook)."""
-    model.register_forward_pre_hook(Normalization(mean, std))
+def add_normalization(model: nn.Module, mean: Sequence[float], std: Sequence[float], source: str = "") -> nn.Module:
+    """Declare ``model``'s input normalisation (:func:`convscope.forward.preprocess`: values, applied in one place
+    and removable); ``source`` says where the numbers come from."""
+    preprocess(model, mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std), source=source)
     return model
 
 
 def input_normalization(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The (mean, std) per channel a model applies to its [0, 1] input: a built-in model's ``normalize`` module
-    or a :class:`Normalization` hook; None for neither."""
-    for hook in model._forward_pre_hooks.values():
-        if isinstance(hook, Normalization):
-            return hook.mean.flatten(), hook.std.flatten()
+    """The (mean, std) per channel a model applies to its [0, 1] input: its declared preprocessing, or a built-in
+    model's own ``normalize`` module; None for neither."""
+    declared = preprocessing(model)
+    if declared.mean is not None and declared.std is not None:
+        return torch.tensor(declared.mean), torch.tensor(declared.std)
     norm = getattr(model, "normalize", None)
     if isinstance(getattr(norm, "mean", None), torch.Tensor) and norm.mean.dim() == 3:
         return norm.mean.mean((-2, -1)), norm.std.flatten().expand(norm.mean.shape[0])
@@ -237,6 +223,6 @@ def read_classes(path: str | Path) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-__all__ = ["FORMAT", "IMAGENET", "Normalization", "accepts", "add_normalization", "build_model",
+__all__ = ["FORMAT", "IMAGENET", "accepts", "add_normalization", "build_model",
            "check_input", "infer_num_classes", "input_normalization", "parse_model_args", "parse_normalize",
            "read_classes"]
