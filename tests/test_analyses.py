@@ -99,11 +99,11 @@ def check_occlusion(result, layout):
 
 
 def check_correspondence(result, layout):
-    from convscope.correspondence import format_table
+    from convscope.correspondence import correspondence_table
 
     saved = json.loads(layout.figure("table1", ".json").read_text())
     assert saved["mean"] == result.mean and saved["regions"] == ["left_eye", "right_eye", "nose", "random"]
-    assert layout.figure("table1", ".txt").read_text() == format_table(result)
+    assert layout.figure("table1", ".txt").read_text() == correspondence_table(result)
 
 
 def check_transfer(result, layout):

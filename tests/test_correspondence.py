@@ -16,8 +16,8 @@ from convscope.correspondence import (
     PartImages,
     class_parts,
     correspondence,
+    correspondence_table,
     delta,
-    format_table,
     load_parts_json,
     mask_squares,
     write_correspondence,
@@ -138,7 +138,7 @@ def test_write_correspondence(tmp_path):
     assert saved["mean"]["spot"]["pixels"] == pytest.approx(0.125)
     assert saved["values"][RANDOM]["out"] == r.values[RANDOM]["out"].tolist()
     table = txt.read_text()
-    assert table == format_table(r) and "spot" in table and "0.1250 +- 0.0000" in table
+    assert table == correspondence_table(r) and "spot" in table and "0.1250 +- 0.0000" in table
 
 
 def test_bad_input():

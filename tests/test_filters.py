@@ -20,9 +20,9 @@ from convscope.filters import (
     compare,
     crop_examples,
     dc_fraction,
-    figure,
     filter_grid,
     filter_stats,
+    filters_figure,
     save_diagnosis,
 )
 
@@ -279,7 +279,7 @@ def test_compare_figure_and_save(tmp_path):
         assert sum(row[f"{b}_fraction"] for b in ("low", "mid", "high")) == pytest.approx(1.0)
         # Fresh He-initialised filters are white noise: band fractions follow the bands' areas on the DFT grid.
         assert row["high_fraction"] == pytest.approx(_lattice_fraction(48, 1 / 3, 1.0), abs=0.08)
-    fig = figure(out)
+    fig = filters_figure(out)
     assert len(fig.axes) == 2 * 2 + 2
     paths = save_diagnosis(tmp_path, out, fig)
     assert sorted(p.name for p in paths) == ["conv1_0.png", "conv1_1.png", "fig6.json", "fig6.png"]

@@ -233,9 +233,9 @@ def ablation_figure(result: AblationResult):
 def write_ablation(result: AblationResult, directory: str | os.PathLike) -> list[Path]:
     """``ablation.json``, ``ablation.md`` (the table) and ``ablation.png`` (bar chart) in ``directory``, the folder
     of the variant runs."""
-    return [artifacts.write_json(Layout.ablation_table(directory, ".json"), result.to_dict()),
-            artifacts.write_text(Layout.ablation_table(directory, ".md"), ablation_table(result)),
-            artifacts.save_figure(Layout.ablation_table(directory, ".png"), ablation_figure(result))]
+    return [artifacts.write_json(Layout.ablation_path(directory, ".json"), result.to_dict()),
+            artifacts.write_text(Layout.ablation_path(directory, ".md"), ablation_table(result)),
+            artifacts.save_figure(Layout.ablation_path(directory, ".png"), ablation_figure(result))]
 
 
 def ablate_run(base_cfg: TrainConfig, out_dir: str | os.PathLike, variants: Sequence[str] | None = None,

@@ -247,7 +247,7 @@ def load_parts_json(path: str | os.PathLike, size: int | None = None) -> PartIma
     return PartImages(images, parts, boxes)
 
 
-def format_table(result: CorrespondenceResult) -> str:
+def correspondence_table(result: CorrespondenceResult) -> str:
     """Table 1 as plain text: one row per region, ``mean +- std`` per layer."""
     head = ["region"] + [f"Delta {layer}" for layer in result.layers]
     mean, std = result.mean, result.std
@@ -274,7 +274,7 @@ def write_correspondence(result: CorrespondenceResult, layout: Layout, name: str
     }
     return [artifacts.write_json(layout.figure(name, ".json"), data),
             artifacts.write_text(layout.figure(name, ".txt"), (heading + "\n\n" if heading else "")
-                                 + format_table(result))]
+                                 + correspondence_table(result))]
 
 
 def compute(run: Run, class_name: str = "face", parts: list[str] | None = None, split: str | None = None,
@@ -341,7 +341,7 @@ register(Analysis(
           "size": "Side of the masking square. [1/8 of the image]", "seed": "Seed of the draws.",
           "parts_json": 'Your own images and parts: {"images": ["a.png", ...], "parts": {"left_eye": '
                         '[[x, y], ...]}}.'},
-    flags={"class_name": "--class"}, summary=format_table,
+    flags={"class_name": "--class"}, summary=correspondence_table,
     paper=[("layer 5: right eye / left eye / nose",
             " / ".join(str(PAPER_TABLE1[5][p]) for p in ("right_eye", "left_eye", "nose"))),
            ("layer 5: random regions", str(PAPER_TABLE1[5][RANDOM])),
@@ -349,4 +349,4 @@ register(Analysis(
 
 
 __all__ = ["FACE_PARTS", "RANDOM", "CorrespondenceResult", "PartImages", "class_parts", "compute", "correspondence",
-           "delta", "findings", "format_table", "load_parts_json", "mask_squares", "write_correspondence"]
+           "delta", "findings", "correspondence_table", "load_parts_json", "mask_squares", "write_correspondence"]

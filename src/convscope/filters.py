@@ -12,7 +12,7 @@ The paper looks at pictures and says three things; this module measures each:
   are clean -> :func:`aliasing`, the share of layer-2 projection energy above the first layer's sampling limit.
 
 Computation and writing are separate: :func:`filter_stats`, :func:`aliasing`, :func:`diagnose`, :func:`compare`
-and :func:`figure` compute; :func:`save_diagnosis` writes, through :mod:`convscope.artifacts`. Over a run,
+and :func:`filters_figure` compute; :func:`save_diagnosis` writes, through :mod:`convscope.artifacts`. Over a run,
 :func:`compute` diagnoses the run's model beside the runs it is compared with (layer 1 is the first
 convolution, whatever its name) and :func:`write_filters` writes Fig. 6.
 """
@@ -54,6 +54,12 @@ NORMALIZE = ("global", "filter")
 # --------------------------------------------------------------------------------------------------- layer 1
 
 
+def _first_conv(model: nn.Module, layer: str | None) -> bool:
+    """Whether ``layer`` means the model's first convolution: None, or ``conv1`` where no module or alias has
+    that name."""
+    return layer is None or (layer == "conv1" and not paper_names(model) and "conv1" not in dict(model.named_modules()))
+
+
 def conv_module(model: nn.Module, layer: str | None = "conv1") -> nn.Conv2d:
     """The ``nn.Conv2d`` behind ``layer``: the module itself, or for a paper alias (whose probed module is the
     ReLU after the convolution) the last convolution registered before it. ``None`` -- and ``"conv1"`` on a model
@@ -61,8 +67,7 @@ def conv_module(model: nn.Module, layer: str | None = "conv1") -> nn.Conv2d:
     convs = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     if not convs:
         raise ConvscopeError("the model has no nn.Conv2d layer: filter diagnosis needs convolution filters")
-    if layer is None or (layer == "conv1" and not paper_names(model)
-                         and "conv1" not in dict(model.named_modules())):
+    if _first_conv(model, layer):
         return convs[0][1]
     name, module = resolve_layer(model, layer)
     if isinstance(module, nn.Conv2d):
@@ -218,12 +223,7 @@ def filter_stats(
 
 
 def _inactive_fraction(model: nn.Module, conv: nn.Conv2d, layer: str | None, images: torch.Tensor) -> float:
-    module = conv
-    if layer is not None:
-        try:
-            module = site(model, layer)
-        except ConvscopeError:
-            module = conv
+    module = conv if _first_conv(model, layer) else site(model, layer)  # an unknown name is an error, as in conv_module
     with torch.no_grad(), eval_mode(model):
         out = run_to(model, module, images)
     if out.dim() != 4:
@@ -471,8 +471,8 @@ def crop_examples(examples: torch.Tensor, margin: int = 2) -> torch.Tensor:
     return torch.stack(crops) if n else x
 
 
-def figure(diagnoses: Mapping[str, Diagnosis], title: str = "Fig. 6: architecture diagnosis of layers 1 and 2",
-           note: str | None = None):
+def filters_figure(diagnoses: Mapping[str, Diagnosis],
+                   title: str = "Fig. 6: architecture diagnosis of layers 1 and 2", note: str | None = None):
     """A matplotlib Figure (Agg) of paper Fig. 6: per model (a column), the layer-1 filters scaled together, so
     that a dominating filter (6a) and dead ones (6b) show, above the projections of the 9 strongest layer-2
     activations cropped to their support (6d, 6e); below, a bar chart of the fractions and a table of all the
@@ -480,7 +480,7 @@ def figure(diagnoses: Mapping[str, Diagnosis], title: str = "Fig. 6: architectur
     from matplotlib.figure import Figure
 
     if not diagnoses:
-        raise ConvscopeError("figure needs at least one diagnosis")
+        raise ConvscopeError("filters_figure needs at least one diagnosis")
     names = list(diagnoses)
     n = len(names)
     fig = Figure(figsize=(max(4.0 * n, 9.0), 11.5))
@@ -542,14 +542,14 @@ def _json_safe(v):
 
 def save_diagnosis(out_dir: str | Path, diagnoses: Mapping[str, Diagnosis], fig=None, name: str = "fig6"
                    ) -> list[Path]:
-    """Write Fig. 6 into ``out_dir``: ``<name>.png`` (``fig`` or a fresh :func:`figure`), ``<name>.json`` (the
-    numbers of every model) and ``conv1_<i>.png`` (each model's filter grid, in the order given)."""
+    """Write Fig. 6 into ``out_dir``: ``<name>.png`` (``fig`` or a fresh :func:`filters_figure`), ``<name>.json``
+    (the numbers of every model) and ``conv1_<i>.png`` (each model's filter grid, in the order given)."""
     out = Path(out_dir)
     numbers = {label: {k: _json_safe(v) for k, v in d.summary().items()} for label, d in diagnoses.items()}
     written = [artifacts.write_json(out / f"{name}.json", numbers)]
     for i, d in enumerate(diagnoses.values()):
         written.append(artifacts.save_image(out / f"conv1_{i}.png", d.grid))
-    written.append(artifacts.save_figure(out / f"{name}.png", fig if fig is not None else figure(diagnoses)))
+    written.append(artifacts.save_figure(out / f"{name}.png", fig if fig is not None else filters_figure(diagnoses)))
     return written
 
 
@@ -670,7 +670,8 @@ def findings(result: FiltersResult) -> list[Finding]:
 
 def write_filters(result: FiltersResult, layout: Layout, name: str = "fig6") -> list[Path]:
     """Fig. 6 into the run's figures: ``<name>.png``, ``<name>.json`` and each model's filter grid."""
-    return save_diagnosis(layout.figures, result.diagnoses, figure(result.diagnoses, note=result.note), name=name)
+    figure = filters_figure(result.diagnoses, note=result.note)
+    return save_diagnosis(layout.figures, result.diagnoses, figure, name=name)
 
 
 register(Analysis(
@@ -687,6 +688,6 @@ register(Analysis(
 
 __all__ = [
     "BANDS", "BAND_EDGES", "Aliasing", "Diagnosis", "FilterStats", "alias_fraction", "aliasing", "band_energy",
-    "compare", "conv_module", "crop_examples", "dc_fraction", "diagnose", "figure", "filter_grid", "filter_rms",
+    "compare", "conv_module", "crop_examples", "dc_fraction", "diagnose", "filters_figure", "filter_grid", "filter_rms",
     "filter_stats", "first_conv_stride", "save_diagnosis", "write_filters",
 ]

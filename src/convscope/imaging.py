@@ -1,7 +1,4 @@
-"""Tensors <-> images: display normalisation of projections (paper Figs. 2, 4, 6, 7), PIL conversion, grids.
-
-numpy and PIL appear only here, at the edge (DESIGN.md conventions).
-"""
+"""Tensors <-> images: display normalisation of projections (paper Figs. 2, 4, 6, 7), PIL conversion, grids."""
 
 from __future__ import annotations
 

@@ -209,10 +209,10 @@ class Layout:
         return self.root / "ablation"
 
     def ablation_file(self, suffix: str) -> Path:
-        return self.ablation_table(self.ablation, suffix)
+        return self.ablation_path(self.ablation, suffix)
 
     @staticmethod
-    def ablation_table(folder: str | Path, suffix: str) -> Path:
+    def ablation_path(folder: str | Path, suffix: str) -> Path:
         """``ablation<suffix>`` in a folder of Table 3's variant runs (a run's ``ablation/``, or ``ablate --out``)."""
         return Path(folder) / f"ablation{suffix}"
 
