@@ -51,5 +51,9 @@ def test_evolution_tracks_the_strongest_activation_at_each_epoch(tmp_path):
     saved = json.loads(layout.figure("fig4", ".json").read_text())
     assert sorted(saved) == ["conv1", "conv5"]
     assert saved["conv5"]["images"] == ev["conv5"].images.tolist() and saved["conv5"]["epochs"] == [1, 2, 5]
+    # a damaged record (a half-written file from before atomic writes, an edit) is written anew, not a crash
+    layout.figure("fig4", ".json").write_text('{"conv5": [1, 2')
+    write_evolution(EvolutionResult({"conv1": ev["conv1"]}, "deconvnet", "error"), layout)
+    assert sorted(json.loads(layout.figure("fig4", ".json").read_text())) == ["conv1"]
     with pytest.raises(cs.ConvscopeError, match="no checkpoints"):
         evolution({}, data, units)

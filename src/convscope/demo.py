@@ -140,12 +140,7 @@ def steps(out: Path, quick: bool, seed: int = 0) -> list[tuple[str, Callable[[],
 
 def _done(out: Path) -> dict[str, float]:
     """The steps an earlier start of the demo in ``out`` finished (``timings.json``; nothing when it is damaged)."""
-    import json
-
-    try:
-        timings = json.loads(Layout(out).timings.read_text())
-    except (OSError, ValueError):
-        return {}
+    timings = artifacts.read_json(Layout(out).timings)
     if not isinstance(timings, dict):
         return {}
     return {k: v for k, v in timings.items() if isinstance(v, int | float)}

@@ -9,7 +9,6 @@ epochs), or a folder of state dicts named by epoch (``checkpoints=``: the user's
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,7 +141,8 @@ def write_evolution(result: EvolutionResult, layout: Layout) -> list[Path]:
             strip = make_grid([upscale(t, 32) for t in to_image(ev.projections[:, u])], nrow=len(ev.epochs), pad=2)
             paths.append(artifacts.save_image(layout.evolution_strip(layer, unit), caption(strip, note)))
     summary_path = layout.figure("fig4", ".json")
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}  # other layers' stay
+    summary = artifacts.read_json(summary_path)  # other layers' stay; a damaged file is written anew
+    summary = summary if isinstance(summary, dict) else {}
     summary.update({layer: {"epochs": ev.epochs, "units": ev.units.tolist(), "images": ev.images.tolist(),
                             "values": ev.values.tolist()} for layer, ev in result.layers.items()})
     paths.append(artifacts.write_json(summary_path, summary))

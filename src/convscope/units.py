@@ -148,13 +148,11 @@ def _labels(data) -> torch.Tensor | None:
 
 def _drawn(path: Path, identity: dict) -> dict[str, set[int]]:
     """The units a killed write of this same scan had drawn (layer -> units); nothing for another scan's record."""
-    import json
-
+    state = artifacts.read_json(path)
     try:
-        state = json.loads(path.read_text())
         if state.get("identity") == identity:
             return {layer: {int(u) for u in units} for layer, units in state["units"].items()}
-    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+    except (ValueError, AttributeError, KeyError, TypeError):
         pass
     return {}
 

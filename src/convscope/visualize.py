@@ -22,7 +22,6 @@ for bit, on the CPU. Only the image gets gradients (``torch.autograd.grad``): th
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -244,10 +243,7 @@ def write_visualize(result: VisualizeResult, layout: Layout) -> list[Path]:
     """One PNG per unit (the optimised image at the run's size, ``layout.visualization``), each layer's units in
     one grid (``figures/visualize_<layer>.png``, what the report shows) and the numbers in
     ``layout.visualize_numbers``, where the layers of earlier runs are kept beside these."""
-    try:
-        numbers = json.loads(layout.visualize_numbers.read_text())
-    except (OSError, ValueError):
-        numbers = {}
+    numbers = artifacts.read_json(layout.visualize_numbers)
     numbers = numbers if isinstance(numbers, dict) else {}
     paths = []
     for layer, vis in result.layers.items():
