@@ -5,9 +5,10 @@ checked on it."""
 
 import os
 
-import pytest
+os.environ.setdefault("MPLBACKEND", "Agg")  # before anything imports matplotlib
 
-os.environ.setdefault("MPLBACKEND", "Agg")
+import pytest  # noqa: E402
+from helpers import SEED, TINY_ARGS, TRAINED, keyed, untrained_twin  # noqa: E402
 
 
 def pytest_configure(config):
@@ -16,26 +17,21 @@ def pytest_configure(config):
 
     keep_freed_memory()
 
-CHROMIUM = "/usr/bin/chromium"
 
-
-def require_chromium() -> None:
-    """Skip a browser test where Debian's Chromium is missing, but fail it under CI (``CI`` set), which installs
-    Chromium: a browser test must not turn into a silent skip there."""
-    from pathlib import Path
-
-    if Path(CHROMIUM).exists():
-        return
-    message = f"no chromium at {CHROMIUM} (apt-get install -y chromium)"
-    if os.environ.get("CI"):
-        pytest.fail(message + "; CI installs it, so its absence here is an error")
-    pytest.skip(message)
-
-
-# The training seed of every trained fixture. CI trains seed 0; scripts/seeds.py runs the trained tests again at
-# other seeds (CONVSCOPE_TEST_SEED) to measure the spread behind each test's margin.
-SEED = int(os.environ.get("CONVSCOPE_TEST_SEED", "0"))
-TRAINED = dict(model="zfnet_small", data="synthetic", n_val=1000, n_test=1000, seed=SEED)  # 30 epochs
+@pytest.fixture(scope="session", autouse=True)
+def data_cache(request, tmp_path_factory):
+    """Every test generates and reads the embedded data sets in a cache folder of the test session's own (kept
+    in pytest's cache folder between local sessions, like the trained fixtures), never the user's
+    ``~/.cache/convscope``: ``CONVSCOPE_CACHE`` points there, for subprocesses too."""
+    cache = getattr(request.config, "cache", None)
+    folder = cache.mkdir("convscope-data") if cache is not None else tmp_path_factory.mktemp("convscope-data")
+    before = os.environ.get("CONVSCOPE_CACHE")
+    os.environ["CONVSCOPE_CACHE"] = str(folder)
+    yield folder
+    if before is None:
+        os.environ.pop("CONVSCOPE_CACHE", None)
+    else:
+        os.environ["CONVSCOPE_CACHE"] = before
 
 
 @pytest.fixture(scope="session")
@@ -55,35 +51,11 @@ def measured(request):
         path.write_text(json.dumps({**old, **values}, indent=1, sort_keys=True))
 
 
-def random_imageset(labels, size=64, seed=0):
-    """Seeded random uint8 images with the given labels: data for tests that need only shapes and classes."""
-    import torch
-
-    from convscope.data import ImageSet
-
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.as_tensor(labels)
-    images = torch.randint(0, 256, (len(labels), 3, size, size), generator=g, dtype=torch.uint8)
-    return ImageSet(images, labels, [str(c) for c in range(int(labels.max()) + 1)])
-
-
 @pytest.fixture(scope="session")
 def trained_folder(request, tmp_path_factory):
     """pytest's cache folder (kept between local sessions), or a temporary one under ``-p no:cacheprovider``."""
     cache = getattr(request.config, "cache", None)
     return cache.mkdir("convscope-trained") if cache is not None else tmp_path_factory.mktemp("convscope-trained")
-
-
-def keyed(folder, name, options):
-    """``folder/name-KEY``, KEY a hash of ``options`` and of the small nets' specs: a cached result is reused only
-    for the same settings and the same models."""
-    import hashlib
-    import json
-
-    from convscope.models.convnet import ALEXNET_SMALL, ZFNET_SMALL
-
-    key = json.dumps([options, repr(ZFNET_SMALL), repr(ALEXNET_SMALL)], sort_keys=True)
-    return folder / f"{name}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
 
 
 def _trained(folder, name, options):
@@ -100,25 +72,6 @@ def _trained(folder, name, options):
 @pytest.fixture(scope="session")
 def trained_run(trained_folder):
     return _trained(trained_folder, "zfnet_small-synthetic", TRAINED)
-
-
-def untrained_twin(run):
-    """A trained run's control: the same model, data and input preprocessing, its weights as training started
-    (the same seeded initialisation). A property test of training must fail on it."""
-    import copy
-
-    import torch
-
-    from convscope.models import create_model
-
-    cfg = run.config
-    with torch.random.fork_rng():
-        torch.manual_seed(cfg.seed)
-        model = create_model(cfg.model, num_classes=len(run.classes), **cfg.model_options)
-    model.normalize.load_state_dict(run.model.normalize.state_dict())
-    twin = copy.copy(run)
-    twin.model = model.eval()
-    return twin
 
 
 @pytest.fixture(scope="session")
@@ -149,9 +102,6 @@ def six_class_run(trained_folder):
 def trained_zf(trained_run):
     """(model, test set) of the trained run."""
     return trained_run.model, trained_run.split("test")
-
-
-TINY_ARGS = {"widths": [8, 8, 12, 12, 8], "fc": [16, 16]}  # a narrow zfnet_small: analyses run in a second
 
 
 @pytest.fixture(scope="session")

@@ -109,7 +109,7 @@ def test_without_conv3_4_and_fc6_7_the_net_cannot_fit_while_without_conv3_4_alon
     and still at chance at epoch 14 on this machine's seed 0), which the demo's Table 3 verdict reports."""
     from dataclasses import replace
 
-    from conftest import SEED, keyed
+    from helpers import SEED, keyed
 
     from convscope.demo import PAIRS
 

@@ -10,7 +10,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_ARGS
+from helpers import TINY_ARGS
 from PIL import Image
 
 import convscope as cs

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
+from helpers import MODEL_PY
 from PIL import Image
 from torch import nn
 
@@ -26,46 +27,6 @@ from convscope.topk import load_topk
 
 SIZE = 32
 CLASSES = ["china", "flower", "stripes"]
-# The user's model, as a file of their own: batch norm, residual adds, functional ReLUs in the stem and a ReLU
-# module that every block calls twice (as torchvision's BasicBlock does).
-MODEL_PY = '''
-import torch.nn.functional as F
-from torch import nn
-
-
-class Block(nn.Module):
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.relu = nn.ReLU(inplace=True)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        out = self.relu(self.bn1(self.conv1(x)))
-        return self.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
-
-
-class TinyResNet(nn.Module):
-    def __init__(self, num_classes=3, width=8):
-        super().__init__()
-        self.conv = nn.Conv2d(3, width, 3, 1, 1, bias=False)
-        self.bn = nn.BatchNorm2d(width)
-        self.layer1 = Block(width, width, 1)
-        self.layer2 = Block(width, 2 * width, 2)
-        self.layer3 = Block(2 * width, 4 * width, 2)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(4 * width, num_classes)
-
-    def forward(self, x):
-        x = F.relu(self.bn(self.conv(x)))
-        x = self.layer3(self.layer2(self.layer1(x)))
-        return self.fc(self.avgpool(x).flatten(1))
-'''
 MEAN, STD = [0.5, 0.45, 0.4], [0.25, 0.25, 0.25]
 
 
@@ -306,12 +267,11 @@ def test_report_lists_the_attached_runs_figures(figures):
 def test_report_from_file_and_the_viewers_deep_link_in_chromium(figures):
     """The report opened from file:// shows every image, and the viewer's address of one unit shows that unit."""
     attached = figures
-    from conftest import CHROMIUM, require_chromium
-    from test_browser import Watched, serving
+    from helpers import CHROMIUM, Watched, require_chromium, serving
 
     require_chromium()
+    from helpers import ARGS
     from playwright.sync_api import sync_playwright
-    from test_browser import ARGS
 
     assert run_cli("report", attached).exit_code == 0
     unit = sorted(int(p.stem.split("_")[1]) for p in (Layout(attached).units / "layer2").glob("unit_*.png"))[5]
@@ -457,7 +417,7 @@ def mobile(user, tmp_path_factory):
 
 
 def test_mobilenet_block_projects_with_gradient_nonlinearities_and_equals_captum(user, mobile, tmp_path):
-    from test_deconvnet import activation, captum, close
+    from helpers import activation, captum, close
 
     spec = ["--model", f"{mobile / 'mobile.py'}:mobilenet", "--weights", mobile / "mobile.pth", "--data-root",
             user / "images", "--image-size", SIZE]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import TINY_ARGS
+from helpers import TINY_ARGS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -2,19 +2,13 @@
 console error, keyboard navigation, a malicious class name stays text, and the live server refuses paths out of
 the run and foreign hosts."""
 
-import contextlib
 import http.client
 import socket
-import threading
 import time
 
 import pytest
 import torch
-from conftest import CHROMIUM, require_chromium
-from test_report import EVIL, ODD, make_fake_run
-
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run"]
+from helpers import ARGS, CHROMIUM, EVIL, ODD, Watched, make_fake_run, require_chromium, serving
 
 pytestmark = pytest.mark.slow
 
@@ -43,49 +37,10 @@ def browser():
         b.close()
 
 
-@contextlib.contextmanager
-def serving(run_dir):
-    """The viewer of ``run_dir`` served by uvicorn on a free port of 127.0.0.1, in a background thread."""
-    import uvicorn
-
-    from convscope.viewer import bind, make_app
-
-    sock = bind("127.0.0.1", 0)
-    port = sock.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(make_app(run_dir), log_level="warning"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        assert time.monotonic() < deadline, "the viewer did not start"
-        time.sleep(0.05)
-    try:
-        yield "127.0.0.1", port
-    finally:
-        srv.should_exit = True
-        thread.join(10)
-        sock.close()
-
-
 @pytest.fixture(scope="module")
 def server(run_dir):
     with serving(run_dir) as address:
         yield address
-
-
-class Watched:
-    """A page with its console errors, page errors and dialogs recorded."""
-
-    def __init__(self, browser):
-        self.page = browser.new_page(viewport={"width": 1200, "height": 900})
-        self.errors, self.dialogs = [], []
-        self.page.on("console", lambda m: self.errors.append(m.text) if m.type == "error" else None)
-        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
-        self.page.on("dialog", lambda d: (self.dialogs.append(d.message), d.dismiss()))
-
-    def images(self):
-        return self.page.evaluate("Array.from(document.images).map(i => [i.getAttribute('alt'), i.complete, "
-                                  "i.naturalWidth])")
 
 
 @pytest.mark.parametrize("out", [None, "elsewhere/sub dir/r #2.html"])

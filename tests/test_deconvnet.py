@@ -3,49 +3,14 @@ Captum as an oracle, functional and in-place ReLUs, hygiene after every call, an
 
 from __future__ import annotations
 
-import warnings
-
-import captum.attr as captum_attr
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import activation, captum, close
 from torch import nn
 
 import convscope as cs
 from convscope.deconvnet import RULES, Projector
-
-CAPTUM = {
-    "deconvnet": captum_attr.NeuronDeconvolution,
-    "guided": captum_attr.NeuronGuidedBackprop,
-    "gradient": captum_attr.NeuronGradient,
-}
-
-
-def close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5) -> bool:
-    scale = b.abs().max().item()
-    assert scale > 0, "the reference is all zero: the comparison would prove nothing"
-    return (a - b).abs().max().item() <= rel * scale
-
-
-def activation(model: nn.Module, layer: str, x: torch.Tensor) -> torch.Tensor:
-    _, module = cs.resolve_layer(model, layer)
-    seen = []
-    handle = module.register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
-    with torch.no_grad():
-        model(x)
-    handle.remove()
-    return seen[0]
-
-
-def captum(model: nn.Module, layer: str, x: torch.Tensor, rule: str, neuron) -> torch.Tensor:
-    """Captum seeds with 1: multiply by the activation's value to compare with the paper's seeding."""
-    _, module = cs.resolve_layer(model, layer)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        grad = CAPTUM[rule](model, module).attribute(x.clone(), neuron_selector=neuron)
-    value = activation(model, layer, x)[(slice(None), *((neuron,) if isinstance(neuron, int) else neuron))]
-    return grad * value.view(-1, 1, 1, 1)
-
 
 # ---------------------------------------------------------------- hand-computed cases
 

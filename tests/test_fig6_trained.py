@@ -12,7 +12,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import keyed
+from helpers import keyed
 
 from convscope.checkpoint import load_model
 from convscope.filters import compare, filter_stats

@@ -149,7 +149,7 @@ def test_probe_finding_is_the_deepest_layer_over_the_first_paired_over_test_exam
 
 
 def test_probe_layers_records_each_examples_correctness():
-    from conftest import random_imageset
+    from helpers import random_imageset
 
     import convscope as cs
 

@@ -227,7 +227,7 @@ def test_occlusion_records_the_clean_prediction():
 
 
 def test_compute_keeps_the_ground_truth_boxes(tmp_path):
-    from conftest import random_imageset
+    from helpers import random_imageset
 
     import convscope as cs
     from convscope.data.synthetic import load_synthetic

@@ -32,7 +32,7 @@ FILL = torch.tensor([0.3, 0.5, 0.7])
 def _attach_models() -> dict:
     """tests/test_attach.py's user model file (a ResNet block: batch norm, a residual add, a ReLU module called
     twice, in place), its classes."""
-    from test_attach import MODEL_PY
+    from helpers import MODEL_PY
 
     namespace: dict = {}
     exec(compile(MODEL_PY, "model.py", "exec"), namespace)

@@ -72,7 +72,7 @@ def test_on_the_trained_net_every_map_points_at_the_object_more_than_the_centre(
 
 
 def test_a_run_without_masks_is_told_how_to_give_them(tiny_files, tmp_path):
-    from conftest import TINY_ARGS
+    from helpers import TINY_ARGS
 
     import convscope as cs
     from convscope import pointing

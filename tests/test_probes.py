@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import random_imageset
+from helpers import random_imageset
 
 import convscope as cs
 from convscope import probes, readout

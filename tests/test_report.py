@@ -10,55 +10,13 @@ from urllib.parse import urljoin, urlsplit
 from urllib.request import url2pathname
 
 import pytest
+from helpers import ODD, make_fake_run
 from markupsafe import escape
 from PIL import Image
 
 from convscope import analyses
 from convscope.errors import ConvscopeError
 from convscope.report import REGISTRY, build_report, render_report
-
-EVIL = "<img src=x onerror=alert(1)>"
-CLASSES = ["cat", EVIL, "dog & co"]
-
-
-def _png(path: Path, size=(48, 32), color=(200, 60, 40)) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, color).save(path)
-
-
-def make_fake_run(root: Path) -> Path:
-    """A small run directory: training outputs, a real (untrained) zfnet_small weights file with a malicious
-    class name, a few Fig. 2 / Fig. 4 pictures, Fig. 6 and Fig. 7 figures, Table 1 and Table 7; no Fig. 5,
-    Table 3 or transfer."""
-    from convscope.checkpoint import save_weights
-    from convscope.models import create_model
-
-    root.mkdir(parents=True, exist_ok=True)
-    config = {"model": "zfnet_small", "data": "synthetic", "epochs": 3, "seed": 0, "lr": 0.01, "momentum": 0.9,
-              "renorm": True, "model_options": {}}
-    (root / "config.json").write_text(json.dumps(config))
-    metrics = [{"epoch": e, "lr": 0.01, "train_loss": 2.0 / e, "train_top1_err": 0.9 / e, "val_loss": 2.1 / e,
-                "val_top1_err": 0.8 / e, "val_top5_err": 0.3 / e, "seconds": 1.5} for e in (1, 2, 3)]
-    (root / "metrics.json").write_text(json.dumps(metrics))
-    (root / "test.json").write_text(json.dumps({"loss": 0.5, "top1_err": 0.1234, "top5_err": 0.0456}))
-    (root / "timings.json").write_text(json.dumps({"train": 12.5, "scan": 3.0}))
-    save_weights(root / "model.safetensors", create_model("zfnet_small", num_classes=3), config, 3, 3, CLASSES)
-    fig = root / "figures"
-    for layer in ("conv1", "conv5"):
-        _png(fig / f"fig2_{layer}.png", (120, 80))
-    for unit in (2, 3, 7):
-        _png(fig / "units" / "conv5" / f"unit_{unit:04d}.png", (90, 40), (10 * unit, 100, 200))
-    _png(fig / "units" / "conv1" / "unit_0000.png", (90, 40))
-    _png(fig / "fig4_conv5.png", (160, 60), (30, 160, 60))
-    for unit in (2, 3):
-        _png(fig / "evolution" / "conv5" / f"unit_{unit:04d}.png", (150, 30), (30, 160, 60))
-    (fig / "fig4.json").write_text(json.dumps({"conv5": {"epochs": [1, 2, 3], "units": [2, 3]}}))
-    _png(fig / "fig6.png", (100, 50), (90, 90, 90))
-    _png(fig / "fig7.png", (100, 50), (250, 200, 0))
-    (fig / "table1.txt").write_text("region | Delta conv5\nleft_eye | 0.0612 +- 0.0040\n")
-    _png(root / "probes" / "probes.png", (80, 60), (0, 0, 200))
-    (root / "probes" / "probes.md").write_text("| layer | svm |\n|---|---|\n| conv1 | 41.5 |\n| conv5 | 77.7 |\n")
-    return root
 
 
 @pytest.fixture
@@ -103,9 +61,6 @@ def test_report_shows_every_present_artifact_with_caption_and_paper_reference(fa
     for what, value in [*analyses.get("table1").paper, *analyses.get("table7").paper]:
         assert f"<td>{what}</td><td class=\"num\">{value}</td>" in html
     assert "0.067 / 0.069 / 0.079" in html and "86.2" in html
-
-
-ODD = "run #1 ?%é"  # a space, a fragment, a query, an escape and non-ASCII: each must be percent-encoded
 
 
 def test_report_images_are_files_found_from_the_page_wherever_it_is_written(tmp_path):

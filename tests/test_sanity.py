@@ -5,7 +5,7 @@ gradient does (the paper's finding, on this model)."""
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_ARGS
+from helpers import TINY_ARGS
 
 from convscope import sanity
 from convscope.layers import output_layer

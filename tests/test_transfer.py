@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import random_imageset
+from helpers import random_imageset
 
 import convscope as cs
 from convscope.config import TrainConfig
@@ -160,7 +160,7 @@ def test_frozen_features_beat_scratch_on_held_out_classes(six_class_run, measure
     measured("transfer.heldout.scratch", scratch)
     for name in ("fc7", "all"):
         measured(f"transfer.heldout.{name}", result.pretrained[name].mean().item())
-    from conftest import untrained_twin
+    from helpers import untrained_twin
 
     control = transfer(untrained_twin(six_class_run).model, train, test, shots=(5,), folds=2, seed=0, scratch=False,
                        progress=False)

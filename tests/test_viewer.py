@@ -5,7 +5,7 @@ import re
 import socket
 
 import pytest
-from test_report import make_fake_run
+from helpers import make_fake_run
 
 from convscope.errors import ConvscopeError
 from convscope.viewer import bind, make_app, safe_path, serve

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import random_imageset
+from helpers import random_imageset
 
 import convscope as cs
 from convscope import visualize
