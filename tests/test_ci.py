@@ -65,3 +65,9 @@ def test_the_oracles_import():
 
     assert captum.attr.NeuronDeconvolution and quantus.MPRT and skimage.metrics.structural_similarity
     assert os.environ.get("CI") is None or shutil.which("chromium") or Path("/usr/bin/chromium").exists()
+
+
+def test_the_suite_keeps_its_data_out_of_the_users_cache(data_cache):
+    from convscope.data.synthetic import cache_dir
+
+    assert cache_dir() == data_cache and Path.home() / ".cache" / "convscope" not in (data_cache, *data_cache.parents)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -308,9 +307,3 @@ def test_parts_that_correspond_keep_one_colour_in_the_same_scenes(val120):
     assert changed.any() and not (changed & ~inside).any()  # nothing changed away from those parts
     assert cache_path("val", 120).name == "synthetic-val-120-64px-41bfa3bb27e7204c4a5b.npz"  # as before the option
     assert cache_path("val", 120, fixed_parts=True).name.startswith("synthetic-parts-val-120-64px-")
-
-
-def test_the_suite_keeps_its_data_out_of_the_users_cache(data_cache):
-    from convscope.data.synthetic import cache_dir
-
-    assert cache_dir() == data_cache and Path.home() / ".cache" / "convscope" not in (data_cache, *data_cache.parents)
