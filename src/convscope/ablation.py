@@ -45,6 +45,7 @@ from .config import TrainConfig
 from .errors import ConvscopeError, unknown
 from .findings import Contrast, Finding, finding, proportion_contrast
 from .layout import Layout
+from .models import create_model
 
 # From the paper's Table 3 (ImageNet 2012 validation set): train top-1, val top-1, val top-5 error (%).
 PAPER_TABLE3: dict[str, tuple[float, float, float]] = {
@@ -123,7 +124,6 @@ class AblationResult:
 
 def variant_config(base_cfg: TrainConfig, variant: str) -> TrainConfig:
     """The base config with the variant's model options (same data, budget and seed)."""
-    from .models import create_model
 
     if variant not in VARIANTS:
         raise unknown("variant", variant, list(VARIANTS))

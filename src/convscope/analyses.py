@@ -22,6 +22,7 @@ from typing import Any
 
 from . import artifacts, distributed
 from .errors import unknown
+from .findings import write_findings
 from .layout import Layout
 from .panels import Panel, UnitBadge
 
@@ -85,7 +86,6 @@ class Analysis:
             result = self.compute(run, **options)
             paths = self.write(result, run.layout)
             if group.main and self.findings is not None:
-                from .findings import write_findings
 
                 paths.append(write_findings(run.layout.findings, self.findings(result)))
             if group.main:

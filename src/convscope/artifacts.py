@@ -22,6 +22,8 @@ from typing import IO, Any
 
 import torch
 
+from .errors import ConvscopeError
+
 LOCK = ".lock"
 _held: dict[Path, int] = {}  # run directories this process holds, and how deep (a lock may be taken again inside)
 
@@ -44,7 +46,6 @@ def clean(folder: str | os.PathLike) -> None:
 def lock(folder: str | os.PathLike, what: str = "") -> Iterator[None]:
     """Hold ``folder/.lock`` for the duration, creating the folder; another process gets a ConvscopeError naming
     the owner. Taken again in the same process (a step inside a step), it is simply held deeper."""
-    from .errors import ConvscopeError
 
     folder = Path(folder).absolute()
     if folder in _held:

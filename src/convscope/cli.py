@@ -8,8 +8,29 @@ from pathlib import Path
 
 import click
 
-from . import __version__
+from . import __version__, artifacts, distributed
+from .ablation import ablate_run, ablation_table
+from .analyses import REGISTRY
+from .config import resolve as resolve_config
+from .cpu import keep_freed_memory
+from .data import list_datasets
+from .data.folder import read_image
+from .data.synthetic import load_synthetic, preview
+from .demo import findings_text, run_demo
 from .errors import ConvscopeError, check_int, printable
+from .findings import combine, findings_table, read_findings, write_findings
+from .layers import paper_names
+from .layout import Layout
+from .models import create_model, list_models
+from .receptive_field import layer_table
+from .report import build_report, require_run
+from .run import attach as attach_run
+from .run import open_run
+from .sheets import project_images, write_sheet
+from .train import run_summary
+from .train import train as run_train
+from .usermodel import build_model, parse_model_args
+from .viewer import serve as run_viewer
 
 
 class _Path(click.Path):
@@ -27,12 +48,10 @@ class _Group(click.Group):
     registered after this module was imported has its command too."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        from .analyses import REGISTRY
 
         return sorted({*super().list_commands(ctx), *(a.name for a in REGISTRY if a.compute is not None)})
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        from .analyses import REGISTRY
 
         command = super().get_command(ctx, name)
         if command is None:
@@ -59,7 +78,6 @@ class _Group(click.Group):
 @click.version_option(__version__, prog_name="convscope")
 def main() -> None:
     """convscope: see inside convolutional networks, after Zeiler & Fergus (ECCV 2014)."""
-    from .cpu import keep_freed_memory
 
     keep_freed_memory()  # freed tensors reused, not handed back to the kernel (benchmarks/cpu.py)
 
@@ -67,8 +85,6 @@ def main() -> None:
 @main.command()
 def models() -> None:
     """List the built-in models and their paper layer names."""
-    from .layers import paper_names
-    from .models import create_model, list_models
 
     for name in list_models():
         model = create_model(name, num_classes=10)
@@ -85,7 +101,6 @@ def data() -> None:
 @data.command("list")
 def data_list() -> None:
     """List the data sets convscope reads."""
-    from .data import list_datasets
 
     notes = {"synthetic": "embedded, generated (default; ground truth: boxes, masks, parts)",
              "synthetic-parts": "the same scenes, every eye and nose in one colour of its own (Table 1)",
@@ -105,8 +120,6 @@ def data_list() -> None:
 @click.option("--seed", default=0, show_default=True)
 def data_preview(out: str, n: int, split: str, size: int, seed: int) -> None:
     """Write a grid of synthetic samples with their ground truth (box, parts, class) drawn on."""
-    from . import artifacts
-    from .data.synthetic import load_synthetic, preview
 
     data = load_synthetic(split, n=n, size=size, seed=seed)
     artifacts.save_image(out, preview(data, n=n))
@@ -144,9 +157,8 @@ def _train_options(f):
 
 
 def _resolve(config_file, data_name, **kw):
-    from .config import resolve
 
-    return resolve(config_file, data=data_name, **kw)
+    return resolve_config(config_file, data=data_name, **kw)
 
 
 @main.command(params=_compute_options())
@@ -157,14 +169,11 @@ def train(out: str, device: str | None, workers: int, **kw) -> None:
     """Train a model with the paper's recipe (SGD, momentum 0.9, dropout, filter renormalisation).
 
     Weights are saved at epochs 1, 2, 5, 10, 20, 30, 40, 64 and at the end; rerun the same command to resume."""
-    from .train import run_summary
-    from .train import train as run_train
 
     cfg = _resolve(**kw)
     result = run_train(cfg, out, device=device, workers=workers)
-    from .distributed import init
 
-    if init().main:  # under torchrun, rank 0 speaks for the job
+    if distributed.init().main:  # under torchrun, rank 0 speaks for the job
         click.echo(f"{cfg.model} on {cfg.data}: {run_summary(result.metrics, result.test)}")
         click.echo(f"run directory: {Path(out).resolve()}")
 
@@ -181,7 +190,6 @@ def demo(out: str, quick: bool, seeds: int) -> None:
     write the run directory. Its report.html is first written for the main run (about 3 minutes on 2 CPU
     cores), then again with the comparisons (about 16 minutes in all). Ends with the table of findings: each
     claim of the paper, this run's number and its verdict (holds, not shown, reversed)."""
-    from .demo import findings_text, run_demo
 
     path = run_demo(out, quick=quick, echo=click.echo, seeds=seeds)
     click.echo(f"run directory: {path.resolve()}")
@@ -228,10 +236,8 @@ def _option(param, analysis) -> click.Option:
 
 def _analysis_command(analysis) -> click.Command:
     def callback(run: str, **options) -> None:
-        from .distributed import init
-        from .run import open_run
 
-        main_rank = init().main  # under torchrun, rank 0 speaks for the job
+        main_rank = distributed.init().main  # under torchrun, rank 0 speaks for the job
         r = open_run(run, device=options.pop("device"), workers=options.pop("workers"))
         if any(k in options and options[k] is None for k in ("layers", "layer")) and r.names_defaults() and main_rank:
             click.echo(r.names_defaults())
@@ -282,8 +288,6 @@ def attach(spec: str, model_args: tuple[str, ...], weights: str | None, data_nam
     """Make a run of your own trained model and images, which every analysis command, the report and the viewer
     then take like a trained run. Nothing is written unless the model builds, the weights fit it completely and
     it takes the images."""
-    from .run import attach as attach_run
-    from .usermodel import parse_model_args
 
     run = attach_run(spec, data_name, out, data_root=data_root, image_size=image_size, weights=weights,
                      model_args=parse_model_args(model_args), normalize=normalize, classes=classes_file,
@@ -301,19 +305,16 @@ def layers(run: str | None, spec: str | None, model_args: tuple[str, ...], image
     """Every module of the model with its output shape, receptive field and stride at the image size, marking
     what an analysis can probe (maps: Fig. 2, occlusion, project; vectors: probes, invariance), the layers the
     analyses use by default (*), and modules the forward pass runs more than once (name#k picks a call)."""
-    from .receptive_field import layer_table
 
     if (run is None) == (spec is None):
         raise ConvscopeError("give a run directory or --model SPEC (not both)")
     if image_size is not None:
         check_int(image_size, "--image-size", 8, 4096)
     if run is not None:
-        from .run import open_run
 
         r = open_run(run)
         model, size, outputs = r.model, image_size or r.image_size, len(r.classes)
     else:
-        from .usermodel import build_model, parse_model_args
 
         model = build_model(spec, parse_model_args(model_args))
         size, outputs = image_size or getattr(model, "input_size", None) or 224, None
@@ -346,9 +347,6 @@ def project(run: str, images: tuple[str, ...], layer: str | None, channels: str 
     activation, with the image patch under it (its receptive field)."""
     import torch
 
-    from .data.folder import read_image
-    from .run import open_run
-    from .sheets import project_images, write_sheet
 
     r = open_run(run)
     layer = r.check_layers([layer])[0] if layer else r.map_layers()[-1]
@@ -383,7 +381,6 @@ def project(run: str, images: tuple[str, ...], layer: str | None, channels: str 
 def ablate(out: str, variants: str | None, **kw) -> None:
     """Table 3: train the variants of a model (layers removed or resized) with the same data, budget and seed,
     and write a table of train and validation errors beside the paper's."""
-    from .ablation import ablate_run, ablation_table
 
     result, paths = ablate_run(_resolve(**kw), out, _names(variants))
     click.echo(ablation_table(result))
@@ -398,9 +395,6 @@ def findings(runs: tuple[str, ...], out: str | None) -> None:
     """Print the claims RUN's analyses tested, each with its contrast, 95% interval and verdict (holds, not shown,
     reversed), from RUN/findings.json. Several runs (the same demo at other training seeds) are combined: a claim
     holds when it holds at every seed, and its interval is the range of the seeds' contrasts."""
-    from .findings import combine, findings_table, read_findings, write_findings
-    from .layout import Layout
-    from .report import require_run
 
     per_run = [read_findings(Layout(require_run(r)).findings) for r in runs]
     combined = per_run[0] if len(runs) == 1 else combine(per_run)
@@ -417,7 +411,6 @@ def findings(runs: tuple[str, ...], out: str | None) -> None:
 def report(run: str) -> None:
     """Write RUN/report.html: every figure and table of the paper the run has, beside the paper's numbers, with
     the config, the model and the timings. Opens from file:// with no server; says what is missing."""
-    from .report import build_report
 
     click.echo(f"wrote {build_report(run)}")
 
@@ -429,6 +422,5 @@ def report(run: str) -> None:
 def serve(run: str, host: str, port: int) -> None:
     """Browse every layer and unit of RUN in a local web viewer: /layer/conv5/unit/42; arrow keys move between
     units, [ and ] (or up/down) between layers, ? shows the keys."""
-    from .viewer import serve as run_viewer
 
     run_viewer(run, host=host, port=port, announce=lambda url: click.echo(f"serving {run} at {url} (Ctrl-C to stop)"))

@@ -9,7 +9,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .data import DATASETS, DataSpec
 from .errors import MAX_SEED, ConvscopeError, check_float, check_int, shown, unknown
+from .models import check_options, list_models
 
 PAPER_EPOCHS = (1, 2, 5, 10, 20, 30, 40, 64)  # Fig. 4's snapshots
 
@@ -70,7 +72,6 @@ class TrainConfig:
 
     def data_spec(self):
         """The run's data set (:class:`convscope.data.DataSpec`)."""
-        from .data import DataSpec
 
         return DataSpec(self.data, self.data_root, self.image_size, self.seed, self.n_train, self.n_val, self.n_test,
                         None if self.classes is None else tuple(self.classes))
@@ -78,8 +79,6 @@ class TrainConfig:
     def validate(self) -> None:
         """Every setting checked for its type and range before anything is written (the values come from the
         command line and from config files, which may say anything)."""
-        from .data import DATASETS
-        from .models import list_models
 
         for name, (lo, hi) in _INTS.items():
             value = getattr(self, name)
@@ -110,7 +109,6 @@ class TrainConfig:
 
     def _check_model_options(self) -> None:
         """The model's options checked without building it: wrong option names, types or sizes fail here."""
-        from .models import check_options
 
         check_options(self.model, self.model_options)
 

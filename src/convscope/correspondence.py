@@ -42,6 +42,7 @@ from .analyses import SPLIT_HELP, Analysis, existing, register
 from .errors import ConvscopeError, check_int, check_seed, unknown
 from .findings import Finding, finding, paired_contrast
 from .forward import check_images, eval_mode, run_to_all
+from .imaging import pil_to_tensor
 from .layers import site
 from .layout import Layout
 from .occluders import as_fill, occlude
@@ -199,7 +200,6 @@ def load_parts_json(path: str | os.PathLike, size: int | None = None) -> PartIma
     every image to ``size`` x ``size`` (locations scaled alike); otherwise all images must have one size."""
     from PIL import Image, UnidentifiedImageError
 
-    from .imaging import pil_to_tensor
 
     path = Path(path)
     try:

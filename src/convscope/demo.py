@@ -20,11 +20,20 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from . import artifacts
+from . import analyses, artifacts, correspondence, transfer
+from .ablation import ablate_run
+from .ablation import findings as ablation_findings
 from .config import PRESETS, TrainConfig
+from .correspondence import write_correspondence
 from .cpu import release_freed_memory, resident_memory
 from .data.synthetic import CLASSES
+from .errors import check_int
+from .findings import combine, findings_table, read_findings, write_findings
 from .layout import Layout
+from .report import build_report
+from .run import open_run
+from .train import train
+from .transfer import write_transfer
 
 FULL = TrainConfig()
 # Pretraining for transfer to held-out classes (Tables 4-5 on the embedded data): the first six classes, the
@@ -56,15 +65,6 @@ FIRST_REPORT = "first report: the main run"  # once: on a later start, the compa
 def steps(out: Path, quick: bool, seed: int = 0) -> list[tuple[str, Callable[[], object]]]:
     """The demo's steps in order: (name, thunk). :data:`AGAIN` names those that run on every start. ``seed`` is
     every training's seed (its initialisation, order, augmentation and dropout, and the generated data)."""
-    from . import analyses, correspondence, transfer
-    from .ablation import ablate_run
-    from .ablation import findings as ablation_findings
-    from .correspondence import write_correspondence
-    from .findings import write_findings
-    from .report import build_report
-    from .run import open_run
-    from .train import train
-    from .transfer import write_transfer
 
     def seeded(cfg: TrainConfig) -> TrainConfig:
         return replace(cfg, seed=seed)
@@ -152,15 +152,12 @@ def run_demo(out: str | Path, quick: bool = False, echo: Callable[[str], None] =
     demo again at training seeds 1..seeds-1 (``seeds/seed-K``, after the main run's report is written) and
     writes the findings over all the seeds (``findings-seeds.json``), which the report then shows
     (:func:`findings_text` gives their table). Ends by printing the total time and the process's peak memory."""
-    from .errors import check_int
 
     out = Path(out)
     check_int(seeds, "seeds", 1, 100)
     start = time.perf_counter()
     _run_steps(out, quick, 0, echo, start)
     if seeds > 1:
-        from .findings import combine, read_findings, write_findings
-        from .report import build_report
 
         folders = [out] + [Layout(out).seed_runs / f"seed-{k}" for k in range(1, seeds)]
         for k, folder in enumerate(folders[1:], start=1):
@@ -196,7 +193,6 @@ def _run_steps(out: Path, quick: bool, seed: int, echo: Callable[[str], None], s
 
 def findings_text(out: Path) -> str:
     """The demo's findings table (over every seed where it measured several), with where it was read from."""
-    from .findings import findings_table, read_findings
 
     path = Layout(out).shown_findings()
     findings = read_findings(path)

@@ -38,6 +38,7 @@ from .forward import eval_mode, run_to
 from .imaging import make_grid, to_image
 from .layers import paper_names, resolve_layer, site
 from .layout import Layout
+from .run import open_run
 
 if TYPE_CHECKING:
     from .run import Run
@@ -586,7 +587,6 @@ def compute(run: Run, others: tuple[str, ...] = (), n_images: int = 16) -> Filte
     dominance, layer-2 aliasing) for this run and the runs set beside it: ``others`` (run directories) and the
     demo's ``compare/`` runs on the same data. A compared run of fewer epochs is matched by this run's checkpoint
     at that epoch, so the comparison is like for like."""
-    from .run import open_run
     if isinstance(n_images, bool) or not isinstance(n_images, int) or n_images < 1:
         raise ConvscopeError(f"n_images must be a positive whole number, got {n_images!r}")
     runs = [open_run(p) for p in others]

@@ -37,9 +37,11 @@ from torch import nn
 from . import artifacts
 from .analyses import SPLIT_HELP, Analysis, figure_files, register
 from .data import SYNTHETIC
+from .data.synthetic import render_pose
 from .errors import ConvscopeError, unknown
 from .findings import Finding, finding, paired_contrast
 from .forward import check_images, eval_mode, run_to_all
+from .imaging import make_grid
 from .layers import site
 from .layout import Layout
 from .occluders import as_fill
@@ -194,7 +196,6 @@ def synthetic_renderer(split: str, indices: Sequence[int], size: int = 64, seed:
                        classes: list[str] | None = None, fixed_parts: bool = False) -> Renderer:
     """A :data:`Renderer` over images ``indices`` of the embedded data set (``render_pose``): the object is
     re-rendered with its pose changed, with no border artefacts."""
-    from .data.synthetic import render_pose
 
     indices = [int(i) for i in indices]
 
@@ -215,7 +216,6 @@ def invariance_figure(result: InvarianceResult, classes: Sequence[str] | None = 
     one line per image. ``raw=True`` plots raw Euclidean distances (as the paper), else relative ones."""
     from matplotlib.figure import Figure
 
-    from .imaging import make_grid
 
     fig = Figure(figsize=(18, 10))
     axes = fig.subplots(len(result.curves), 4, squeeze=False)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .errors import ConvscopeError, unknown
+from .forward import eval_mode, input_channels
 
 CALL = "#"
 PAPER_CONV = ("conv1", "conv2", "conv3", "conv4", "conv5")
@@ -92,7 +93,6 @@ def census(model: nn.Module, input_size: int | tuple[int, int], channels: int | 
     ``named_modules`` order."""
     from contextlib import ExitStack
 
-    from .forward import eval_mode, input_channels
 
     h, w = (input_size, input_size) if isinstance(input_size, int) else input_size
     param = next(model.parameters(), None)

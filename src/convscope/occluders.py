@@ -20,12 +20,12 @@ from .errors import ConvscopeError, unknown
 from .forward import eval_mode, run_to_all
 from .incremental import map_totals
 from .layers import Site
+from .usermodel import input_normalization
 
 
 def default_fill(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """The data's mean colour (C,): the mean the model subtracts from its input (a built-in model's
     ``normalize``, or an attached model's normalisation) if it is non-zero, else the images' mean."""
-    from .usermodel import input_normalization
 
     norm = input_normalization(model)
     if norm is not None and norm[0].shape == (images.shape[-3],) and norm[0].any():

@@ -36,6 +36,7 @@ from .deconvnet import Projector, gradient_note
 from .errors import ConvscopeError, check_int, printable
 from .findings import Finding, finding, proportion_contrast
 from .forward import check_images, eval_mode, run_to_all
+from .imaging import to_image
 from .incremental import map_totals
 from .layers import site
 from .layout import Layout
@@ -174,7 +175,6 @@ def occlusion_figure(results: Sequence[OcclusionResult], classes: Sequence[str] 
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch, Rectangle
 
-    from .imaging import to_image
 
     if not results:
         raise ConvscopeError("occlusion_figure needs at least one result")

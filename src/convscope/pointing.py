@@ -29,8 +29,10 @@ from tqdm.auto import tqdm
 
 from . import artifacts
 from .analyses import SPLIT_HELP, Analysis, existing, register
+from .data.folder import read_image
 from .deconvnet import Projector
 from .errors import ConvscopeError, check_int
+from .findings import finding, paired_contrast
 from .forward import eval_mode
 from .layout import Layout
 from .occluders import default_square, occluded_probs
@@ -126,7 +128,6 @@ def findings(result: PointingResult) -> list:
     occlusion: the method's map points at the true class's object more often than the image centre does.
     Contrast: its accuracy minus the centre's, paired over images; each image's hit is weighted by
     N / (classes x its class's images), so the mean is TorchRay's mean over classes (the table's number)."""
-    from .findings import finding, paired_contrast
 
     if "center" not in result.hits:
         return []
@@ -154,7 +155,6 @@ def findings(result: PointingResult) -> list:
 def read_masks(data, index: torch.Tensor, folder: str | Path, side: int) -> torch.Tensor:
     """The object masks of images ``index`` of an image folder: ``folder/<class>/<image name>.png``, white where
     the object is, read at the images' size as the images are (short side scaled, centre crop). (N, H, W) bool."""
-    from .data.folder import read_image
 
     sources = getattr(data, "sources", None)
     if not sources:

@@ -18,6 +18,7 @@ from . import artifacts
 from .analyses import LAYERS_HELP, Analysis, existing, register
 from .data import ImageSet
 from .errors import ConvscopeError, check_int, check_seed, unknown
+from .findings import finding, paired_contrast
 from .layout import Layout
 from .readout import (
     CLASSIFIERS,
@@ -28,6 +29,7 @@ from .readout import (
     mean_per_class_accuracy,
     sample_per_class,
 )
+from .targets import load_target
 
 if TYPE_CHECKING:
     from .run import Run
@@ -95,7 +97,6 @@ def findings(result: ProbeResult, classifier: str = "svm") -> list:
     ``classifier`` (the paper's linear SVM) on the deepest probed layer minus on the first, paired over test
     examples; each example's 0/1 correctness is weighted by N / (classes x its class's examples), so the mean is
     the table's mean per-class accuracy."""
-    from .findings import finding, paired_contrast
 
     right = result.correct.get(classifier, {})
     first, last = result.layers[0], result.layers[-1]
@@ -165,7 +166,6 @@ def compute(run: Run, layers: list[str] | None = None, target: str = "run", data
             n_per_class: int = 30, pool: str = "max", grid: int = 2, seed: int = 0) -> ProbeResult:
     """Table 7 over a run: probe its model's layers (conv1..fc7, or the stages and the penultimate module) on a
     target (:func:`convscope.targets.load_target`; ``"run"``: the run's own train and test splits)."""
-    from .targets import load_target
 
     check_seed(seed)
     layers = run.check_layers(list(layers)) if layers is not None else run.feature_layers()

@@ -26,7 +26,7 @@ from torch.overrides import TorchFunctionMode
 
 from .errors import ConvscopeError
 from .forward import eval_mode, input_channels, run_to, run_to_all
-from .layers import paper_names, site
+from .layers import census, feature_layers, paper_names, site
 
 
 @dataclass(frozen=True)
@@ -256,7 +256,6 @@ def layer_table(model: nn.Module, input_size: int, outputs: int | None = None) -
     """Every named module after one forward pass at ``input_size``: shape, calls, receptive field, stride, and
     whether an analysis uses it by default (``outputs``: the model's number of classes, to find its
     penultimate module; default read off a forward pass)."""
-    from .layers import census, feature_layers
 
     infos = census(model, input_size)
     if outputs is None:

@@ -25,14 +25,27 @@ import torch
 from torch import nn
 
 from . import artifacts, layers
+from .checkpoint import load_model
 from .config import TrainConfig
 from .data import ALL, SPLITS, DataSpec, ImageSet, stratified_split
 from .deconvnet import NONLINEARITIES
-from .errors import ConvscopeError, unknown
-from .forward import Preprocessing, on_device, preprocessing
+from .distributed import device as resolve
+from .errors import ConvscopeError, check_int, unknown
+from .forward import Preprocessing, eval_mode, on_device, preprocessing, run_to
 from .layers import ModuleInfo, census, site
 from .layout import Layout
-from .usermodel import FORMAT
+from .models import create_model, list_models
+from .usermodel import (
+    FORMAT,
+    accepts,
+    add_normalization,
+    build_model,
+    check_input,
+    infer_num_classes,
+    parse_normalize,
+    read_classes,
+)
+from .weights import fit, load_weights, read_state_dict, sha256, state_sha256
 
 
 @dataclass
@@ -104,7 +117,6 @@ class Run:
     def targets(self, data: ImageSet, index: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
         """Images ``index`` of ``data`` as classes of the model: the true class where the model has it (source
         ``"true"``), else the model's own prediction (``"predicted"``: a class the model was not trained on)."""
-        from .forward import eval_mode
 
         labels = self.labels(data)[index]
         unknown_ = labels < 0
@@ -124,7 +136,6 @@ class Run:
     def to(self, device: str | torch.device | None) -> Run:
         """Move the model to ``device`` (``cpu``, ``cuda``, ``cuda:1``, ``auto``; see
         :func:`convscope.distributed.device`), its inputs following it; None leaves it where it is."""
-        from .distributed import device as resolve
 
         if device is not None:
             on_device(self.model, resolve(device))
@@ -134,7 +145,6 @@ class Run:
     def fingerprint(self) -> str:
         """What identifies the run's weights: the SHA-256 of a trained run's final weights file, or of an attached
         model's state (recorded when attached and checked when reopened)."""
-        from .weights import sha256
 
         if self.config is not None:
             return sha256(self.layout.final)
@@ -148,8 +158,6 @@ class Run:
 
     def model_at(self, path: str | Path) -> nn.Module:
         """The run's model with the weights of another file (an epoch checkpoint), in eval mode."""
-        from .checkpoint import load_model
-        from .weights import load_weights
 
         if self.kind == "trained":
             return on_device(load_model(path)[0], self.device)
@@ -160,8 +168,6 @@ class Run:
     def new_model(self, num_classes: int | None = None, seed: int = 0) -> nn.Module:
         """A fresh model of the run's architecture (initialised under ``seed``; ``num_classes`` outputs, where
         the architecture takes that argument), with the run's input normalisation."""
-        from .models import create_model
-        from .usermodel import accepts, add_normalization, build_model
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -222,7 +228,6 @@ class Run:
         info = next((i for i in self.modules if i.name == s.name), None)
         if s.call == 1 and info is not None and info.shape is not None and len(info.shape) >= 2:
             return int(info.shape[1])
-        from .forward import eval_mode, run_to
 
         param = next(self.model.parameters())
         x = torch.zeros(1, 3, self.image_size, self.image_size, dtype=param.dtype, device=param.device)
@@ -258,8 +263,6 @@ class Run:
 def open_run(path: str | Path, device: str | torch.device | None = None, workers: int = 0) -> Run:
     """Open a trained or attached run directory; a directory that is neither says what is missing. ``device``: where
     its model computes (default: the CPU, where it is loaded); ``workers``: processes that decode its images."""
-    from .distributed import device as resolve
-    from .errors import check_int
 
     check_int(workers, "workers", 0, 1024)
     device = None if device is None else resolve(device)  # a device this machine lacks fails before any reading
@@ -280,7 +283,6 @@ def _open(layout: Layout) -> Run:
     if not layout.final.is_file():
         raise ConvscopeError(f"the run {str(layout.root)!r} has not finished training (no {layout.final.name}); run "
                              "the same `convscope train` command again to resume it")
-    from .checkpoint import load_model
 
     config = _read_config(layout)
     model, info = load_model(layout.final)
@@ -320,8 +322,6 @@ def _source(norm: dict) -> str:
 
 
 def _open_attached(layout: Layout) -> Run:
-    from .usermodel import add_normalization
-    from .weights import load_weights, sha256, state_sha256
 
     record = _read_record(layout)
     if record.get("model") is None:
@@ -380,8 +380,6 @@ def attach(model: nn.Module | str, data: str | ImageSet = "folder", out: str | P
     Everything is checked before anything is written: the spec imports and builds an ``nn.Module``, the weights
     fit it completely, the model takes the images. ``out`` must be new, empty, or hold this same attachment.
     """
-    from .usermodel import add_normalization, check_input, parse_normalize, read_classes
-    from .weights import fit, read_state_dict, sha256, state_sha256
 
     layout = Layout(out)
     _check_out(layout)
@@ -448,7 +446,6 @@ def attach(model: nn.Module | str, data: str | ImageSet = "folder", out: str | P
 def _build(spec: str, args: dict[str, Any], seed: int) -> nn.Module:
     """The spec's model initialised under ``seed``, so that a model attached without a weights file reopens with
     the same weights (the global generator is left as it was)."""
-    from .usermodel import build_model
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -456,7 +453,6 @@ def _build(spec: str, args: dict[str, Any], seed: int) -> nn.Module:
 
 
 def _builtin(spec: str) -> bool:
-    from .models import list_models
 
     return spec in list_models()
 
@@ -464,7 +460,6 @@ def _builtin(spec: str) -> bool:
 def _outputs(names, state, data_classes) -> int:
     """How many outputs a built-in model gets: as many as the class names, the weights' last layer, or the data's
     classes, in that order."""
-    from .usermodel import infer_num_classes
 
     if names:
         return len(names)

@@ -32,6 +32,7 @@ from . import artifacts
 from .analyses import SPLIT_HELP, Analysis, existing, register
 from .deconvnet import Projector
 from .errors import ConvscopeError, check_int, check_seed, unknown
+from .findings import finding, mean_contrast, paired_contrast
 from .layout import Layout
 from .occluders import default_square, occluded_probs
 
@@ -189,7 +190,6 @@ def findings(result: SanityResult, depth: str = "fc6") -> list:
     gradient's once the layers from the top through ``depth`` are randomised (their Fig. 2, 4: guided backprop
     barely changes); and, cascading to the bottom, every method's map changes once all layers are random.
     A model without ``depth`` is measured at every step, averaged per image."""
-    from .findings import finding, mean_contrast, paired_contrast
 
     rho = result.spearman_abs
     step = next((i for i, name in enumerate(result.layers) if name == depth or name.endswith("." + depth)), None)

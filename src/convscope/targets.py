@@ -6,6 +6,9 @@ from __future__ import annotations
 import os
 
 from .data import ImageSet, stratified_split
+from .data.digits import load_digits
+from .data.folder import load_folder
+from .data.synthetic import CLASSES, load_synthetic
 from .errors import ConvscopeError, unknown
 
 TARGETS = ("heldout", "digits", "folder", "run")
@@ -31,7 +34,6 @@ def load_target(target: str, run=None, data_root: str | os.PathLike | None = Non
             raise ConvscopeError("target 'run' needs a run")
         return run.split("train"), run.split("test")
     if target == "heldout":
-        from .data.synthetic import CLASSES, load_synthetic
 
         data = getattr(run, "data", None)
         if data is None or data.name != "synthetic":
@@ -47,10 +49,8 @@ def load_target(target: str, run=None, data_root: str | os.PathLike | None = Non
         return (load_synthetic("train", n=n_train, size=size, seed=data.seed, classes=others),
                 load_synthetic("test", n=n_test, size=size, seed=data.seed, classes=others))
     if target == "digits":
-        from .data.digits import load_digits
 
         return load_digits("train", size=size, seed=seed), load_digits("test", size=size, seed=seed)
-    from .data.folder import load_folder
 
     if data_root is None:
         raise ConvscopeError("target 'folder' needs data_root: the folder of the ImageFolder tree")

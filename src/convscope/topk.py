@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from . import artifacts
 from .data.loader import batches, fetch
-from .distributed import Group
+from .distributed import Group, gather
 from .errors import ConvscopeError
 from .forward import eval_mode, exact_float32, run_to_all
 from .layers import site
@@ -354,7 +354,6 @@ def scan(model: nn.Module, data, layers: Sequence[str], k: int = 9, batch_size: 
     bar.close()
     if group.world == 1:
         return partial
-    from .distributed import gather
 
     parts = gather(partial, group)  # a shard of no image (fewer images than ranks) sends None
     merged = merge([p for p in parts if p is not None])

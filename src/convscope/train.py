@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import artifacts, distributed
-from .checkpoint import load_state, save_state, save_weights
+from .checkpoint import load_model, load_state, read_weights, save_state, save_weights
 from .config import TrainConfig
 from .cpu import channels_last_pooling
 from .data import SPLITS, ImageSet, Splits
@@ -200,7 +200,6 @@ def train(cfg: TrainConfig, run_dir: str | Path, splits: Splits | None = None,
 def _finished(layout: Layout) -> TrainResult | None:
     """A finished run (its final weights and test result there), loaded rather than trained again; a missing or
     damaged ``metrics.json`` is written again from the training state."""
-    from .checkpoint import load_model
 
     test = artifacts.read_json(layout.test)
     if not layout.final.is_file() or not result_ok(test):
@@ -315,7 +314,6 @@ def _fork(twin: Layout, cfg: TrainConfig, layout: Layout, model: nn.Module, opti
     renormalisation acted in its first epoch): the run then trains from the start."""
     from dataclasses import replace
 
-    from .checkpoint import read_weights
 
     twin_cfg = replace(cfg, renorm=True)
     path = twin.idle_state if twin.idle_state.is_file() else twin.state

@@ -52,10 +52,13 @@ from .data import ImageSet
 from .data.loader import uint8_batches
 from .data.transforms import mean_and_std, random_crop_flip
 from .errors import ConvscopeError, check_int, check_seed
+from .findings import finding, paired_contrast
 from .forward import eval_mode
 from .layers import PAPER_LAYERS, resolve_layer
 from .layout import Layout
+from .models import ConvNet
 from .readout import check_target, default_layers, extract_features, fit_predict, mean_per_class_accuracy
+from .targets import load_target
 from .train import configure_optimizer, renormalize_filters_
 
 if TYPE_CHECKING:
@@ -99,7 +102,6 @@ def _scratch_model(pretrained: nn.Module, num_classes: int, factory: Factory | N
                    seed: int) -> nn.Module:
     """A fresh net of the pretrained one's architecture (``factory(num_classes, seed)``, or the built-in
     ConvNet's spec), initialised under ``seed``, its input normalisation from ``data``."""
-    from .models import ConvNet
 
     if factory is not None:
         model = factory(num_classes, seed)
@@ -218,7 +220,6 @@ def findings(result: TransferResult, shots: int | None = None) -> list:
     cause, the same features of the same net untrained: accuracy(pretrained) - accuracy(untrained), since random
     conv features alone transfer well to a simple target (digits). Keys and the ``analysis`` label name the
     target (``transfer_<target>``), so two targets' findings live side by side."""
-    from .findings import finding, paired_contrast
 
     if result.scratch is None or not result.shots:
         return []
@@ -395,7 +396,6 @@ def compute(run: Run, target: str = "heldout", data_root: str | None = None, sho
     model without the paper's names its penultimate module and all) of n images per class of ``target``
     (:func:`convscope.targets.load_target`), against the same architecture trained from scratch with the run's
     recipe (the paper's for an attached run)."""
-    from .targets import load_target
 
     check_seed(seed)
     train, test = load_target(target, run=run, data_root=data_root, seed=seed)

@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from .errors import ConvscopeError
-from .forward import preprocess, preprocessing
+from .forward import eval_mode, preprocess, preprocessing
+from .models import create_model, list_models
 
 FORMAT = "convscope-attach-1"
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -58,7 +59,6 @@ def _import(spec: str):
     """The object a ``module:attr`` or ``file.py:attr`` spec names."""
     target, sep, attr = spec.rpartition(":")
     if not sep or not target or not attr:
-        from .models import list_models
 
         raise ConvscopeError(f"model {spec!r} is neither a built-in model ({', '.join(list_models())}) nor a "
                              "spec: package.module:callable or path/to/file.py:callable")
@@ -90,7 +90,6 @@ def _import(spec: str):
 
 def build_model(spec: str, args: dict[str, Any] | None = None) -> nn.Module:
     """A fresh model from a spec (see the module doc) and its keyword arguments."""
-    from .models import create_model, list_models
 
     args = dict(args or {})
     if spec in list_models():
@@ -109,7 +108,6 @@ def build_model(spec: str, args: dict[str, Any] | None = None) -> nn.Module:
 
 def accepts(spec: str, arg: str) -> bool:
     """Whether the spec's callable takes keyword ``arg`` (a built-in model takes ``num_classes``)."""
-    from .models import list_models
 
     if spec in list_models():
         return arg == "num_classes"
@@ -170,7 +168,6 @@ def input_normalization(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor] |
 def check_input(model: nn.Module, image_size: int, channels: int = 3) -> torch.Size:
     """Run one blank image of ``image_size`` through the model; return the output's shape. A model that refuses
     it gets an error that says which sizes it takes."""
-    from .forward import eval_mode
 
     def forward(size: int):
         param = next(model.parameters(), None)

@@ -15,7 +15,13 @@ from pathlib import Path
 import torch
 
 from ..errors import ConvscopeError, check_int, check_seed, unknown
-from .base import GroundTruth, ImageSet
+from .base import GroundTruth, ImageSet, check_memory, fits_memory
+from .cifar10 import load_cifar10
+from .digits import load_digits
+from .folder import FolderDataset, scan_folder
+from .pairs import load_pairs
+from .synthetic import CLASSES, load_synthetic
+from .transforms import resize
 
 DATASETS = ("synthetic", "synthetic-parts", "pairs", "cifar10", "digits", "folder")
 SYNTHETIC = ("synthetic", "synthetic-parts")  # the embedded scenes, with ground truth
@@ -117,11 +123,9 @@ class DataSpec:
         """The data set's class names, read as cheaply as the format allows (a folder: its sub-folders)."""
         self.check()
         if self.name == "folder":
-            from .folder import scan_folder
 
             return scan_folder(self.root)[0]
         if self.name in SYNTHETIC:
-            from .synthetic import CLASSES
 
             return list(self.classes or CLASSES)
         return self.load("test").classes
@@ -132,24 +136,20 @@ class DataSpec:
     def _split(self, split: str) -> ImageSet:
         size = self.image_size
         if self.name in SYNTHETIC:
-            from .synthetic import load_synthetic
 
             classes = list(self.classes) if self.classes is not None else None
             return load_synthetic(split, n=self._n(split), size=size, seed=self.seed, classes=classes,
                                   fixed_parts=self.name == "synthetic-parts")
         if self.name == "pairs":
-            from .pairs import load_pairs
 
             return load_pairs(split, n=self._n(split), size=size, seed=self.seed)
         source = "test" if split == "test" else "train"
         if self.name == "cifar10":
-            from .cifar10 import load_cifar10
 
             full = load_cifar10(self.root, source)
             if self.size and self.size != full.image_size:
                 full = resized(full, self.size)
         else:
-            from .digits import load_digits
 
             full = load_digits(source, size=size, seed=self.seed)
         if split == "test":
@@ -169,8 +169,6 @@ class DataSpec:
     def _folder(self, split: str, workers: int, lazy: bool | None):
         """A split of an ImageFolder tree (70/15/15 per class, seeded), or all of it in file order; the tree is
         listed once."""
-        from .base import fits_memory
-        from .folder import FolderDataset
 
         data = FolderDataset(self.root, self.image_size)
         if split != ALL:
@@ -212,8 +210,6 @@ def seeded_subset(total: int, n: int, seed: int) -> torch.Tensor:
 
 
 def resized(data: ImageSet, size: int) -> ImageSet:
-    from .base import check_memory
-    from .transforms import resize
 
     check_memory(len(data), size, f"{data.name} resized", bytes_per_pixel=3 * 4 + 3)  # float while resizing
     images = resize(data.images.float(), size).round().clamp(0, 255).to(torch.uint8)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset
 
+from ..errors import ConvscopeError
+
 
 @dataclass
 class GroundTruth:
@@ -83,7 +85,6 @@ def fits_memory(n: int, size: int, bytes_per_pixel: int = 3) -> bool:
 def check_memory(n: int, size: int, what: str, bytes_per_pixel: int = 4) -> None:
     """Refuse, before allocating, a set of ``n`` images of ``size`` px whose arrays (``bytes_per_pixel`` per pixel
     in all: 3 colour bytes, a mask byte) would take more than half of this machine's memory."""
-    from ..errors import ConvscopeError
 
     if not fits_memory(n, size, bytes_per_pixel):
         need, total = n * size * size * bytes_per_pixel, _memory()

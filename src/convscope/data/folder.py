@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 
 from ..errors import ConvscopeError
 from .base import ImageSet, check_memory
+from .loader import batches
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -207,7 +208,6 @@ class FolderDataset(Dataset):
     def load(self, workers: int = 0) -> ImageSet:
         """Every file decoded into memory (by ``workers`` processes) as an :class:`ImageSet`; files Pillow cannot
         decode are skipped and reported in a single warning (how many, and the first few)."""
-        from .loader import batches
 
         n, root = len(self.samples), self.root
         check_memory(n, self.size, f"image folder {root}", bytes_per_pixel=3)

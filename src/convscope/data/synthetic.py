@@ -50,6 +50,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from ..artifacts import save_npz
 from ..errors import ConvscopeError, unknown
 from .base import GroundTruth, ImageSet, check_memory
 
@@ -651,7 +652,6 @@ def load_synthetic(split: str = "train", n: int | None = None, size: int = 64, s
     if data is None:
         data = _generate(split_id, n, size, seed, names, fixed_parts)
         if path is not None:
-            from ..artifacts import save_npz
 
             try:
                 save_npz(path, compress=False, **{**data, "masks": np.packbits(data["masks"], axis=-1)})

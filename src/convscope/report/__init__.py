@@ -25,9 +25,12 @@ from urllib.parse import quote
 
 from .. import artifacts
 from ..analyses import REGISTRY, Analysis, written
+from ..checkpoint import load_model
 from ..errors import ConvscopeError, printable
+from ..findings import interval_text, read_findings, seeds_text
 from ..layers import paper_names
 from ..layout import Layout
+from ..run import open_run
 from ..train import PAPER_TABLE2, metrics_ok, result_ok
 
 
@@ -61,10 +64,8 @@ def model_summary(layout: Layout, damaged: list[dict] | None = None) -> dict[str
     """Layers and parameter counts of the run's model (a trained run's final weights or latest checkpoint; an
     attached run's model as it reopens), with its classes. A weights file that does not load is added to
     ``damaged`` (with the command that writes it again), and the summary says which older file it shows."""
-    from ..checkpoint import load_model
 
     if layout.attach.is_file():
-        from ..run import open_run
 
         try:
             run = open_run(layout.root)
@@ -260,7 +261,6 @@ def collect(run_dir: str | Path, out: str | Path | None = None, pending: Sequenc
 def _findings(layout: Layout, damaged: list[dict], shown: str) -> tuple[list[dict], int]:
     """The rows of the findings table (the demo's over several seeds where it measured them), and how many seeds;
     a damaged findings file is listed with the damaged files, never half-read."""
-    from ..findings import interval_text, read_findings, seeds_text
 
     path = layout.shown_findings()
     try:

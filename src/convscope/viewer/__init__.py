@@ -27,7 +27,7 @@ from ..analyses import REGISTRY
 from ..errors import ConvscopeError, check_int, printable
 from ..layout import Layout, natural_key
 from ..panels import Line, Panel, Picture, UnitBadge
-from ..report import NONLINEARITY_NOTE, environment, label_of, read_run, require_run
+from ..report import NONLINEARITY_NOTE, environment, label_of, model_summary, read_run, require_run
 
 STATIC = Path(__file__).parent / "static"
 PAGE = 256  # units per page of a layer: its thumbnails load lazily, and a layer of thousands pages
@@ -256,7 +256,6 @@ def _classes(layout: Layout, config: dict) -> list[str]:
     """The model's class names: recorded in an attached run, read from a trained run's weights."""
     if layout.attach.is_file():
         return list(config.get("classes") or [])
-    from ..report import model_summary
 
     summary = model_summary(layout)
     return list(summary["classes"]) if summary else list(config.get("classes") or [])
