@@ -335,7 +335,7 @@ register(Analysis(
     "feature differences over image pairs. Lower than random means the parts are encoded consistently.",
     files=lambda layout: ([], existing(layout.figure("table1", ".txt"), layout.figure("table1_parts", ".txt"))),
     compute=compute, findings=findings,
-    write=lambda result, layout: write_correspondence(result, layout, "table1"),
+    write=write_correspondence,
     help={"class_name": "Class of the embedded data.", "parts": "Comma-separated part names. "
           "[left_eye,right_eye,nose]", "split": SPLIT_HELP, "draws": "Random draws of images and regions.",
           "size": "Side of the masking square. [1/8 of the image]", "seed": "Seed of the draws.",

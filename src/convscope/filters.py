@@ -679,7 +679,7 @@ register(Analysis(
     "Layer-1 filters with and without filter renormalisation, and with a large (11x11, stride 4) vs the "
     "paper's smaller (7x7, stride 2) first layer.",
     files=figure_files("fig6"), compute=compute, projects=True, findings=findings,
-    write=lambda result, layout: write_filters(result, layout, "fig6"),
+    write=write_filters,
     help={"others": "Another run to set beside this one (repeatable); the demo's RUN/compare/ runs come "
                     "by default.",
           "n_images": "Images for the layer-2 projections."},

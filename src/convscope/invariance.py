@@ -324,7 +324,7 @@ register(Analysis(
     "Distance between the feature vectors of original and transformed images at layer 1 and layer 7, and "
     "the probability of the true label, as the image is translated, scaled and rotated.",
     files=figure_files("fig5", "", "_render"), compute=compute, findings=findings,
-    write=lambda result, layout: write_invariance(result, layout, "fig5"),
+    write=write_invariance,
     help={"n": "How many images (the first of the split).", "split": SPLIT_HELP,
           "mode": "warp: translate, scale and rotate the image (the paper); render: re-render the embedded "
                   "data's object with the pose changed (no border artefacts)."}))

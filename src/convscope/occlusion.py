@@ -327,7 +327,7 @@ register(Analysis(
     "A grey square slid over the image: (b) total activation of the strongest layer-5 map, (c) its "
     "projection, (d) probability of the correct class, (e) most probable class, per occluder position.",
     files=figure_files("fig7"), compute=compute, projects=True, findings=findings,
-    write=lambda result, layout: write_occlusion(result, layout, "fig7"),
+    write=write_occlusion,
     help={"n": "How many images (the first of the split).", "split": SPLIT_HELP,
           "layer": "Layer whose strongest map is tracked (b, c). [conv5, or the model's last stage]",
           "size": "Side of the grey square in pixels. [3/16 of the image]",
