@@ -145,3 +145,32 @@ def test_a_port_in_use_is_an_error(run_dir):
 def test_static_script_is_served(client):
     r = client.get("/static/viewer.js")
     assert r.status_code == 200 and "ArrowRight" in r.text and "prev-layer" in r.text
+
+
+def test_the_scan_is_read_again_when_it_changes_and_few_are_kept(tmp_path):
+    """The viewer's unit pages read the scan through convscope.scanned: once per version of the file, and a
+    process that opens many runs keeps the last few."""
+    import os
+
+    import torch
+
+    from convscope import scanned
+    from convscope.layout import Layout
+    from convscope.topk import TopK, save_topk
+
+    def write(root, value):
+        topk = TopK(1, {"conv1": torch.tensor([[value]])}, {"conv1": torch.tensor([[7]])},
+                    {"conv1": torch.tensor([[[1, 2]]])}, seen=8)
+        save_topk(Layout(root).topk, topk, {"rule": "deconvnet"})
+
+    write(tmp_path / "a", 1.5)
+    layout = Layout(tmp_path / "a")
+    assert scanned.top(layout, "conv1", 0) == [{"value": 1.5, "image": 7, "position": (1, 2)}]
+    write(tmp_path / "a", 2.5)
+    os.utime(layout.topk, ns=(1, 1))  # a new version, whatever the clock's resolution
+    assert scanned.top(layout, "conv1", 0)[0]["value"] == 2.5
+    for i in range(scanned._KEPT + 2):
+        write(tmp_path / f"r{i}", float(i))
+        assert scanned.top(Layout(tmp_path / f"r{i}"), "conv1", 0)[0]["value"] == float(i)
+    assert len(scanned._cache) == scanned._KEPT and layout.topk not in scanned._cache
+    assert scanned.rules(layout) == ("deconvnet", ["deconvnet"]) and scanned.unit_classes(layout, "conv1") is None

@@ -15,6 +15,7 @@ from .panels import Counts, Panel, Picture, Table, UnitBadge
 from .topk import TopK, class_histogram, load_topk
 
 _cache: dict[Path, tuple[int, TopK, dict, dict]] = {}  # topk file -> (mtime, topk, its metadata, class memo)
+_KEPT = 4  # scans kept read at once: a process that opens many runs holds the last few
 
 
 def read_scan(layout: Layout) -> tuple[TopK, dict, dict] | None:
@@ -31,6 +32,9 @@ def read_scan(layout: Layout) -> tuple[TopK, dict, dict] | None:
             topk, info = load_topk(path)
         except ConvscopeError:
             return None
+        _cache.pop(path, None)
+        while len(_cache) >= _KEPT:
+            _cache.pop(next(iter(_cache)))  # the oldest read
         cached = _cache[path] = (stamp, topk, info, {})
     return cached[1], cached[2], cached[3]
 
