@@ -153,3 +153,75 @@ def test_damaged_files_are_reported(tmp_path, content, message):
     torch.save([1, 2, 3], tmp_path / "list.pth")
     with pytest.raises(ConvscopeError, match="holds a list, not a state dict"):
         read_state_dict(tmp_path / "list.pth")
+
+
+# ---------------------------------------------------------------------- checkpoints as training scripts save them
+
+
+def _net(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
+
+
+def _equal(model: nn.Module, state: dict) -> bool:
+    return all(torch.equal(model.state_dict()[k], v) for k, v in state.items()) and len(state) == len(
+        model.state_dict())
+
+
+def test_lightning_timm_ema_compile_and_ddp_checkpoints_are_found_and_said(tmp_path):
+    from convscope.weights import find_weights
+
+    trained, ema = _net(1).state_dict(), _net(2).state_dict()
+    # PyTorch Lightning: the LightningModule's attribute as a prefix, its other modules beside it, and metadata
+    lightning = {"state_dict": {**{f"model.{k}": v for k, v in trained.items()}, "loss.pos_weight": torch.ones(5)},
+                 "pytorch-lightning_version": "2.4.0", "epoch": 9, "optimizer_states": [], "lr_schedulers": []}
+    torch.save(lightning, tmp_path / "lightning.ckpt")
+    model = _net(0)
+    found = load_weights(model, tmp_path / "lightning.ckpt")
+    assert (found.key, found.prefix, found.left) == ("state_dict", "model.", 1) and _equal(model, trained)
+    assert found.note() == "the weights under 'state_dict', with the prefix 'model.' stripped (1 other tensors " \
+                           "of the file left out)"
+    # timm's train.py with --model-ema: the EMA weights are taken, as timm's load_checkpoint does; a key chooses
+    torch.save({"epoch": 3, "arch": "net", "state_dict": trained, "state_dict_ema": ema}, tmp_path / "timm.pth.tar")
+    found = load_weights(model, tmp_path / "timm.pth.tar")
+    assert (found.key, found.prefix) == ("state_dict_ema", "") and _equal(model, ema)
+    assert found.note() == "the weights under 'state_dict_ema'"
+    assert load_weights(model, tmp_path / "timm.pth.tar", key="state_dict").key == "state_dict"
+    assert _equal(model, trained)
+    # DistributedDataParallel around torch.compile: both wrappers' prefixes go, with nothing to say
+    torch.save({f"module._orig_mod.{k}": v for k, v in ema.items()}, tmp_path / "ddp.pt")
+    found = load_weights(model, tmp_path / "ddp.pt")
+    assert found.note() is None and _equal(model, ema)
+    # a distillation checkpoint: two prefixes fit, so none is guessed; a prefix chooses
+    both = {**{f"teacher.{k}": v for k, v in trained.items()}, **{f"student.{k}": v for k, v in ema.items()}}
+    torch.save(both, tmp_path / "distil.pt")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConvscopeError, match=r"the prefixes 'teacher\.', 'student\.'; choose one with --weights-pre"):
+        load_weights(model, tmp_path / "distil.pt")
+    assert _equal(model, before)  # nothing loaded
+    assert load_weights(model, tmp_path / "distil.pt", prefix="student.").prefix == "student." and _equal(model, ema)
+    # nothing fits: the error says where the keys start, and how to choose
+    torch.save({"state_dict": {f"encoder.{k}": v for k, v in _net(3)[:1].state_dict().items()}}, tmp_path / "x.pt")
+    with pytest.raises(ConvscopeError, match=r"do not fit the model .*keys start with encoder\. \(2\).*--weights-key"):
+        find_weights(model, tmp_path / "x.pt")
+    with pytest.raises(ConvscopeError, match=r"no state dict under 'ema'; its state dicts are under: state_dict"):
+        find_weights(model, tmp_path / "x.pt", key="ema")
+
+
+def test_attach_says_what_it_took_from_a_lightning_checkpoint_and_reopens_the_same(tmp_path):
+    net = cs.create_model("zfnet_small", num_classes=3)
+    state = {f"model.{k}": v for k, v in net.state_dict().items()}
+    torch.save({"state_dict": state, "pytorch-lightning_version": "2.4.0"}, tmp_path / "last.ckpt")
+    images = tmp_path / "images"
+    for c in ("a", "b", "c"):
+        (images / c).mkdir(parents=True)
+        Image.new("RGB", (64, 64), (40 * len(c), 90, 10)).save(images / c / "0.png")
+    r = CliRunner().invoke(main, ["attach", "--model", "zfnet_small", "--weights", str(tmp_path / "last.ckpt"),
+                                  "--data", "folder", "--data-root", str(images), "--image-size", "64",
+                                  "--out", str(tmp_path / "run")], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert "note: weights: the weights under 'state_dict', with the prefix 'model.' stripped" in r.output
+    record = json.loads((tmp_path / "run" / "attach.json").read_text())
+    assert (record["weights_key"], record["weights_prefix"]) == ("state_dict", "model.")
+    again = cs.open_run(tmp_path / "run")
+    assert all(torch.equal(a, b) for a, b in zip(again.model.state_dict().values(), net.state_dict().values()))

@@ -267,6 +267,11 @@ def _analysis_command(analysis) -> click.Command:
 @click.option("--weights", type=_Path(dir_okay=False), default=None,
               help="safetensors or a PyTorch state dict (.pt/.pth; loaded with weights_only=True); also under "
                    "'state_dict' or 'model', with DataParallel's 'module.' prefix.")
+@click.option("--weights-key", default=None,
+              help="The key of the file's state dict to load (state_dict, state_dict_ema, model, ...). [found: EMA "
+                   "weights first, as timm does]")
+@click.option("--weights-prefix", default=None,
+              help="The prefix of the keys to load, stripped (model. for PyTorch Lightning). [the one that fits]")
 @click.option("--data", "data_name", default="folder", show_default=True,
               help="Data set (see `convscope data list`).")
 @click.option("--data-root", type=_Path(), default=None, help="Folder of the folder or cifar10 data.")
@@ -282,16 +287,16 @@ def _analysis_command(analysis) -> click.Command:
                    "their gradient (as Captum does), and says so on every figure.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the train/val/test split of the data.")
 @click.option("--out", required=True, type=_Path(file_okay=False), help="Run directory to make.")
-def attach(spec: str, model_args: tuple[str, ...], weights: str | None, data_name: str, data_root: str | None,
-           image_size: int | None, normalize: str | None, classes_file: str | None, nonlinearities: str, seed: int,
-           out: str) -> None:
+def attach(spec: str, model_args: tuple[str, ...], weights: str | None, weights_key: str | None,
+           weights_prefix: str | None, data_name: str, data_root: str | None, image_size: int | None,
+           normalize: str | None, classes_file: str | None, nonlinearities: str, seed: int, out: str) -> None:
     """Make a run of your own trained model and images, which every analysis command, the report and the viewer
     then take like a trained run. Nothing is written unless the model builds, the weights fit it completely and
     it takes the images."""
 
     run = attach_run(spec, data_name, out, data_root=data_root, image_size=image_size, weights=weights,
                      model_args=parse_model_args(model_args), normalize=normalize, classes=classes_file,
-                     nonlinearities=nonlinearities, seed=seed)
+                     nonlinearities=nonlinearities, seed=seed, weights_key=weights_key, weights_prefix=weights_prefix)
     click.echo(f"attached {spec} ({len(run.classes)} outputs) on {data_name} at {run.image_size} px: {run.path}")
     click.echo(f"next: convscope layers {out}; convscope scan {out}; convscope report {out}")
 

@@ -45,7 +45,7 @@ from .usermodel import (
     parse_normalize,
     read_classes,
 )
-from .weights import fit, load_weights, read_state_dict, sha256, state_sha256
+from .weights import find_weights, fit, load_weights, read_state_dict, sha256, state_sha256
 
 
 @dataclass
@@ -338,7 +338,7 @@ def _open_attached(layout: Layout) -> Run:
             raise ConvscopeError(f"the weights file {weights!r} changed since it was attached (SHA-256 "
                                  f"{record.get('weights_sha256', '?')[:12]}... then, {now[:12]}... now); restore it, "
                                  "or attach it again into a new run directory")
-        load_weights(model, weights)
+        load_weights(model, weights, record.get("weights_key"), record.get("weights_prefix"))
     if record.get("state_sha256") not in (None, state_sha256(model.state_dict())):
         raise ConvscopeError(f"the model that {record['model']!r} builds now differs from the one attached (its code "
                              "or its weights changed); attach it again into a new run directory")
@@ -363,7 +363,8 @@ def _tuple(value):
 def attach(model: nn.Module | str, data: str | ImageSet = "folder", out: str | Path = "runs/attached", *,
            data_root: str | Path | None = None, image_size: int | None = None, weights: str | Path | None = None,
            model_args: dict[str, Any] | None = None, normalize=None, classes: str | Path | list[str] | None = None,
-           nonlinearities: str = "error", seed: int = 0) -> Run:
+           nonlinearities: str = "error", seed: int = 0, weights_key: str | None = None,
+           weights_prefix: str | None = None) -> Run:
     """Make ``out`` a run of the user's own model, which every analysis then takes like a trained run.
 
     ``model``: an ``nn.Module`` (from a notebook; the run then lives in this process), or a spec the command
@@ -403,14 +404,19 @@ def attach(model: nn.Module | str, data: str | ImageSet = "folder", out: str | P
         if "num_classes" not in args and _builtin(model):
             args["num_classes"] = _outputs(names, state, data_classes)
         net = _build(str(model), args, seed)
-    if state is not None:
-        fit(net, state, weights, "the model" if isinstance(model, nn.Module) else f"model {model!r} with arguments "
-                                                                                  f"{args}")
+    found = None
+    if weights is not None:
+        found = find_weights(net, weights, weights_key, weights_prefix)
+        fit(net, found.state, weights, "the model" if isinstance(model, nn.Module) else f"model {model!r} with "
+                                                                                        f"arguments {args}")
+        if found.note():
+            warnings.warn(f"weights: {found.note()} (to choose otherwise: --weights-key, --weights-prefix)",
+                          stacklevel=2)
     record = {"format": FORMAT, "model": None if isinstance(model, nn.Module) else str(model), "model_args": args,
               "weights": None if weights is None else str(Path(weights).resolve()), "nonlinearities": nonlinearities,
               "seed": seed, "state_sha256": state_sha256(net.state_dict())}
-    if weights is not None:
-        record["weights_sha256"] = sha256(weights)
+    if found is not None:
+        record.update(weights_sha256=sha256(weights), weights_key=found.key, weights_prefix=found.prefix)
 
     # a model of the user's own that does not say its size: 224 for an image folder (ImageNet's), else the data's
     size = image_size or _own_size(net) or (every.image_size if every is not None else

@@ -1,11 +1,18 @@
 """The user's weights files: safetensors, or a PyTorch state dict (``.pt``, ``.pth``, ``.bin``, ...).
 
 A PyTorch file is only ever read with ``torch.load(weights_only=True)``: a pickle that would run code, or that
-holds Python objects other than tensors and plain containers, is refused, never executed. The state dict may
-sit at the top level or under ``state_dict``, ``model`` or ``model_state_dict`` (the usual training
-checkpoints); the ``module.`` prefix of ``DataParallel``/``DistributedDataParallel`` and the ``_orig_mod.``
-prefix of ``torch.compile`` are removed. Weights load completely or not at all: before anything is copied,
-every missing and unexpected key and every shape that differs is checked, and the error names them.
+holds Python objects other than tensors and plain containers, is refused, never executed. Weights load
+completely or not at all: before anything is copied, every missing and unexpected key and every shape that
+differs is checked, and the error names them.
+
+Weights are found as training scripts save them (:func:`find_weights`). The state dict may sit at the top level
+or under a wrapper key: timm's EMA weights first (``state_dict_ema``, ``model_ema``, ``ema``: what timm's own
+``load_checkpoint`` prefers), then ``state_dict`` (PyTorch Lightning, timm), ``model``, ``model_state_dict``. The
+``module.`` prefix of ``DataParallel``/``DistributedDataParallel`` and the ``_orig_mod.`` prefix of
+``torch.compile`` are removed. Where the keys still do not fit, the one prefix whose keys, stripped, fit the
+model exactly is taken (Lightning's ``model.``, or ``net.``, ``backbone.``, ``encoder.``: a wrapper module's
+attribute), and the rest of the file is left; where several prefixes fit, the file is refused with them listed.
+``key`` and ``prefix`` choose by hand (``--weights-key``, ``--weights-prefix``); what was chosen is said.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import pickle
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,6 +29,7 @@ from torch import nn
 from .errors import ConvscopeError
 
 NESTED = ("state_dict", "model", "model_state_dict")
+WRAPPERS = ("state_dict_ema", "model_ema", "ema", *NESTED)  # in the order they are tried: EMA first, as timm does
 PREFIXES = ("module.", "_orig_mod.")
 
 
@@ -46,10 +55,7 @@ def state_sha256(state: Mapping[str, torch.Tensor]) -> str:
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of a weights file, unwrapped and with wrapper prefixes removed (see the module doc)."""
     path = Path(path)
-    if not path.is_file():
-        what = "is a directory" if path.is_dir() else "does not exist"
-        raise ConvscopeError(f"weights file {str(path)!r} {what}")
-    obj = _read_safetensors(path) if path.suffix == ".safetensors" else _read_torch(path)
+    obj = _read_object(path)
     for key in NESTED:
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
             obj = obj[key]
@@ -94,6 +100,105 @@ def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return state
 
 
+@dataclass(frozen=True)
+class Found:
+    """The state dict found in a weights file for a model: under which wrapper ``key`` ("" for the top level),
+    with which ``prefix`` stripped (besides DataParallel's and torch.compile's), and how many of the file's
+    tensors under that key were left out (those outside the prefix)."""
+
+    state: dict[str, torch.Tensor]
+    key: str
+    prefix: str
+    left: int = 0
+
+    def note(self) -> str | None:
+        """What was chosen, for the user to read; None for a plain state dict at the top level."""
+        parts = []
+        if self.key:
+            parts.append(f"the weights under {self.key!r}")
+        if self.prefix:
+            parts.append(f"with the prefix {self.prefix!r} stripped"
+                         + (f" ({self.left} other tensors of the file left out)" if self.left else ""))
+        return ", ".join(parts) or None
+
+
+def _read_object(path: Path):
+    if not path.is_file():
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise ConvscopeError(f"weights file {str(path)!r} {what}")
+    return _read_safetensors(path) if path.suffix == ".safetensors" else _read_torch(path)
+
+
+def _tensors(obj) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)} if isinstance(obj, Mapping) else {}
+
+
+def _fitting_prefixes(model: nn.Module, state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Every prefix whose keys, stripped, fit ``model`` exactly (one of the model's keys is enough to find them)."""
+    own = list(model.state_dict())
+    if not own:
+        return []
+    first = own[0]
+    found = [k[: len(k) - len(first)] for k in state if k.endswith("." + first)]
+    fitting = []
+    for prefix in dict.fromkeys(found):
+        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if mismatch(model, sub) is None:
+            fitting.append(prefix)
+    return fitting
+
+
+def find_weights(model: nn.Module, path: str | Path, key: str | None = None, prefix: str | None = None) -> Found:
+    """The state dict in ``path`` that fits ``model`` exactly, found as the module doc says; ``key`` and
+    ``prefix`` choose by hand. Nothing is loaded: :func:`fit` the result's ``state``."""
+    path = Path(path)
+    obj = _read_object(path)
+    keys = [k for k in WRAPPERS if isinstance(obj, Mapping) and _tensors(obj.get(k))]
+    if key is not None:
+        if key and key not in keys and not (isinstance(obj, Mapping) and _tensors(obj.get(key))):
+            have = [str(k) for k, v in obj.items() if _tensors(v)] if isinstance(obj, Mapping) else []
+            raise ConvscopeError(f"{str(path)!r} has no state dict under {key!r}; its state dicts are under: "
+                                 f"{', '.join(have) or 'none'}{' and the top level' if _tensors(obj) else ''}")
+        keys = [key]
+    elif _tensors(obj):
+        keys = [*keys, ""]
+    if not keys:
+        kind = type(obj).__name__ if not isinstance(obj, Mapping) else "mapping with no tensors"
+        raise ConvscopeError(f"{str(path)!r} holds a {kind}, not a state dict; save model.state_dict() "
+                             f"(torch.save(model.state_dict(), path)), or one under {' or '.join(WRAPPERS)}")
+    first_problem = None
+    for k in keys:
+        state = _strip_prefixes(_tensors(obj[k] if k else obj))
+        if prefix is not None:
+            sub = {n[len(prefix):]: v for n, v in state.items() if n.startswith(prefix)}
+            problem = mismatch(model, sub) if sub else f"no key starts with {prefix!r}"
+            if problem is None:
+                return Found(sub, k, prefix, len(state) - len(sub))
+            first_problem = first_problem or (k, problem)
+            continue
+        if mismatch(model, state) is None:
+            return Found(state, k, "")
+        fitting = _fitting_prefixes(model, state)
+        if len(fitting) > 1:
+            where = f" under {k!r}" if k else ""
+            raise ConvscopeError(f"several parts of {str(path)!r}{where} fit the model: the keys under the prefixes "
+                                 f"{', '.join(repr(p) for p in fitting)}; choose one with --weights-prefix")
+        if fitting:
+            sub = {n[len(fitting[0]):]: v for n, v in state.items() if n.startswith(fitting[0])}
+            return Found(sub, k, fitting[0], len(state) - len(sub))
+        first_problem = first_problem or (k, mismatch(model, state))
+    k, problem = first_problem
+    heads = {}
+    for n in _strip_prefixes(_tensors(obj[k] if k else obj)):
+        head = n.split(".", 1)[0] + "." if "." in n else n
+        heads[head] = heads.get(head, 0) + 1
+    starts = ", ".join(f"{h} ({c})" for h, c in sorted(heads.items(), key=lambda x: -x[1])[:6])
+    raise ConvscopeError(f"the weights in {str(path)!r}{f' under {k!r}' if k else ''} do not fit the model "
+                         f"({problem}); the file's keys start with {starts}. Check that the model spec and its "
+                         "arguments (--model-arg) build the network the weights were saved from, or choose the "
+                         "part of the file with --weights-key / --weights-prefix")
+
+
 def mismatch(model: nn.Module, state: Mapping[str, torch.Tensor]) -> str | None:
     """What keeps ``state`` from loading into ``model``: the first missing and unexpected keys and the shapes
     that differ, as one sentence; None when it fits exactly."""
@@ -119,11 +224,12 @@ def fit(model: nn.Module, state: Mapping[str, torch.Tensor], source: str | Path,
     model.load_state_dict(state, strict=True)
 
 
-def load_weights(model: nn.Module, path: str | Path) -> dict[str, torch.Tensor]:
-    """Read ``path`` and load it into ``model``, completely or not at all. Returns the state dict."""
-    state = read_state_dict(path)
-    fit(model, state, path)
-    return state
+def load_weights(model: nn.Module, path: str | Path, key: str | None = None, prefix: str | None = None) -> Found:
+    """Find the weights in ``path`` that fit ``model`` (:func:`find_weights`) and load them, completely or not at
+    all. Returns what was found."""
+    found = find_weights(model, path, key, prefix)
+    fit(model, found.state, path)
+    return found
 
 
-__all__ = ["fit", "load_weights", "mismatch", "read_state_dict", "sha256", "state_sha256"]
+__all__ = ["Found", "find_weights", "fit", "load_weights", "mismatch", "read_state_dict", "sha256", "state_sha256"]
