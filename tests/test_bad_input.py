@@ -217,3 +217,12 @@ def test_the_bad_options_a_hostile_user_found_each_get_a_clear_message(world, ar
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 2 and message in " ".join(r.output.split()), r.output
     assert snapshot(root) == before
+
+
+def test_unknown_names_list_the_valid_ones_in_good_english():
+    from convscope.errors import unknown
+
+    assert str(unknown("class", "cat", ["face", "car"])) == "unknown class 'cat'; valid classes: face, car"
+    assert str(unknown("analysis", "fig9", ["fig2"])).endswith("valid analyses: fig2")
+    assert str(unknown("data set", "x", ["digits"])).endswith("valid data sets: digits")
+    assert str(unknown("entry", "x", ["a"])).endswith("valid entries: a")

@@ -9,10 +9,21 @@ class ConvscopeError(ValueError):
     """Bad input from the user (a name, a path, a file, a value). The CLI turns it into exit status 2."""
 
 
+def plural(noun: str) -> str:
+    """The English plural of a noun phrase's last word: class -> classes, analysis -> analyses, layer -> layers."""
+    if noun.endswith("sis"):
+        return noun[:-2] + "es"
+    if noun.endswith(("s", "x", "sh", "ch")):
+        return noun + "es"
+    if noun.endswith("y") and noun[-2:-1] not in "aeiou":
+        return noun[:-1] + "ies"
+    return noun + "s"
+
+
 def unknown(kind: str, name: object, valid: Iterable[object]) -> ConvscopeError:
     """An error for a name that is not one of ``valid``, listing the valid ones."""
     choices = ", ".join(str(v) for v in valid)
-    return ConvscopeError(f"unknown {kind} {name!r}; valid {kind}s: {choices}")
+    return ConvscopeError(f"unknown {kind} {name!r}; valid {plural(kind)}: {choices}")
 
 
 MAX_SEED = 2**63 - 1  # torch.Generator takes seeds below 2**64; the training seeds are derived modulo 2**63

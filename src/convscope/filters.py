@@ -253,7 +253,7 @@ def filter_grid(
     64 filters, else 16) with ``pad`` white pixels between. One-channel filters are shown grey.
     """
     if normalize not in NORMALIZE:
-        raise unknown("normalize", normalize, NORMALIZE)
+        raise unknown("normalize option", normalize, NORMALIZE)
     w = conv_module(model, layer).weight.detach().to(torch.float64).cpu()
     if w.shape[1] == 1:
         w = w.expand(-1, 3, -1, -1)
