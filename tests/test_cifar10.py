@@ -179,3 +179,12 @@ def test_a_file_larger_than_cifar_is_not_read(cifar):
     (cifar / "batches.meta").write_bytes(b"\0" * 70000)
     with pytest.raises(ConvscopeError, match="batches.meta is 70000 bytes"):
         load_cifar10(cifar, "test")
+
+
+def test_class_names_that_are_not_utf8_are_shown_escaped_with_a_note(cifar):
+    names = [n.encode() for n in CLASSES]
+    names[3] = b"caf\xe9"  # Latin-1, as a Python 2 script may have written it
+    _dump(cifar / "batches.meta", {b"label_names": names, b"num_vis": 3072})
+    with pytest.warns(UserWarning, match=r"the class name b'caf\\xe9' is not UTF-8; shown as 'caf\\\\xe9'"):
+        ds = load_cifar10(cifar.parent, "test")
+    assert ds.classes[3] == "caf\\xe9" and ds.classes[:3] == CLASSES[:3]

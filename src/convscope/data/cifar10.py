@@ -8,6 +8,7 @@ unpickler that resolves only the three names a numpy array needs; anything else 
 from __future__ import annotations
 
 import pickle
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -118,7 +119,20 @@ def _read_classes(folder: Path) -> list[str]:
     names = meta.get(b"label_names") if isinstance(meta, dict) else None
     if not isinstance(names, list) or not all(isinstance(n, (bytes, str)) for n in names) or not names:
         raise ConvscopeError(f"{folder / META} is not a valid CIFAR-10 meta file: expected b'label_names'")
-    return [n.decode("utf-8") if isinstance(n, bytes) else n for n in names]
+    return [_name(n, folder / META) for n in names]
+
+
+def _name(name: bytes | str, meta: Path) -> str:
+    """A class name as the file holds it: the real files are Python 2 pickles of byte strings (ASCII). Bytes that
+    are not UTF-8 are shown escaped (``caf\\xe9``), visibly, with a note."""
+    if isinstance(name, str):
+        return name
+    try:
+        return name.decode("utf-8")
+    except UnicodeDecodeError:
+        shown = name.decode("utf-8", errors="backslashreplace")
+        warnings.warn(f"{meta}: the class name {name!r} is not UTF-8; shown as {shown!r}", stacklevel=3)
+        return shown
 
 
 def load_cifar10(root: str | Path, split: str = "train") -> ImageSet:
