@@ -75,7 +75,8 @@ def test_load_folder_skips_bad_files_with_one_warning(tree):
         ds = load_folder(tree, size=32)
     assert len(caught) == 1
     msg = str(caught[0].message)
-    assert "skipped 2 unreadable" in msg and "corrupt.jpg" in msg and "truncated.png" in msg
+    assert "skipped 2 entries (2 of them unreadable image files)" in msg
+    assert "corrupt.jpg" in msg and "truncated.png" in msg
     assert ds.classes == ["a_red", "b_blue", "c_mixed"]
     assert ds.labels.tolist() == [0, 0, 1, 1, 2, 2]
     assert ds.images.dtype == torch.uint8 and ds.images.shape == (6, 3, 32, 32)
@@ -187,3 +188,52 @@ def test_class_names_that_are_not_utf8_are_shown_escaped(tmp_path):
     assert classes == ["caf\\xe9", "dog"]
     classes[0].encode("utf-8")  # printable, writable as JSON, HTML, a terminal line
     assert load_folder(root, size=8).images.shape == (2, 3, 8, 8)  # the files themselves are read as they are
+
+
+def test_every_entry_that_is_not_a_readable_image_is_skipped_and_counted_in_one_note(tmp_path):
+    """Folders as people keep them (issue 27): each kind of entry that is not a readable regular image is
+    skipped, named with why, and counted with the unreadable images in one note; images reached through links,
+    inside the tree or outside it, are read."""
+    root = tmp_path / "root"
+    for c, colour in (("cat", RED), ("dog", BLUE)):
+        _solid(root / c / "0.png", (16, 16), colour)
+    _solid(tmp_path / "outside" / "far.png", (16, 16), RED)
+    cat = root / "cat"
+    (cat / "self.png").symlink_to("self.png")  # a link to itself: ELOOP, a traceback before
+    (cat / "loop").symlink_to("loop")  # the same, not named like an image
+    (cat / "gone.png").symlink_to(tmp_path / "nothing.png")  # a link to nothing
+    (cat / "zero.png").symlink_to("/dev/zero")  # a device
+    os.mkfifo(cat / "pipe.png")  # a FIFO: it would block a reader for good
+    (cat / "folder.png").mkdir()  # a folder named like an image
+    (cat / "empty.png").write_bytes(b"")  # an empty file
+    (cat / "far.png").symlink_to(tmp_path / "outside" / "far.png")  # a link out of the tree: an image
+    (root / "dog" / "alias.png").symlink_to(root / "dog" / "0.png")  # a second name for the same file: once
+    (root / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")  # unreadable when decoded
+    with pytest.warns(UserWarning) as caught:
+        classes, samples = scan_folder(root)
+    note = str(caught[0].message)
+    assert note.startswith("skipped 7 entries of image folder")
+    assert "loop (unreadable: Too many levels of symbolic links)" in note  # the first three are named
+    names = sorted(p.relative_to(root).as_posix() for p, _ in samples)
+    assert names == ["cat/0.png", "cat/far.png", "dog/0.png", "dog/broken.png"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        data = load_folder(root, size=8)
+    assert len(caught) == 1 and str(caught[0].message).startswith(
+        "skipped 8 entries (1 of them unreadable image files) of image folder")
+    assert len(data) == 3 and data.labels.tolist() == [0, 0, 1]
+    kinds = _kinds(root)
+    assert kinds == {"self.png": "unreadable", "loop": "unreadable", "gone.png": "a link to nothing",
+                     "zero.png": "not a regular file", "pipe.png": "not a regular file", "empty.png": "an empty file",
+                     "alias.png": "the same file as one already listed"}
+
+
+def _kinds(root):
+    """Each skipped entry's name -> the reason scan_folder gives (its words up to a colon)."""
+    from convscope.data.folder import _scan
+
+    out = {}
+    for entry in _scan(root)[2]:
+        path, _, why = entry.partition(" (")
+        out[os.path.basename(path)] = why.rstrip(")").split(":")[0]
+    return out

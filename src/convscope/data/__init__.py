@@ -174,6 +174,7 @@ class DataSpec:
         if split != ALL:
             data = data.subset(dict(zip(SPLITS, stratified_split(data.labels, (0.7, 0.15), self.seed)))[split])
         if lazy or (lazy is None and not fits_memory(len(data), self.image_size)):
+            data.note_skipped()
             return data
         return data.load(workers)
 

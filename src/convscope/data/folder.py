@@ -35,10 +35,43 @@ def display_name(name: str) -> str:
 def scan_folder(root: str | Path) -> tuple[list[str], list[tuple[Path, int]]]:
     """Class names (sorted) and (path, label) for every image file of an ImageFolder tree, without reading any.
 
-    Only regular files count (a FIFO or a device named ``x.png`` would block a reader), each file once. Folders
-    linked in by symlinks are followed, except a link back into the tree above its class folder or into another
-    class's folder, or one that closes a loop: those are skipped with one warning (a loop would add every image
-    again, under the wrong class). Class names that are not UTF-8 are shown escaped (``\\xff``)."""
+    Only non-empty regular files count (a FIFO or a device named ``x.png`` would block a reader), each file once.
+    Folders linked in by symlinks are followed, except a link back into the tree above its class folder or into
+    another class's folder, or one that closes a loop: those are skipped (a loop would add every image again,
+    under the wrong class), as are dangling links, links that loop on themselves, devices, FIFOs, sockets and
+    empty files named like images, all counted in one warning. Class names that are not UTF-8 are shown escaped
+    (``\\xff``)."""
+    classes, samples, skipped = _scan(root)
+    if skipped:
+        warnings.warn(_skipped_note(skipped, root), stacklevel=2)
+    return classes, samples
+
+
+def _skipped_note(skipped: list[str], root: str | Path, unreadable: int = 0) -> str:
+    shown = "; ".join(display_name(s) for s in skipped[:3]) + ("; ..." if len(skipped) > 3 else "")
+    what = f"{len(skipped)} entries" + (f" ({unreadable} of them unreadable image files)" if unreadable else "")
+    return f"skipped {what} of image folder {root}: {shown}"
+
+
+def _entry(entry: os.DirEntry) -> str:
+    """``dir``, ``image``, ``other`` (a file of another kind), or why an entry named like an image is skipped."""
+    try:
+        if entry.is_dir():
+            return "dir"
+        if not entry.name.lower().endswith(EXTENSIONS):
+            return "other"
+        if not entry.is_file():
+            if entry.is_symlink() and not os.path.exists(entry.path):
+                return "a link to nothing"
+            return "not a regular file: a device, a FIFO or a socket"
+        if entry.stat().st_size == 0:
+            return "an empty file"
+        return "image"
+    except OSError as e:  # a link to itself: "Too many levels of symbolic links"
+        return f"unreadable: {e.strerror or e}"
+
+
+def _scan(root: str | Path) -> tuple[list[str], list[tuple[Path, int]], list[str]]:
     root = Path(root).expanduser()
     if not root.is_dir():
         what = "is not a folder" if root.exists() else "does not exist"
@@ -56,25 +89,31 @@ def scan_folder(root: str | Path) -> tuple[list[str], list[tuple[Path, int]]]:
         stack = [root / name]
         while stack:
             folder = stack.pop()
-            st = folder.stat()
+            try:
+                st = folder.stat()
+                entries = sorted(os.scandir(folder), key=lambda e: e.name)
+            except OSError as e:
+                skipped.append(f"{folder} (unreadable: {e.strerror or e})")
+                continue
             if (st.st_dev, st.st_ino) in seen_dirs:
                 skipped.append(f"{folder} (a loop)")
                 continue
             seen_dirs.add((st.st_dev, st.st_ino))
-            entries = sorted(os.scandir(folder), key=lambda e: e.name)
-            for entry in reversed([e for e in entries if not e.name.startswith(".") and e.is_dir()]):
+            kinds = {e.name: _entry(e) for e in entries if not e.name.startswith(".")}
+            for entry in reversed([e for e in entries if kinds.get(e.name) == "dir"]):
                 if entry.is_symlink():
-                    target = Path(entry.path).resolve()
+                    target = Path(os.path.realpath(entry.path))
                     if target in top.parents or target == top or (target.is_relative_to(top)
                                                                  and not target.is_relative_to(home)):
                         skipped.append(f"{entry.path} (links to {target}, outside its class folder)")
                         continue
                 stack.append(Path(entry.path))
             for entry in entries:
-                if entry.name.startswith(".") or not entry.name.lower().endswith(EXTENSIONS):
+                kind = kinds.get(entry.name, "other")
+                if kind in ("dir", "other"):
                     continue
-                if not entry.is_file():  # follows a symlink; a FIFO, socket or device is not a regular file
-                    skipped.append(f"{entry.path} (not a regular file)")
+                if kind != "image":
+                    skipped.append(f"{entry.path} ({kind})")
                     continue
                 real = os.path.realpath(entry.path)
                 if real in seen_files:
@@ -82,13 +121,10 @@ def scan_folder(root: str | Path) -> tuple[list[str], list[tuple[Path, int]]]:
                     continue
                 seen_files.add(real)
                 samples.append((Path(entry.path), label))
-    if skipped:
-        shown = "; ".join(display_name(s) for s in skipped[:3]) + ("; ..." if len(skipped) > 3 else "")
-        warnings.warn(f"skipped {len(skipped)} entries of image folder {root}: {shown}", stacklevel=2)
     if not samples:
         shown = ", ".join(display_name(c) for c in folders[:5]) + (", ..." if len(folders) > 5 else "")
         raise ConvscopeError(f"no image files ({', '.join(EXTENSIONS)}) in the class folders of {root} ({shown})")
-    return [display_name(c) for c in folders], samples
+    return [display_name(c) for c in folders], samples, skipped
 
 
 def read_image(path: str | Path, size: int) -> torch.Tensor:
@@ -165,7 +201,7 @@ class FolderDataset(Dataset):
     def __init__(self, root: str | Path, size: int = 64, index=None):
         _check_size(size)
         self.root, self.size = Path(root), size
-        self.classes, samples = scan_folder(root)
+        self.classes, samples, self.skipped = _scan(root)
         self.name = self.root.name
         self._keep(samples if index is None else [samples[i] for i in _indices(index)])
 
@@ -227,11 +263,15 @@ class FolderDataset(Dataset):
             return ImageSet(images, torch.zeros(0, dtype=torch.long), self.classes, name=self.name, sources=[])
         if not labels:
             raise ConvscopeError(f"none of the {n} image files under {root} could be read, e.g. {bad[0]}")
-        if bad:
-            shown = "; ".join(bad[:3]) + ("; ..." if len(bad) > 3 else "")
-            warnings.warn(f"skipped {len(bad)} unreadable image file(s) of {n} under {root}: {shown}", stacklevel=2)
+        if bad or self.skipped:  # what the listing left out and what would not decode, in one note
+            warnings.warn(_skipped_note([*self.skipped, *bad], root, len(bad)), stacklevel=2)
         return ImageSet(images[: len(labels)].clone(), torch.tensor(labels, dtype=torch.long), self.classes,
                         name=self.name, sources=sources)
+
+    def note_skipped(self) -> None:
+        """Say what the listing left out (a set read lazily; :meth:`load` says it with the unreadable files)."""
+        if self.skipped:
+            warnings.warn(_skipped_note(self.skipped, self.root), stacklevel=3)
 
     def subset(self, index) -> FolderDataset:
         out = copy.copy(self)
