@@ -75,7 +75,7 @@ def test_load_folder_skips_bad_files_with_one_warning(tree):
         ds = load_folder(tree, size=32)
     assert len(caught) == 1
     msg = str(caught[0].message)
-    assert "skipped 2 entries (2 of them unreadable image files)" in msg
+    assert "skipped 2 unreadable image files of image folder" in msg
     assert "corrupt.jpg" in msg and "truncated.png" in msg
     assert ds.classes == ["a_red", "b_blue", "c_mixed"]
     assert ds.labels.tolist() == [0, 0, 1, 1, 2, 2]
@@ -168,7 +168,7 @@ def test_symlink_loops_other_classes_and_fifos_are_skipped(tmp_path):
     (root / "cat" / "external").symlink_to(tmp_path / "elsewhere")  # a store outside the tree: followed
     (root / "cat" / "again.png").symlink_to(root / "cat" / "0.png")  # the same file twice: once
     os.mkfifo(root / "dog" / "x.png")
-    with pytest.warns(UserWarning, match="skipped 5 entries"):
+    with pytest.warns(UserWarning, match="skipped 5 entries that are not a readable regular image"):
         classes, samples = scan_folder(root)
     assert classes == ["cat", "dog"]
     names = [(p.relative_to(root).as_posix(), label) for p, label in samples]
@@ -212,7 +212,7 @@ def test_every_entry_that_is_not_a_readable_image_is_skipped_and_counted_in_one_
     with pytest.warns(UserWarning) as caught:
         classes, samples = scan_folder(root)
     note = str(caught[0].message)
-    assert note.startswith("skipped 7 entries of image folder")
+    assert note.startswith("skipped 7 entries that are not a readable regular image of image folder")
     assert "loop (unreadable: Too many levels of symbolic links)" in note  # the first three are named
     names = sorted(p.relative_to(root).as_posix() for p, _ in samples)
     assert names == ["cat/0.png", "cat/far.png", "dog/0.png", "dog/broken.png"]
@@ -220,7 +220,7 @@ def test_every_entry_that_is_not_a_readable_image_is_skipped_and_counted_in_one_
         warnings.simplefilter("always")
         data = load_folder(root, size=8)
     assert len(caught) == 1 and str(caught[0].message).startswith(
-        "skipped 8 entries (1 of them unreadable image files) of image folder")
+        "skipped 1 unreadable image file and 7 entries that are not a readable regular image of image folder")
     assert len(data) == 3 and data.labels.tolist() == [0, 0, 1]
     kinds = _kinds(root)
     assert kinds == {"self.png": "unreadable", "loop": "unreadable", "gone.png": "a link to nothing",

@@ -49,8 +49,12 @@ def scan_folder(root: str | Path) -> tuple[list[str], list[tuple[Path, int]]]:
 
 def _skipped_note(skipped: list[str], root: str | Path, unreadable: int = 0) -> str:
     shown = "; ".join(display_name(s) for s in skipped[:3]) + ("; ..." if len(skipped) > 3 else "")
-    what = f"{len(skipped)} entries" + (f" ({unreadable} of them unreadable image files)" if unreadable else "")
-    return f"skipped {what} of image folder {root}: {shown}"
+    listed = len(skipped) - unreadable
+    parts = [f"{unreadable} unreadable image file{'s' * (unreadable != 1)}"] if unreadable else []
+    if listed:
+        parts.append(f"{listed} {'entry' if listed == 1 else 'entries'} that {'is' if listed == 1 else 'are'} not "
+                     f"a readable regular image")
+    return f"skipped {' and '.join(parts)} of image folder {root}: {shown}"
 
 
 def _entry(entry: os.DirEntry) -> str:
@@ -264,7 +268,7 @@ class FolderDataset(Dataset):
         if not labels:
             raise ConvscopeError(f"none of the {n} image files under {root} could be read, e.g. {bad[0]}")
         if bad or self.skipped:  # what the listing left out and what would not decode, in one note
-            warnings.warn(_skipped_note([*self.skipped, *bad], root, len(bad)), stacklevel=2)
+            warnings.warn(_skipped_note([*bad, *self.skipped], root, len(bad)), stacklevel=2)
         return ImageSet(images[: len(labels)].clone(), torch.tensor(labels, dtype=torch.long), self.classes,
                         name=self.name, sources=sources)
 
