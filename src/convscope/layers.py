@@ -79,20 +79,21 @@ def site(model: nn.Module, layer: str) -> Site:
 @dataclass(frozen=True)
 class ModuleInfo:
     """One module as one forward pass sees it: its output shape at its first call (None: not a tensor, or never
-    called), how many times it ran, and when its first call finished (``order``)."""
+    called), how many times it ran, when its first call finished (``order``), and the shape of its first input
+    then."""
 
     name: str
     kind: str
     shape: tuple[int, ...] | None
     calls: int
     order: int
+    input_shape: tuple[int, ...] | None = None
 
 
 def census(model: nn.Module, input_size: int | tuple[int, int], channels: int | None = None) -> list[ModuleInfo]:
     """Every named module (the model itself excluded) after one forward pass of a blank image, batch 1, in
     ``named_modules`` order."""
     from contextlib import ExitStack
-
 
     h, w = (input_size, input_size) if isinstance(input_size, int) else input_size
     param = next(model.parameters(), None)
@@ -102,10 +103,12 @@ def census(model: nn.Module, input_size: int | tuple[int, int], channels: int | 
     finished = [0]
 
     def hook(name: str):
-        def record(_module, _inputs, output):
-            entry = seen.setdefault(name, [None, 0, finished[0]])
+        def record(_module, inputs, output):
+            entry = seen.setdefault(name, [None, 0, finished[0], None])
             if entry[1] == 0:
                 entry[0] = tuple(output.shape) if isinstance(output, torch.Tensor) else None
+                first = inputs[0] if inputs else None
+                entry[3] = tuple(first.shape) if isinstance(first, torch.Tensor) else None
             entry[1] += 1
             finished[0] += 1
 
@@ -119,7 +122,7 @@ def census(model: nn.Module, input_size: int | tuple[int, int], channels: int | 
             model(x)
         except Exception as e:
             raise ConvscopeError(f"the model cannot take a {h}x{w} image ({type(e).__name__}: {e})") from e
-    return [ModuleInfo(n, type(m).__name__, *(seen[n] if n in seen else (None, 0, -1))) for n, m in named]
+    return [ModuleInfo(n, type(m).__name__, *(seen[n] if n in seen else (None, 0, -1, None))) for n, m in named]
 
 
 def _by_order(infos: list[ModuleInfo]) -> list[ModuleInfo]:
@@ -127,10 +130,25 @@ def _by_order(infos: list[ModuleInfo]) -> list[ModuleInfo]:
 
 
 def stages(infos: list[ModuleInfo]) -> list[str]:
-    """The last module (called once) to finish at each spatial size of the feature maps, larger than 1x1."""
+    """The last module (called once) to finish at each spatial size of the feature maps, larger than 1x1, that is
+    not inside a block that takes maps of that size and gives smaller ones: the first conv, batch norm and ReLU
+    of a ResNet-50 bottleneck (or a ResNet-D block, an EfficientNet block) that downsamples on its 3x3 conv
+    finish at the size of the stage before it, after that stage; they are the next stage's start, not a stage."""
+    by_name = {i.name: i for i in infos}
+
+    def opens_a_smaller_block(info: ModuleInfo) -> bool:
+        parts = info.name.split(".")
+        for k in range(1, len(parts)):
+            block = by_name.get(".".join(parts[:k]))
+            if (block is not None and block.input_shape is not None and block.shape is not None
+                    and len(block.input_shape) == 4 and len(block.shape) == 4
+                    and block.input_shape[-2:] == info.shape[-2:] and block.shape[-2:] != info.shape[-2:]):
+                return True
+        return False
+
     last: dict[tuple[int, int], ModuleInfo] = {}
     for info in _by_order(infos):
-        if len(info.shape) == 4 and info.shape[-1] * info.shape[-2] > 1:
+        if len(info.shape) == 4 and info.shape[-1] * info.shape[-2] > 1 and not opens_a_smaller_block(info):
             last[info.shape[-2:]] = info  # dicts keep the order in which each size first appeared
     return [info.name for info in last.values()]
 
