@@ -495,3 +495,9 @@ def test_layers_of_a_spec_and_attaching_other_data_sets(user, tmp_path):
     # a spec without weights reopens with the same (seeded) weights
     again = cs.open_run(tmp_path / "digits")
     assert all(torch.equal(a, b) for a, b in zip(run.model.state_dict().values(), again.model.state_dict().values()))
+
+
+def test_layers_named_in_any_order_come_in_the_order_the_forward_pass_reaches_them(attached):
+    run = cs.open_run(attached)
+    assert run.check_layers(["layer3", "layer1.relu#2", "layer2", "layer3", "bn"]) == [
+        "bn", "layer1.relu#2", "layer2", "layer3"]

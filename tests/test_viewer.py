@@ -5,7 +5,7 @@ import re
 import socket
 
 import pytest
-from helpers import make_fake_run
+from helpers import make_fake_run, write_png
 
 from convscope.errors import ConvscopeError
 from convscope.viewer import bind, make_app, safe_path, serve
@@ -174,3 +174,23 @@ def test_the_scan_is_read_again_when_it_changes_and_few_are_kept(tmp_path):
         assert scanned.top(Layout(tmp_path / f"r{i}"), "conv1", 0)[0]["value"] == float(i)
     assert len(scanned._cache) == scanned._KEPT and layout.topk not in scanned._cache
     assert scanned.rules(layout) == ("deconvnet", ["deconvnet"]) and scanned.unit_classes(layout, "conv1") is None
+
+
+def test_layers_come_in_the_order_the_forward_pass_reaches_them(tmp_path):
+    """An attached ResNet's stem ReLU first, then layer1..layer4 (before: alphabetical, the stem last), as the
+    scan records them; a layer with pictures but outside the scan after them."""
+    import torch
+
+    from convscope.layout import Layout
+    from convscope.topk import TopK, save_topk
+    from convscope.viewer import RunView
+
+    root = make_fake_run(tmp_path / "run")
+    layout = Layout(root)
+    order = ["relu", "layer1", "layer2", "layer10"]
+    for layer in order:
+        write_png(layout.unit(layer, 0), (8, 8))
+    one = {layer: torch.zeros(1, 1) for layer in order}
+    save_topk(layout.topk, TopK(1, one, {k: torch.zeros(1, 1, dtype=torch.long) for k in order},
+                                {k: torch.zeros(1, 1, 2, dtype=torch.long) for k in order}, seen=1), {})
+    assert RunView(root).layers == [*order, "conv1", "conv5"]  # the fake run's own pictures come after

@@ -176,7 +176,8 @@ class Layout:
 
     @staticmethod
     def unit_files(folder: Path) -> dict[str, dict[int, Path]]:
-        """layer -> unit -> file, for ``folder/<layer>/unit_NNNN.png`` (``units`` or ``evolution``)."""
+        """layer -> unit -> file, for ``folder/<layer>/unit_NNNN.png`` (``units`` or ``evolution``), layers in
+        natural order."""
         out: dict[str, dict[int, Path]] = {}
         if folder.is_dir():
             for layer_dir in folder.iterdir():
@@ -187,7 +188,7 @@ class Layout:
                         out.setdefault(layer_dir.name, {})[int(f.stem.split("_", 1)[1])] = f
                     except ValueError:
                         continue
-        return out
+        return {layer: out[layer] for layer in sorted(out, key=natural_key)}
 
     @property
     def probes(self) -> Path:

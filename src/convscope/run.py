@@ -243,18 +243,24 @@ class Run:
                 f"with --layers or --layer (see `convscope layers {self.path}`)")
 
     def check_layers(self, layers: list[str]) -> list[str]:
-        """Every name resolved (unknown ones list the valid names); a module that runs more than once and is named
+        """Every name resolved (unknown ones list the valid names), each once, in the order the forward pass
+        reaches them (a module's ``#k`` call after its first); a module that runs more than once and is named
         without ``#k`` gets a warning that its first call is meant."""
         if not layers:
             raise ConvscopeError("no layers named: give one or more layer names (see `convscope layers RUN`)")
-        calls = {info.name: info.calls for info in self.modules}
-        for layer in layers:
+        infos = {info.name: info for info in self.modules}
+        reached = {}
+        for layer in dict.fromkeys(layers):
             s = site(self.model, layer)
-            if calls.get(s.name, 1) > 1 and "#" not in layer:
-                warnings.warn(f"module {s.name!r} runs {calls[s.name]} times in one forward pass; convscope probes "
-                              f"its first call (name {s.name}#2 .. #{calls[s.name]} for another; Captum's hooks see "
+            info = infos.get(s.name)
+            calls = info.calls if info is not None else 1
+            if calls > 1 and "#" not in layer:
+                warnings.warn(f"module {s.name!r} runs {calls} times in one forward pass; convscope probes "
+                              f"its first call (name {s.name}#2 .. #{calls} for another; Captum's hooks see "
                               "the last)", stacklevel=2)
-        return list(layers)
+            order = info.order if info is not None and info.order >= 0 else len(infos)
+            reached[layer] = (order, s.call)
+        return sorted(reached, key=reached.__getitem__)
 
 
 # ----------------------------------------------------------------------------------------------- opening

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from .errors import ConvscopeError, printable
-from .layout import Layout
+from .layout import Layout, natural_key
 from .panels import Counts, Panel, Picture, Table, UnitBadge
 from .topk import TopK, class_histogram, load_topk
 
@@ -110,6 +110,16 @@ def unit_panel(layout: Layout, layer: str, unit: int, query: Mapping[str, str]) 
                  "" if path.is_file() else "No projections of this unit: `convscope scan RUN` draws every unit.")
 
 
+def units(layout: Layout) -> dict[str, dict[int, Path]]:
+    """The units the scan drew (layer -> unit -> tile), its layers in the order the forward pass reaches them
+    (the scan's), others after them in natural order."""
+    drawn = Layout.unit_files(layout.units)
+    scanned = read_scan(layout)
+    order = [layer for layer in (scanned[0].layers if scanned else []) if layer in drawn]
+    rest = sorted((layer for layer in drawn if layer not in order), key=natural_key)
+    return {layer: drawn[layer] for layer in [*order, *rest]}
+
+
 def unit_thumb(layout: Layout, layer: str, unit: int) -> Path | None:
     """The unit's thumbnail (its strongest activation, projected), or its whole tile where it has none."""
     return next((p for p in (layout.unit_thumb(layer, unit), layout.unit(layer, unit)) if p.is_file()), None)
@@ -125,4 +135,4 @@ def unit_badges(layout: Layout, layer: str) -> dict[int, UnitBadge] | None:
                          s["share"]) for u, s in stats.items() if s["classes"]}
 
 
-__all__ = ["read_scan", "rules", "top", "unit_badges", "unit_classes", "unit_panel", "unit_thumb"]
+__all__ = ["read_scan", "rules", "top", "unit_badges", "unit_classes", "unit_panel", "unit_thumb", "units"]

@@ -300,5 +300,5 @@ register(Analysis(
                      "class histogram counts the classes of its class-k strongest images. 0 = none.",
           "rule": RULE_HELP + " Several, comma-separated (deconvnet,guided,gradient), draw each unit under "
                           "each; the viewer switches between them."},
-    summary=summary, check=_check_scan, units=lambda layout: Layout.unit_files(layout.units),
+    summary=summary, check=_check_scan, units=scanned.units,
     unit_panel=scanned.unit_panel, unit_thumb=scanned.unit_thumb, unit_badges=scanned.unit_badges))

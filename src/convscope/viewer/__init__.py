@@ -41,7 +41,8 @@ HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:;
 
 class RunView:
     """What the run holds right now: its layers (those of a per-layer figure or of a unit picture) and per layer
-    the units that some analysis has a picture of (:attr:`convscope.analyses.Analysis.units`)."""
+    the units that some analysis has a picture of (:attr:`convscope.analyses.Analysis.units`). Layers come in the
+    order the analyses give them (the scan's is the forward pass's), then the others in natural order."""
 
     def __init__(self, root: Path):
         self.root = root
@@ -50,11 +51,9 @@ class RunView:
         for analysis in REGISTRY:
             for layer, pictures in analysis.units(self.layout).items() if analysis.units else ():
                 self.units.setdefault(layer, set()).update(pictures)
-        layers = set(self.units)
-        for analysis in REGISTRY:
-            if analysis.per_layer:
-                layers |= set(self.layout.layer_figures(analysis.key))
-        self.layers = sorted(layers, key=natural_key)
+        others = {layer for analysis in REGISTRY if analysis.per_layer
+                  for layer in self.layout.layer_figures(analysis.key) if layer not in self.units}
+        self.layers = [*self.units, *sorted(others, key=natural_key)]
 
     def layer_units(self, layer: str) -> list[int]:
         return sorted(self.units.get(layer, ()))
