@@ -422,13 +422,17 @@ def test_mobilenet_block_projects_with_gradient_nonlinearities_and_equals_captum
     spec = ["--model", f"{mobile / 'mobile.py'}:mobilenet", "--weights", mobile / "mobile.pth", "--data-root",
             user / "images", "--image-size", SIZE]
     image = sorted((user / "images" / "flower").glob("*.jpg"))[0]
-    # without the option: the error names the module, its class and the option
-    assert run_cli("attach", *spec, "--out", tmp_path / "strict").exit_code == 0
+    # without the option: attach says at once what the projections will stop on, and how to pass it
+    r = run_cli("attach", *spec, "--out", tmp_path / "strict")
+    assert r.exit_code == 0 and "note: this model calls nonlinearities other than ReLU: hardtanh (5 calls)" in r.output
+    assert "attach with --nonlinearities gradient" in r.output
+    # and the projection that meets one names the module, its class and the option
     r = run_cli("project", tmp_path / "strict", "--image", image, "--layer", "5", "--out", tmp_path / "p.png")
     assert r.exit_code == 2 and "module '2' (ReLU6, which calls hardtanh)" in r.output
     assert "--nonlinearities gradient" in r.output and not (tmp_path / "p.png").exists()
     # with it: deconvnet for the ReLU, the plain gradient for ReLU6, as Captum's NeuronDeconvolution does
-    assert run_cli("attach", *spec, "--nonlinearities", "gradient", "--out", tmp_path / "lenient").exit_code == 0
+    r = run_cli("attach", *spec, "--nonlinearities", "gradient", "--out", tmp_path / "lenient")
+    assert r.exit_code == 0 and "nonlinearities other than ReLU" not in r.output
     run = cs.open_run(tmp_path / "lenient")
     assert run.nonlinearities == "gradient"
     x = run.split("all").batch(torch.arange(3))[0]

@@ -154,6 +154,30 @@ def _fused_lrn(model: nn.Module) -> Iterator[None]:
             m.__dict__.pop("forward", None)
 
 
+class _Count(TorchFunctionMode):
+    """Counts the calls of nonlinearities that only the plain gradient can pass."""
+
+    def __init__(self):
+        super().__init__()
+        self.found: dict[str, int] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "").rstrip("_")
+        if name in _UNSUPPORTED:
+            self.found[name] = self.found.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def unruled_nonlinearities(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
+    """The nonlinearities other than ReLU that ``model(x)`` calls (name -> calls): deconvnet and guided
+    backpropagation have no rule for them, so a projection under those rules stops on them unless they pass by
+    their gradient (``nonlinearities="gradient"``)."""
+    counter = _Count()
+    with torch.no_grad(), eval_mode(model), counter:
+        model(x)
+    return counter.found
+
+
 class _Reroute(TorchFunctionMode):
     """During the forward: every ReLU call goes to :class:`_RuledReLU`; another nonlinearity raises, or passes by
     its gradient when ``nonlinearities="gradient"``."""
@@ -401,4 +425,4 @@ def gradient_note(rule: str, nonlinearities: str) -> str | None:
         return f"{rule}: nonlinearities other than ReLU passed by their gradient (--nonlinearities gradient)"
     return None
 
-__all__ = ["MODES", "NONLINEARITIES", "RULES", "Projector"]
+__all__ = ["MODES", "NONLINEARITIES", "RULES", "Projector", "gradient_note", "unruled_nonlinearities"]
