@@ -208,7 +208,12 @@ def test_lightning_timm_ema_compile_and_ddp_checkpoints_are_found_and_said(tmp_p
         find_weights(model, tmp_path / "x.pt", key="ema")
 
 
-def test_attach_says_what_it_took_from_a_lightning_checkpoint_and_reopens_the_same(tmp_path):
+def test_attach_says_what_it_took_from_a_lightning_checkpoint_and_reopens_the_same(tmp_path, monkeypatch):
+    from convscope import weights
+
+    reads = []
+    real = weights._read_torch
+    monkeypatch.setattr(weights, "_read_torch", lambda path: reads.append(path) or real(path))
     net = cs.create_model("zfnet_small", num_classes=3)
     state = {f"model.{k}": v for k, v in net.state_dict().items()}
     torch.save({"state_dict": state, "pytorch-lightning_version": "2.4.0"}, tmp_path / "last.ckpt")
@@ -220,6 +225,7 @@ def test_attach_says_what_it_took_from_a_lightning_checkpoint_and_reopens_the_sa
                                   "--data", "folder", "--data-root", str(images), "--image-size", "64",
                                   "--out", str(tmp_path / "run")], catch_exceptions=False)
     assert r.exit_code == 0, r.output
+    assert len(reads) == 1  # the file is read once, for the outputs and for the weights
     assert "note: weights: the weights under 'state_dict', with the prefix 'model.' stripped" in r.output
     record = json.loads((tmp_path / "run" / "attach.json").read_text())
     assert (record["weights_key"], record["weights_prefix"]) == ("state_dict", "model.")

@@ -111,12 +111,8 @@ def written(layout: Layout) -> dict[str, list[str]]:
 
 def json_check(path: Path, ok: Callable[[Any], bool]) -> list[tuple[Path, str]]:
     """An analysis's ``check`` of one JSON record: nothing when it is absent or as written, else what is wrong."""
-    if not path.exists():
-        return []
-    value = artifacts.read_json(path)
-    if value is None:
-        return [(path, "not valid JSON")]
-    return [] if ok(value) else [(path, "not of the shape convscope writes")]
+    problem = artifacts.read_record(path, ok)[1]
+    return [(path, problem)] if problem else []
 
 
 def existing(*paths: Path) -> list[Path]:

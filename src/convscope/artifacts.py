@@ -131,6 +131,17 @@ def read_json(path: str | os.PathLike) -> Any | None:
         return None
 
 
+def read_record(path: str | os.PathLike, ok: Callable[[Any], bool]) -> tuple[Any | None, str | None]:
+    """A JSON record that must be of the shape ``ok`` accepts: (value, None) as written, (None, what is wrong) when
+    it is damaged, (None, None) when it is absent."""
+    if not Path(path).exists():
+        return None, None
+    value = read_json(path)
+    if value is None:
+        return None, "not valid JSON"
+    return (value, None) if ok(value) else (None, "not of the shape convscope writes")
+
+
 def save_torch(path: str | os.PathLike, obj: Any) -> Path:
     """``torch.save`` atomically; read it back with ``torch.load(..., weights_only=True)``."""
     buf = io.BytesIO()

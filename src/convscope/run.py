@@ -45,7 +45,7 @@ from .usermodel import (
     parse_normalize,
     read_classes,
 )
-from .weights import find_weights, fit, load_weights, read_state_dict, sha256, state_sha256
+from .weights import find_weights, fit, load_weights, read_state_dict, read_weights_file, sha256, state_sha256
 
 
 @dataclass
@@ -402,7 +402,8 @@ def attach(model: nn.Module | str, data: str | ImageSet = "folder", out: str | P
         spec_data.check()
         data_classes = spec_data.class_names()
 
-    state = read_state_dict(weights) if weights is not None else None
+    raw = read_weights_file(weights) if weights is not None else None  # read once: files of 100 MB are common
+    state = read_state_dict(weights, raw) if weights is not None else None
     args = dict(model_args or {})
     if isinstance(model, nn.Module):  # the caller's object is copied before anything of ours touches it
         net = copy.deepcopy(model) if norm or state is not None else model
@@ -412,7 +413,7 @@ def attach(model: nn.Module | str, data: str | ImageSet = "folder", out: str | P
         net = _build(str(model), args, seed)
     found = None
     if weights is not None:
-        found = find_weights(net, weights, weights_key, weights_prefix)
+        found = find_weights(net, weights, weights_key, weights_prefix, raw)
         fit(net, found.state, weights, "the model" if isinstance(model, nn.Module) else f"model {model!r} with "
                                                                                         f"arguments {args}")
         if found.note():
@@ -436,9 +437,9 @@ def attach(model: nn.Module | str, data: str | ImageSet = "folder", out: str | P
         add_normalization(net, *norm, source)
     outputs = check_input(net, size)[1]
     if nonlinearities == "error":  # said now, not when the first scan stops on them
-        found = unruled_nonlinearities(net, torch.zeros(1, 3, size, size))
-        if found:
-            calls = ", ".join(f"{name} ({n} call{'s' * (n != 1)})" for name, n in sorted(found.items()))
+        unruled = unruled_nonlinearities(net, torch.zeros(1, 3, size, size))
+        if unruled:
+            calls = ", ".join(f"{name} ({n} call{'s' * (n != 1)})" for name, n in sorted(unruled.items()))
             warnings.warn(f"this model calls nonlinearities other than ReLU: {calls}. deconvnet and guided "
                           "backpropagation have rules for ReLU only, so their projections will stop there: attach "
                           "with --nonlinearities gradient to pass them by their gradient (said on every figure), "

@@ -52,10 +52,11 @@ def state_sha256(state: Mapping[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a weights file, unwrapped and with wrapper prefixes removed (see the module doc)."""
+def read_state_dict(path: str | Path, obj=None) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file, unwrapped and with wrapper prefixes removed (see the module doc); ``obj``:
+    the file as :func:`read_weights_file` read it already."""
     path = Path(path)
-    obj = _read_object(path)
+    obj = read_weights_file(path) if obj is None else obj
     for key in NESTED:
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
             obj = obj[key]
@@ -122,7 +123,10 @@ class Found:
         return ", ".join(parts) or None
 
 
-def _read_object(path: Path):
+def read_weights_file(path: str | Path):
+    """What a weights file holds, as read (a state dict, or a checkpoint's mapping around one); read it once and
+    hand it to :func:`read_state_dict` and :func:`find_weights`."""
+    path = Path(path)
     if not path.is_file():
         what = "is a directory" if path.is_dir() else "does not exist"
         raise ConvscopeError(f"weights file {str(path)!r} {what}")
@@ -140,22 +144,24 @@ def _fitting_prefixes(model: nn.Module, state: Mapping[str, torch.Tensor]) -> li
         return []
     first = own[0]
     found = [k[: len(k) - len(first)] for k in state if k.endswith("." + first)]
-    fitting = []
-    for prefix in dict.fromkeys(found):
-        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        if mismatch(model, sub) is None:
-            fitting.append(prefix)
-    return fitting
+    return [prefix for prefix in dict.fromkeys(found) if mismatch(model, _under(state, prefix)) is None]
 
 
-def find_weights(model: nn.Module, path: str | Path, key: str | None = None, prefix: str | None = None) -> Found:
+def _under(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors whose keys start with ``prefix``, the prefix stripped."""
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def find_weights(model: nn.Module, path: str | Path, key: str | None = None, prefix: str | None = None,
+                 obj=None) -> Found:
     """The state dict in ``path`` that fits ``model`` exactly, found as the module doc says; ``key`` and
-    ``prefix`` choose by hand. Nothing is loaded: :func:`fit` the result's ``state``."""
+    ``prefix`` choose by hand; ``obj``: the file as :func:`read_weights_file` read it already. Nothing is loaded:
+    :func:`fit` the result's ``state``."""
     path = Path(path)
-    obj = _read_object(path)
+    obj = read_weights_file(path) if obj is None else obj
     keys = [k for k in WRAPPERS if isinstance(obj, Mapping) and _tensors(obj.get(k))]
     if key is not None:
-        if key and key not in keys and not (isinstance(obj, Mapping) and _tensors(obj.get(key))):
+        if key and not (isinstance(obj, Mapping) and _tensors(obj.get(key))):
             have = [str(k) for k, v in obj.items() if _tensors(v)] if isinstance(obj, Mapping) else []
             raise ConvscopeError(f"{str(path)!r} has no state dict under {key!r}; its state dicts are under: "
                                  f"{', '.join(have) or 'none'}{' and the top level' if _tensors(obj) else ''}")
@@ -170,7 +176,7 @@ def find_weights(model: nn.Module, path: str | Path, key: str | None = None, pre
     for k in keys:
         state = _strip_prefixes(_tensors(obj[k] if k else obj))
         if prefix is not None:
-            sub = {n[len(prefix):]: v for n, v in state.items() if n.startswith(prefix)}
+            sub = _under(state, prefix)
             problem = mismatch(model, sub) if sub else f"no key starts with {prefix!r}"
             if problem is None:
                 return Found(sub, k, prefix, len(state) - len(sub))
@@ -184,7 +190,7 @@ def find_weights(model: nn.Module, path: str | Path, key: str | None = None, pre
             raise ConvscopeError(f"several parts of {str(path)!r}{where} fit the model: the keys under the prefixes "
                                  f"{', '.join(repr(p) for p in fitting)}; choose one with --weights-prefix")
         if fitting:
-            sub = {n[len(fitting[0]):]: v for n, v in state.items() if n.startswith(fitting[0])}
+            sub = _under(state, fitting[0])
             return Found(sub, k, fitting[0], len(state) - len(sub))
         first_problem = first_problem or (k, mismatch(model, state))
     k, problem = first_problem
@@ -232,4 +238,5 @@ def load_weights(model: nn.Module, path: str | Path, key: str | None = None, pre
     return found
 
 
-__all__ = ["Found", "find_weights", "fit", "load_weights", "mismatch", "read_state_dict", "sha256", "state_sha256"]
+__all__ = ["Found", "find_weights", "fit", "load_weights", "mismatch", "read_state_dict", "read_weights_file",
+           "sha256", "state_sha256"]

@@ -157,13 +157,9 @@ def read_run(layout: Layout) -> RunFiles:
     damaged: list[dict] = []
 
     def check(path: Path, ok, command: str):
-        if not path.exists():
-            return None
-        value = artifacts.read_json(path)
-        if value is None or not ok(value):
-            what = "not valid JSON" if value is None else "not of the shape convscope writes"
-            damaged.append({"file": path.relative_to(layout.root).as_posix(), "problem": what, "command": command})
-            return None
+        value, problem = artifacts.read_record(path, ok)
+        if problem:
+            damaged.append({"file": path.relative_to(layout.root).as_posix(), "problem": problem, "command": command})
         return value
 
     attached = check(layout.attach, lambda v: isinstance(v, dict) and isinstance(v.get("classes"), list),

@@ -292,7 +292,7 @@ def _panel(panel: Panel, art: RunView, here: str) -> dict:
     items = []
     for item in panel.items:
         kind = type(item).__name__.lower()
-        fields = {k: getattr(item, k) for k in item.__dataclass_fields__}
+        fields = dict(vars(item))
         if isinstance(item, Picture):
             fields["url"] = art.url(item.path)
         if isinstance(item, Line):
