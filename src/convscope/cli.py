@@ -324,17 +324,26 @@ def layers(run: str | None, spec: str | None, model_args: tuple[str, ...], image
         model = build_model(spec, parse_model_args(model_args))
         size, outputs = image_size or getattr(model, "input_size", None) or 224, None
     rows = [("module", "type", "output", "field", "stride", "probe")]
-    for row in layer_table(model, size, outputs):
+    table = layer_table(model, size, outputs)
+    for row in table:
         probe = row.probe if row.calls else "not run"
         if row.calls > 1:
             probe += f", runs {row.calls}x: {row.name} = first call, {row.name}#2 ..."
         name = ("* " if row.default else "  ") + row.name + (f" ({row.alias})" if row.alias else "")
+        field = f"{row.field} +global" if row.field and row.gated else str(row.field or "-")
         rows.append((name, row.kind, "x".join(map(str, row.shape)) if row.shape else "-",
-                     str(row.field or "-"), "-" if row.stride is None else str(row.stride), probe))
+                     field, "-" if row.stride is None else str(row.stride), probe))
     widths = [max(len(r[c]) for r in rows) for c in range(5)]
     for r in rows:
         click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths)) + "  " + r[5])
     click.echo(f"\nat {size} px; * the layers the analyses use by default; field and stride in pixels")
+    if any(row.gated for row in table):
+        click.echo("+global: the unit also depends on the whole image through a gate (squeeze-and-excitation, "
+                   "group norm's statistics); its field, Fig. 2's patches and the crops follow the convolutional "
+                   "path")
+    if any(row.probe == "channels last" for row in table):
+        click.echo("channels last: (N, H, W, C) tensors between two permutes, not probed as maps; probe the "
+                   "module after the permute back")
 
 
 @main.command()

@@ -22,6 +22,7 @@ from torch import nn
 
 from .errors import ConvscopeError, unknown
 from .forward import eval_mode, input_channels
+from .positions import Tracer
 
 CALL = "#"
 PAPER_CONV = ("conv1", "conv2", "conv3", "conv4", "conv5")
@@ -79,8 +80,8 @@ def site(model: nn.Module, layer: str) -> Site:
 @dataclass(frozen=True)
 class ModuleInfo:
     """One module as one forward pass sees it: its output shape at its first call (None: not a tensor, or never
-    called), how many times it ran, when its first call finished (``order``), and the shape of its first input
-    then."""
+    called), how many times it ran, when its first call finished (``order``), the shape of its first input
+    then, and which dimensions of its output hold the image's rows and columns (``axes``; None: none do)."""
 
     name: str
     kind: str
@@ -88,27 +89,48 @@ class ModuleInfo:
     calls: int
     order: int
     input_shape: tuple[int, ...] | None = None
+    axes: tuple[int, int] | None = (2, 3)
+
+    @property
+    def probe(self) -> str:
+        """What an analysis can probe here: ``"maps"`` (N, C, H, W), ``"vector"`` (N, C), ``"channels last"``
+        (positions elsewhere than the last two dimensions: a ConvNeXt block's tensors between its permutes, not
+        probed), or ``""``."""
+        if self.shape is None:
+            return ""
+        if len(self.shape) == 4:
+            return "maps" if self.axes in (None, (2, 3)) else "channels last"
+        return "vector" if len(self.shape) == 2 else ""
+
+    @property
+    def maps(self) -> bool:
+        return self.probe == "maps"
 
 
 def census(model: nn.Module, input_size: int | tuple[int, int], channels: int | None = None) -> list[ModuleInfo]:
     """Every named module (the model itself excluded) after one forward pass of a blank image, batch 1, in
-    ``named_modules`` order."""
+    ``named_modules`` order; the pass is traced (:mod:`convscope.positions`) to tell which outputs hold their
+    positions where maps do."""
     from contextlib import ExitStack
 
     h, w = (input_size, input_size) if isinstance(input_size, int) else input_size
     param = next(model.parameters(), None)
     like = {"dtype": param.dtype, "device": param.device} if param is not None else {}
     x = torch.zeros(1, channels or input_channels(model) or 3, h, w, **like)
+    tracer = Tracer(x)
     seen: dict[str, list] = {}
     finished = [0]
 
     def hook(name: str):
         def record(_module, inputs, output):
-            entry = seen.setdefault(name, [None, 0, finished[0], None])
+            entry = seen.setdefault(name, [None, 0, finished[0], None, None])
             if entry[1] == 0:
-                entry[0] = tuple(output.shape) if isinstance(output, torch.Tensor) else None
+                tensor = isinstance(output, torch.Tensor)
+                entry[0] = tuple(output.shape) if tensor else None
                 first = inputs[0] if inputs else None
                 entry[3] = tuple(first.shape) if isinstance(first, torch.Tensor) else None
+                node = tracer.node(output) if tensor else None
+                entry[4] = node.axes if node is not None else None
             entry[1] += 1
             finished[0] += 1
 
@@ -119,10 +141,11 @@ def census(model: nn.Module, input_size: int | tuple[int, int], channels: int | 
         for name, m in named:
             stack.enter_context(m.register_forward_hook(hook(name)))
         try:
-            model(x)
+            with tracer:
+                model(x)
         except Exception as e:
             raise ConvscopeError(f"the model cannot take a {h}x{w} image ({type(e).__name__}: {e})") from e
-    return [ModuleInfo(n, type(m).__name__, *(seen[n] if n in seen else (None, 0, -1, None))) for n, m in named]
+    return [ModuleInfo(n, type(m).__name__, *(seen[n] if n in seen else (None, 0, -1, None, None))) for n, m in named]
 
 
 def _by_order(infos: list[ModuleInfo]) -> list[ModuleInfo]:
@@ -133,7 +156,8 @@ def stages(infos: list[ModuleInfo]) -> list[str]:
     """The last module (called once) to finish at each spatial size of the feature maps, larger than 1x1, that is
     not inside a block that takes maps of that size and gives smaller ones: the first conv, batch norm and ReLU
     of a ResNet-50 bottleneck (or a ResNet-D block, an EfficientNet block) that downsamples on its 3x3 conv
-    finish at the size of the stage before it, after that stage; they are the next stage's start, not a stage."""
+    finish at the size of the stage before it, after that stage; they are the next stage's start, not a stage.
+    Nor is a container of several stages (a ConvNeXt's ``features``, whose output is its last stage's)."""
     by_name = {i.name: i for i in infos}
 
     def opens_a_smaller_block(info: ModuleInfo) -> bool:
@@ -146,17 +170,24 @@ def stages(infos: list[ModuleInfo]) -> list[str]:
                 return True
         return False
 
+    found = [i for i in _by_order(infos) if i.maps and i.shape[-1] * i.shape[-2] > 1 and not opens_a_smaller_block(i)]
     last: dict[tuple[int, int], ModuleInfo] = {}
-    for info in _by_order(infos):
-        if len(info.shape) == 4 and info.shape[-1] * info.shape[-2] > 1 and not opens_a_smaller_block(info):
+    for info in found:
+        if not any(o.name.startswith(info.name + ".") and o.shape[-2:] != info.shape[-2:] for o in found):
             last[info.shape[-2:]] = info  # dicts keep the order in which each size first appeared
     return [info.name for info in last.values()]
 
 
+_PASS_THROUGH = ("Identity", "Dropout", "Dropout1d", "Dropout2d", "AlphaDropout")  # the identity in eval mode
+
+
 def penultimate(infos: list[ModuleInfo], logits_shape: tuple[int, ...]) -> str | None:
-    """The last module (called once) to finish before the modules whose output has the logits' shape."""
+    """The last module (called once) to finish before the modules whose output has the logits' shape, passing
+    over a dropout or an identity (an EfficientNet's ``classifier.0``: the values of the pool before it)."""
     ordered = _by_order(infos)
     while ordered and ordered[-1].shape == tuple(logits_shape):
+        ordered.pop()
+    while len(ordered) > 1 and ordered[-1].kind in _PASS_THROUGH:
         ordered.pop()
     return ordered[-1].name if ordered else None
 
@@ -202,7 +233,7 @@ def feature_layers(model: nn.Module, infos: list[ModuleInfo], outputs: int) -> l
 
 def candidates(infos: list[ModuleInfo], n: int = 12) -> str:
     """Some probeable module names (4-D outputs, called once), for an error that asks for ``--layers``."""
-    names = [i.name for i in _by_order(infos) if len(i.shape) == 4]
+    names = [i.name for i in _by_order(infos) if i.maps]
     return ", ".join(names[:n]) + (", ..." if len(names) > n else "")
 
 

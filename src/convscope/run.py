@@ -253,6 +253,13 @@ class Run:
         for layer in dict.fromkeys(layers):
             s = site(self.model, layer)
             info = infos.get(s.name)
+            if info is not None and info.probe == "channels last":
+                maps = [i.name for i in self.modules if i.maps and s.name.startswith(i.name + ".")]
+                raise ConvscopeError(
+                    f"layer {layer!r} gives channels-last tensors ({'x'.join(map(str, info.shape[1:]))}: rows, "
+                    f"columns, channels), not feature maps; probe a module whose output has its channels first"
+                    + (f", such as the block around it, {maps[-1]}" if maps else "")
+                    + f" (see `convscope layers {self.path}`)")
             calls = info.calls if info is not None else 1
             if calls > 1 and "#" not in layer:
                 warnings.warn(f"module {s.name!r} runs {calls} times in one forward pass; convscope probes "
