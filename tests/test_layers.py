@@ -151,6 +151,7 @@ def test_modern_cnns_fields_equal_the_gradient_support_and_defaults_are_the_stag
 
 
 def test_a_channels_last_layer_is_refused_by_name_and_layers_says_why(tmp_path):
+    """``convscope layers`` also says at once which nonlinearities deconvnet has no rule for (issue 27, point 6)."""
     for i in range(4):
         write_png(tmp_path / "images" / f"c{i % 2}" / f"{i}.png", size=(64, 64), color=(60 * i, 90, 200 - 40 * i))
     spec = f"{Path(__file__).parent / 'tvnets.py'}:ConvNeXt"
@@ -166,8 +167,13 @@ def test_a_channels_last_layer_is_refused_by_name_and_layers_says_why(tmp_path):
     line = next(x for x in r.output.splitlines() if x.split()[0] == "features.1.0.block.4")
     assert line.split()[2:] == ["16x16x32", "28", "4", "channels", "last"]
     assert "channels last: (N, H, W, C) tensors between two permutes" in r.output
+    assert "note: this model calls nonlinearities other than ReLU: gelu (5 calls)." in r.output
+    assert "this run passes the others by their gradient" in r.output  # attached with nonlinearities="gradient"
     r = CliRunner().invoke(main, ["layers", "--model", f"{Path(__file__).parent / 'tvnets.py'}:EfficientNet",
                                   "--image-size", "64"])
     line = next(x for x in r.output.splitlines() if x.split()[0] == "features.1.0.block.1")
     assert line.split()[2:6] == ["8x32x32", "7", "+global", "2"], line
     assert "+global: the unit also depends on the whole image through a gate" in r.output
+    assert ("note: this model calls nonlinearities other than ReLU: sigmoid (7 calls), silu (22 calls). deconvnet "
+            "and guided backpropagation have rules for ReLU only, so their projections will stop there: attach with "
+            "--nonlinearities gradient") in r.output

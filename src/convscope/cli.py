@@ -16,6 +16,7 @@ from .cpu import keep_freed_memory
 from .data import list_datasets
 from .data.folder import read_image
 from .data.synthetic import load_synthetic, preview
+from .deconvnet import nonlinearities_note
 from .demo import findings_text, run_demo
 from .errors import ConvscopeError, check_int, printable
 from .findings import combine, findings_table, read_findings, write_findings
@@ -333,14 +334,17 @@ def layers(run: str | None, spec: str | None, model_args: tuple[str, ...], image
         field = f"{row.field} +global" if row.field and row.gated else str(row.field or "-")
         rows.append((name, row.kind, "x".join(map(str, row.shape)) if row.shape else "-",
                      field, "-" if row.stride is None else str(row.stride), probe))
-    widths = [max(len(r[c]) for r in rows) for c in range(5)]
-    for r in rows:
-        click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths)) + "  " + r[5])
+    widths = [max(len(line[c]) for line in rows) for c in range(5)]
+    for line in rows:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(line, widths)) + "  " + line[5])
     click.echo(f"\nat {size} px; * the layers the analyses use by default; field and stride in pixels")
     if any(row.gated for row in table):
         click.echo("+global: the unit also depends on the whole image through a gate (squeeze-and-excitation, "
                    "group norm's statistics); its field, Fig. 2's patches and the crops follow the convolutional "
                    "path")
+    note = nonlinearities_note(model, size, passed=run is not None and r.nonlinearities == "gradient")
+    if note:
+        click.echo(f"note: {note}")
     if any(row.probe == "channels last" for row in table):
         click.echo("channels last: (N, H, W, C) tensors between two permutes, not probed as maps; probe the "
                    "module after the permute back")

@@ -55,7 +55,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .errors import ConvscopeError, unknown
-from .forward import check_images, eval_mode, run_to
+from .forward import check_images, eval_mode, input_channels, run_to
 from .layers import site
 
 RULES = ("deconvnet", "guided", "gradient")
@@ -176,6 +176,23 @@ def unruled_nonlinearities(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
     with torch.no_grad(), eval_mode(model), counter:
         model(x)
     return counter.found
+
+
+def nonlinearities_note(model: nn.Module, size: int, passed: bool = False) -> str | None:
+    """What to say of a model's nonlinearities other than ReLU (found in one forward pass of a blank ``size``-px
+    image) before any projection stops on them; None: it calls none. ``passed``: the run passes them by their
+    gradient already."""
+    param = next(model.parameters(), None)
+    like = {"dtype": param.dtype, "device": param.device} if param is not None else {}
+    unruled = unruled_nonlinearities(model, torch.zeros(1, input_channels(model) or 3, size, size, **like))
+    if not unruled:
+        return None
+    calls = ", ".join(f"{name} ({n} call{'s' * (n != 1)})" for name, n in sorted(unruled.items()))
+    said = f"this model calls nonlinearities other than ReLU: {calls}. deconvnet and guided backpropagation have "
+    if passed:
+        return said + "rules for ReLU only; this run passes the others by their gradient, as every figure says"
+    return said + ("rules for ReLU only, so their projections will stop there: attach with --nonlinearities "
+                   "gradient to pass them by their gradient (said on every figure), or project with --rule gradient")
 
 
 class _Reroute(TorchFunctionMode):
@@ -425,4 +442,5 @@ def gradient_note(rule: str, nonlinearities: str) -> str | None:
         return f"{rule}: nonlinearities other than ReLU passed by their gradient (--nonlinearities gradient)"
     return None
 
-__all__ = ["MODES", "NONLINEARITIES", "RULES", "Projector", "gradient_note", "unruled_nonlinearities"]
+__all__ = ["MODES", "NONLINEARITIES", "RULES", "Projector", "gradient_note", "nonlinearities_note",
+           "unruled_nonlinearities"]

@@ -92,7 +92,7 @@ def receptive_field(
         raise ConvscopeError(f"layer {layer!r} does not depend on the input")
     single = position is None or not isinstance(position[0], (tuple, list))
     positions = [position] if single else list(position)
-    boxes = [_box(tracer, target, p, layer)[0] for p in positions]
+    boxes = [_box(tracer, target, p, layer) for p in positions]
     return boxes[0] if single else boxes
 
 
@@ -111,9 +111,12 @@ def geometry(model: nn.Module, layers: Sequence[str], input_size: int | tuple[in
             continue
         rows, cols = node.size
         r, c = rows // 2, cols // 2
-        box, gated = _box(tracer, node, (r, c), layer, clip=False)
-        step = _box(tracer, node, (r, c + 1), layer, clip=False)[0].x0 - box.x0  # past the map's edge, if need be
-        found[layer] = (max(box.y1 - box.y0, box.x1 - box.x0), step, gated)
+        span, gated = _span(tracer, node, (r, c), layer, clip=False)
+        if span is None:  # the whole image, at every position
+            found[layer] = (max(tracer.size), None, gated)
+            continue
+        step = _span(tracer, node, (r, c + 1), layer, clip=False)[0][2] - span[2]  # past the map's edge if need be
+        found[layer] = (max(span[1] - span[0], span[3] - span[2]) + 1, step, gated)
     return found
 
 
@@ -172,9 +175,16 @@ def _traced(model: nn.Module, sites: list, size: tuple[int, int]) -> tuple[Trace
         return tracer, run_to_all(model, sites, x, tracer)
 
 
-def _box(tracer: Tracer, target: Node, position, layer: str, clip: bool = True) -> tuple[Box, bool]:
-    """The box of one unit of ``target`` along the convolutional path (``clip``: to the image; else where the
-    arithmetic puts it, for a position past the map's edge too), and whether a gate reaches it."""
+def _box(tracer: Tracer, target: Node, position, layer: str) -> Box:
+    """The box of one unit of ``target`` along the convolutional path, clipped to the image."""
+    span = _span(tracer, target, position, layer)[0]
+    return Box(0, 0, *tracer.size) if span is None else Box(span[0], span[2], span[1] + 1, span[3] + 1)
+
+
+def _span(tracer: Tracer, target: Node, position, layer: str, clip: bool = True) -> tuple[Span | None, bool]:
+    """The input rows and columns one unit of ``target`` depends on along the convolutional path (``clip``: inside
+    the image; else where the arithmetic puts them, for a position past the map's edge too; None: the whole
+    image), and whether a gate reaches it."""
     if position is None or not target.axes:
         if position is not None:
             raise ConvscopeError(f"layer {layer!r} has no spatial positions: pass position=None")
@@ -187,13 +197,10 @@ def _box(tracer: Tracer, target: Node, position, layer: str, clip: bool = True) 
         span = (r, r, c, c)
     spans: dict[int, Span | None] = {target.index: span}
     pending = {target.index: target}
-    root, gated = None, False
+    gated = False
     while pending:  # newest first: every consumer of a node is newer than it, so its span is complete
         node = pending.pop(max(pending))
         span = spans[node.index]
-        if node.index == 0:
-            root = span
-            continue
         for parent, geometry in node.parents:
             if geometry == "gate":
                 gated = True
@@ -208,11 +215,9 @@ def _box(tracer: Tracer, target: Node, position, layer: str, clip: bool = True) 
                 new = _union(spans[parent.index], new)
             spans[parent.index] = new
             pending[parent.index] = parent
-    if root is None and 0 not in spans:  # reached through gates only: the whole image
-        return Box(0, 0, *tracer.size), True
-    if root is None:
-        return Box(0, 0, *tracer.size), gated
-    return Box(root[0], root[2], root[1] + 1, root[3] + 1), gated
+    if 0 not in spans:  # reached through gates only
+        return None, True
+    return spans[0], gated
 
 
 def _union(a: Span | None, b: Span | None) -> Span | None:

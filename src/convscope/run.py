@@ -28,7 +28,7 @@ from . import artifacts, layers
 from .checkpoint import load_model
 from .config import TrainConfig
 from .data import ALL, SPLITS, DataSpec, ImageSet, stratified_split
-from .deconvnet import NONLINEARITIES, unruled_nonlinearities
+from .deconvnet import NONLINEARITIES, nonlinearities_note
 from .distributed import device as resolve
 from .errors import ConvscopeError, check_int, unknown
 from .forward import Preprocessing, eval_mode, on_device, preprocessing, run_to
@@ -444,13 +444,9 @@ def attach(model: nn.Module | str, data: str | ImageSet = "folder", out: str | P
         add_normalization(net, *norm, source)
     outputs = check_input(net, size)[1]
     if nonlinearities == "error":  # said now, not when the first scan stops on them
-        unruled = unruled_nonlinearities(net, torch.zeros(1, 3, size, size))
-        if unruled:
-            calls = ", ".join(f"{name} ({n} call{'s' * (n != 1)})" for name, n in sorted(unruled.items()))
-            warnings.warn(f"this model calls nonlinearities other than ReLU: {calls}. deconvnet and guided "
-                          "backpropagation have rules for ReLU only, so their projections will stop there: attach "
-                          "with --nonlinearities gradient to pass them by their gradient (said on every figure), "
-                          "or project with --rule gradient", stacklevel=2)
+        note = nonlinearities_note(net, size)
+        if note:
+            warnings.warn(note, stacklevel=2)
     if names is not None and len(names) != outputs:
         raise ConvscopeError(f"the classes file names {len(names)} classes, but the model has {outputs} outputs")
     if names is None:
