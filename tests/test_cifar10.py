@@ -5,7 +5,9 @@ import re
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
+from convscope.cli import main
 from convscope.data.cifar10 import load_cifar10
 from convscope.errors import ConvscopeError
 
@@ -74,22 +76,33 @@ def test_test_split_and_root_is_the_folder(cifar):
     assert int(ds.images[2, 2, 1, 0]) == 26 + 14 + 3  # i=2, c=2, y=1, x=0 of batch 0
 
 
-def test_unknown_split(cifar):
-    with pytest.raises(ConvscopeError, match="valid splits: train, test"):
-        load_cifar10(cifar, "validation")
+def _write_batch(name: str, **changes):
+    """Write batch ``name`` of the good set with some of its entries changed."""
+    def mutate(folder):
+        batch = _batch(int(name[-1]), PER_BATCH)
+        batch.update({k.encode(): v(folder) if callable(v) else v for k, v in changes.items()})
+        _dump(folder / name, batch)
+        return folder.parent
+    return mutate
 
 
-def test_missing_folder_and_files(tmp_path, cifar):
-    with pytest.raises(ConvscopeError, match="does not exist"):
-        load_cifar10(tmp_path / "nowhere")
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    with pytest.raises(ConvscopeError, match="batches.meta"):
-        load_cifar10(empty)
-    (cifar / "data_batch_4").unlink()
-    with pytest.raises(ConvscopeError, match="data_batch_4"):
-        load_cifar10(cifar, "train")
-    assert len(load_cifar10(cifar, "test")) == 3  # the other split is unaffected
+def _labels(labels):
+    return _write_batch("data_batch_1", labels=labels)
+
+
+def _bytes(name: str, content):
+    def mutate(folder):
+        path = folder / name
+        path.write_bytes(content(path.read_bytes()))
+        return folder.parent
+    return mutate
+
+
+def _missing(name: str):
+    def mutate(folder):
+        (folder / name).unlink()
+        return folder
+    return mutate
 
 
 class _Evil:
@@ -108,77 +121,92 @@ class _EvilOpen:
         return (open, (str(self.marker), "w"))
 
 
-@pytest.mark.parametrize("evil", [_Evil, _EvilOpen])
-def test_malicious_pickle_is_refused(cifar, tmp_path, evil):
-    marker = tmp_path / "pwned"
-    batch = _batch(1, PER_BATCH)
-    batch[b"labels"] = evil(marker)
-    _dump(cifar / "data_batch_1", batch)
-    with pytest.raises(ConvscopeError, match="not a valid CIFAR-10 batch and was refused"):
-        load_cifar10(cifar, "train")
-    assert not marker.exists()
+def _evil_meta(folder):
+    _dump(folder / "batches.meta", {b"label_names": _Evil(folder.parent / "pwned")})
+    return folder
 
 
-def test_malicious_meta_is_refused(cifar, tmp_path):
-    marker = tmp_path / "pwned"
-    _dump(cifar / "batches.meta", {b"label_names": _Evil(marker)})
-    with pytest.raises(ConvscopeError, match="refused"):
-        load_cifar10(cifar, "test")
-    assert not marker.exists()
+def _elsewhere(name: str):
+    def mutate(folder):
+        (folder.parent / name).mkdir(exist_ok=True)
+        return folder.parent / name
+    return mutate
 
 
-def test_truncated_batch(cifar):
-    path = cifar / "data_batch_2"
-    raw = path.read_bytes()
-    path.write_bytes(raw[: len(raw) // 2])
-    with pytest.raises(ConvscopeError, match="data_batch_2.*corrupt or truncated"):
-        load_cifar10(cifar, "train")
-    path.write_bytes(b"")
-    with pytest.raises(ConvscopeError, match="data_batch_2"):
-        load_cifar10(cifar, "train")
+BOMB = pickle.dumps({b"labels": [[0] * 1000] * 1000}) + b"\0" * (41 << 20)
+
+# every kind of bad CIFAR-10 folder: what is done to a good one -> what the refusal says
+BAD = {
+    "no folder": (lambda f: f.parent / "nowhere", "does not exist"),
+    "empty folder": (_elsewhere("empty"), "batches.meta"),
+    "a batch missing": (_missing("data_batch_4"), "data_batch_4"),
+    "pickle runs os.system": (_write_batch("data_batch_1", labels=lambda f: _Evil(f.parent / "pwned")),
+                              "not a valid CIFAR-10 batch and was refused"),
+    "pickle opens a file": (_write_batch("data_batch_1", labels=lambda f: _EvilOpen(f.parent / "pwned")),
+                            "not a valid CIFAR-10 batch and was refused"),
+    "meta runs os.system": (_evil_meta, "refused"),
+    "truncated batch": (_bytes("data_batch_2", lambda raw: raw[: len(raw) // 2]), "data_batch_2.*corrupt or truncated"),
+    "empty batch": (_bytes("data_batch_2", lambda raw: b""), "data_batch_2"),
+    "rows of 3000 bytes": (_write_batch("data_batch_1", data=_batch(1, PER_BATCH)[b"data"][:, :3000]),
+                           r"uint8 \(N, 3072\)"),
+    "label 10": (_labels([0, 1, 2, 10]), "0..9"),
+    "float label": (_labels([0, 1, 2.0, 3]), re.escape("whole numbers from 0, found 2.0 (float)")),
+    "string label": (_labels([0, 1, "2", 3]), "whole numbers from 0, found '2' \\(str\\)"),
+    "bool label": (_labels([0, 1, True, 3]), re.escape("found True (bool)")),
+    "huge label": (_labels([0, 1, 2 ** 70, 3]), re.escape("found 1180591620717411303424 (int)")),
+    "negative label": (_labels([0, 1, -1, 3]), re.escape("found -1 (int)")),
+    "nested label": (_labels([0, 1, [[2] * 3] * 3, 3]), re.escape("found [[2, 2, 2]")),
+    "too few labels": (_labels([0, 1, 2]), "4 images but 3 labels"),
+    "labels a dict": (_labels({0: 1}), "4 images but a dict"),
+    "batch larger than CIFAR-10": (_bytes("data_batch_3", lambda raw: BOMB),
+                                   "data_batch_3 is .* bytes, more than a CIFAR-10 file ever has"),
+    "meta larger than CIFAR-10": (_bytes("batches.meta", lambda raw: b"\0" * 70000), "batches.meta is 70000 bytes"),
+}
 
 
-def test_wrong_contents(cifar):
-    batch = _batch(1, PER_BATCH)
-    batch[b"data"] = batch[b"data"][:, :3000]
-    _dump(cifar / "data_batch_1", batch)
-    with pytest.raises(ConvscopeError, match=r"uint8 \(N, 3072\)"):
-        load_cifar10(cifar, "train")
-    batch = _batch(1, PER_BATCH)
-    batch[b"labels"] = [0, 1, 2, 10]
-    _dump(cifar / "data_batch_1", batch)
-    with pytest.raises(ConvscopeError, match="0..9"):
-        load_cifar10(cifar, "train")
+@pytest.mark.parametrize("case", BAD)
+def test_every_bad_folder_is_refused_with_the_file_named(cifar, case):
+    """Labels that are floats or strings, too large, nested, or too few are refused with the batch named, before
+    numpy or training sees them (before, floats and strings trained silently and 2**70 raised OverflowError); a
+    pickle that would run code runs none; a file larger than any CIFAR-10 file is refused unread."""
+    mutate, message = BAD[case]
+    root = mutate(cifar)
+    with pytest.raises(ConvscopeError, match=message):
+        for split in ("train", "test"):
+            load_cifar10(root, split)
+    assert not (cifar.parent / "pwned").exists()
 
 
-@pytest.mark.parametrize("labels, message", [
-    ([0, 1, 2.0, 3], "whole numbers from 0, found 2.0 (float)"),
-    ([0, 1, "2", 3], "whole numbers from 0, found '2' (str)"),
-    ([0, 1, True, 3], "found True (bool)"),
-    ([0, 1, 2 ** 70, 3], "found 1180591620717411303424 (int)"),
-    ([0, 1, -1, 3], "found -1 (int)"),
-    ([0, 1, [[2] * 3] * 3, 3], "found [[2, 2, 2]"),
-    ([0, 1, 2], "4 images but 3 labels"),
-    ({0: 1}, "4 images but a dict"),
-])
-def test_cifar_labels_are_checked_before_use(cifar, labels, message):
-    """Labels that are floats or strings, too large, nested, or too few: refused with the batch named, before
-    numpy or training sees them (before, floats and strings trained silently and 2**70 raised OverflowError)."""
-    batch = _batch(1, PER_BATCH)
-    batch[b"labels"] = labels
-    _dump(cifar / "data_batch_1", batch)
-    with pytest.raises(ConvscopeError, match="data_batch_1 is not a valid CIFAR-10 batch: .*" + re.escape(message)):
-        load_cifar10(cifar, "train")
+@pytest.mark.parametrize("case", BAD)
+@pytest.mark.parametrize("out", ["new", "empty"])
+def test_training_on_a_bad_folder_exits_2_and_writes_nothing(cifar, case, out):
+    """Before: refused only after the run directory and its config.json were written."""
+    mutate, message = BAD[case]
+    root, run = mutate(cifar), cifar.parent / "run"
+    if out == "empty":
+        run.mkdir()
+    r = CliRunner().invoke(main, ["train", "--data", "cifar10", "--data-root", str(root), "--model", "zfnet_small",
+                                  "--epochs", "1", "--out", str(run)])
+    assert r.exit_code == 2, r.output
+    assert re.search(message, r.output.replace("\n", " ")) and "Traceback" not in r.output
+    assert (list(run.iterdir()) == []) if out == "empty" else not run.exists()
+    assert not (cifar.parent / "pwned").exists()
 
 
-def test_a_file_larger_than_cifar_is_not_read(cifar):
-    """A pickle's size bounds what reading it costs: a 'label bomb' larger than any CIFAR-10 file is refused unread."""
-    (cifar / "data_batch_3").write_bytes(pickle.dumps({b"labels": [[0] * 1000] * 1000}) * 1 + b"\0" * (41 << 20))
-    with pytest.raises(ConvscopeError, match="data_batch_3 is .* bytes, more than a CIFAR-10 file ever has"):
-        load_cifar10(cifar, "train")
-    (cifar / "batches.meta").write_bytes(b"\0" * 70000)
-    with pytest.raises(ConvscopeError, match="batches.meta is 70000 bytes"):
-        load_cifar10(cifar, "test")
+def test_the_other_split_is_unaffected_and_splits_are_named(cifar):
+    (cifar / "data_batch_4").unlink()
+    assert len(load_cifar10(cifar, "test")) == 3
+    with pytest.raises(ConvscopeError, match="valid splits: train, test"):
+        load_cifar10(cifar, "validation")
+
+
+def test_an_unknown_class_in_a_config_file_exits_2_and_writes_nothing(tmp_path):
+    (tmp_path / "c.json").write_text('{"classes": ["car", "nope"]}')
+    (tmp_path / "empty").mkdir()
+    for out in ("new", "empty"):
+        r = CliRunner().invoke(main, ["train", "--config", str(tmp_path / "c.json"), "--out", str(tmp_path / out)])
+        assert r.exit_code == 2 and "unknown class 'nope'; valid classes: face, car," in r.output
+    assert not (tmp_path / "new").exists() and list((tmp_path / "empty").iterdir()) == []
 
 
 def test_class_names_that_are_not_utf8_are_shown_escaped_with_a_note(cifar):

@@ -313,3 +313,37 @@ def test_sigkill_at_random_moments_loses_nothing_and_ends_bit_identical(tmp_path
         assert not (out / "state.pt").exists()
     print(f"SIGKILL: {kills} in training, {more} in the scan, {landed} after files were written")
     assert kills + more >= 22 and landed >= 6  # most land while the job writes; timing decides how many
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_training_that_fails_before_its_first_epoch_leaves_nothing_behind(tmp_path, monkeypatch, existing):
+    """What a failed command created is removed (the run directory, or the files new in an empty one), unless an
+    epoch was committed; a failure after one keeps the run, which the same command resumes."""
+    import convscope.train as training
+
+    run = tmp_path / "run"
+    if existing:
+        run.mkdir()
+        (run / ".lock").write_text("")  # an earlier command's lock file stays as it was
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the model does not build")
+
+    monkeypatch.setattr(training, "build_model", broken)
+    with pytest.raises(RuntimeError, match="does not build"):
+        train(TrainConfig(**{**TINY, "epochs": 1}), run, progress=False)
+    assert sorted(p.name for p in run.iterdir()) == [".lock"] if existing else not run.exists()
+    monkeypatch.undo()
+    calls = []
+
+    def fail_in_epoch_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    real = training.train_epoch
+    monkeypatch.setattr(training, "train_epoch", fail_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(**{**TINY, "epochs": 2}), run, progress=False)
+    assert {"config.json", "state.pt", "metrics.json"} <= {p.name for p in run.iterdir()}

@@ -43,6 +43,32 @@ def clean(folder: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
+def undone_on_failure(folder: str | os.PathLike, keep: Callable[[], bool] = lambda: False, enabled: bool = True
+                      ) -> Iterator[None]:
+    """If the body raises, remove what it created in ``folder``: the folder itself when it did not exist before,
+    else the entries that are new in it (the lock file excepted: :func:`lock` removes its own), unless ``keep()``
+    says the folder now holds work worth keeping (a training's first committed epoch). Take it while holding the
+    folder's lock, so that what it removes is this process's own."""
+    import shutil
+
+    folder = Path(folder)
+    before = {e.name for e in os.scandir(folder)} if folder.is_dir() else None
+    try:
+        yield
+    except BaseException:
+        if enabled and folder.is_dir() and not keep():
+            if before is None:
+                shutil.rmtree(folder, ignore_errors=True)
+            else:
+                for entry in os.scandir(folder):
+                    if entry.name not in before and entry.name != LOCK:
+                        path = Path(entry.path)
+                        shutil.rmtree(path, ignore_errors=True) if entry.is_dir(follow_symlinks=False) else \
+                            path.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
 def lock(folder: str | os.PathLike, what: str = "") -> Iterator[None]:
     """Hold ``folder/.lock`` for the duration, creating the folder; another process gets a ConvscopeError naming
     the owner. Taken again in the same process (a step inside a step), it is simply held deeper."""

@@ -173,6 +173,9 @@ def train(cfg: TrainConfig, run_dir: str | Path, splits: Splits | None = None,
     :func:`convscope.distributed.device`); ``workers``: processes that decode the images of an ImageFolder.
     Neither changes the run: they are not part of its config.
 
+    A new run's data (its classes included) is loaded and checked before its directory is made; when this command
+    fails before the first epoch is committed, what it created there is removed.
+
     ``renorm_twin``: for a run without renormalisation, the directory of the same run with it (Fig. 6a's pair).
     Until renormalisation first rescales a filter there, the two runs are the same bit for bit, so this one
     starts from the twin's state at that point (:func:`_fork`) instead of training those epochs again; the
@@ -186,7 +189,10 @@ def train(cfg: TrainConfig, run_dir: str | Path, splits: Splits | None = None,
     group = distributed.init(device)
     if group.main:
         check_run_dir(layout, cfg)  # a foreign directory is refused before the lock leaves a trace in it
-    with distributed.locked(layout.root, f"convscope train {cfg.model} on {cfg.data}", group):
+    if splits is None and not layout.config.is_file():  # a new run: its data and classes checked before it is made
+        splits = load_data(cfg, workers)
+    with (distributed.locked(layout.root, f"convscope train {cfg.model} on {cfg.data}", group),
+          artifacts.undone_on_failure(layout.root, keep=layout.state.is_file, enabled=group.main)):
         if group.main:
             artifacts.clean(layout.root)  # what a write killed half-way left
             prepare_run(layout.root, cfg)
