@@ -121,7 +121,7 @@ def make_fake_run(root: Path) -> Path:
     (fig / "fig4.json").write_text(json.dumps({"conv5": {"epochs": [1, 2, 3], "units": [2, 3]}}))
     write_png(fig / "fig6.png", (100, 50), (90, 90, 90))
     write_png(fig / "fig7.png", (100, 50), (250, 200, 0))
-    (fig / "table1.txt").write_text("region | Delta conv5\nleft_eye | 0.0612 +- 0.0040\n")
+    (fig / "table1.txt").write_text("| region | Delta conv5 |\n|---|---|\n| left_eye | 0.0612 +- 0.0040 |\n")
     write_png(root / "probes" / "probes.png", (80, 60), (0, 0, 200))
     (root / "probes" / "probes.md").write_text("| layer | svm |\n|---|---|\n| conv1 | 41.5 |\n| conv5 | 77.7 |\n")
     return root

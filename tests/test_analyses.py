@@ -206,7 +206,7 @@ def test_the_report_and_the_viewer_show_every_analysis(tiny):
     above has not run it: alone, or first in a shuffled order)."""
     from starlette.testclient import TestClient
 
-    from convscope.report import collect
+    from convscope.report import collect, render_report
     from convscope.viewer import make_app
 
     for analysis in RUNNABLE:
@@ -217,11 +217,21 @@ def test_the_report_and_the_viewer_show_every_analysis(tiny):
     context = collect(tiny / "run")
     assert {s["entry"].key for s in context["sections"]} == {a.key for a in RUNNABLE}
     assert [m["title"] for m in context["missing"]] == ["Ablation of the architecture"]
+    # every table an HTML table, none preformatted text (before: the probes, pointing, sanity, Table 1 and transfer
+    # tables were markdown inside <pre>, the pointing game's wider than the page)
+    html = render_report(tiny / "run")
+    texts = [t for s in context["sections"] for t in s["texts"]]
+    assert len(texts) >= 5 and html.count('<table class="text-table"') == sum(
+        len([b for b in t["blocks"] if not isinstance(b, str)]) for t in texts) >= len(texts)
+    assert not [pre for pre in re.findall(r"<pre.*?</pre>", html, re.S) if "|" in pre or "---" in pre]
+    assert '<th class="paper-col num">TorchRay VOC07 (VGG-16): all</th>' in html  # the paper's (a peer's) marked
+    assert '<td class="paper-col num">69.6</td>' in html
     client = TestClient(make_app(tiny / "run"), base_url="http://127.0.0.1")
     for a in RUNNABLE:
         url = "/layer/conv1" if a.per_layer else f"/figures/{a.key}"
         page = client.get(url)
         assert page.status_code == 200, url
+        assert "<pre" not in page.text, url
         for path in a.files(Layout(tiny / "run"))[0]:
             if a.per_layer and "conv1" not in path.name:
                 continue

@@ -51,7 +51,8 @@ def test_report_shows_every_present_artifact_with_caption_and_paper_reference(fa
     assert shown_files(path) == [fake_run / "figures" / f for f in (
         "training_curve.png", "fig2_conv1.png", "fig2_conv5.png", "fig4_conv5.png", "fig6.png", "fig7.png")] + [
         fake_run / "probes" / "probes.png"]
-    assert "left_eye | 0.0612 +- 0.0040" in html and "| conv5 | 77.7 |" in html
+    assert '<td>left_eye</td><td class="num">0.0612 +- 0.0040</td>' in html
+    assert '<td>conv5</td><td class="num">77.7</td>' in html
     # the paper's numbers beside the run's
     assert "<td>convscope: this run, test split</td><td class=\"num\">12.3</td>" in html
     assert '<td class="num">4.6</td>' in html  # test top-5
@@ -166,3 +167,41 @@ def test_report_of_the_trained_run(trained_run, tmp_path):
         assert f": {escape(name)}</li>" in html
     assert "<code>features.conv5</code>" in html
     assert "convscope scan" in html  # no scan in the fixture run
+
+
+def test_a_table_written_as_markdown_reads_back_the_same():
+    """The tables the analyses write are read back as the same cells (a ``|`` inside a cell included) for the
+    report's HTML; numbers (``12.3``, ``0.06 +- 0.01``, ``1.20 M``, ``-``) are right-aligned, names are not; the
+    paper's columns are those that name it; prose around a table stays prose."""
+    from convscope.tables import TextTable, blocks
+
+    table = TextTable(("layer", "dim", "ours", "paper", "note"),
+                      (("conv1", "96", "44.8 +- 0.8", "-", "a|b"), ("fc7", "4096", "1.20 M", "81.4", "x / y")),
+                      "mean per-class accuracy (%)")
+    text = "Heading line\n\n" + table.markdown() + "\nafter\n"
+    assert blocks(text) == ["Heading line", table, "after"]
+    assert [table.numeric(i) for i in range(5)] == [False, True, True, True, False]
+    assert table.paper_columns() == {3} and table.paper_rows() == set()
+    assert TextTable(("", "x"), (("paper (ZF)", "1"),)).paper_rows() == {0}
+    assert TextTable(("x",), (("-",), ("-",))).numeric(0) is False  # dashes alone: no numbers to align
+    with pytest.raises(ValueError, match="a row of 1 cells under a header of 2"):
+        TextTable(("a", "b"), (("1",),))
+
+
+def test_per_layer_figures_come_in_the_order_the_forward_pass_reaches_their_layers(fake_run):
+    """Before: in natural order, which put an attached ResNet's stem (``relu``) after ``layer1`` .. ``layer4``."""
+    from tvnets import ResNet50
+
+    from convscope.layout import Layout
+    from convscope.report import _summary, sections
+
+    order = _summary(ResNet50(), "", None, [], ["conv1", "bn1", "relu", "maxpool", "layer1", "avgpool"])["order"]
+    assert order["relu"] < order["layer1"] < order["avgpool"]
+    labels = lambda found: [im["label"] for s in found if s["entry"].key == "fig2" for im in s["images"]]  # noqa: E731
+    assert labels(sections(Layout(fake_run), str)[0]) == ["conv1", "conv5"]  # natural, where no order is known
+    assert labels(sections(Layout(fake_run), str, {"conv5": 0, "conv1": 1})[0]) == ["conv5", "conv1"]
+    from convscope import create_model
+
+    built_in = create_model("zfnet_small")
+    order = _summary(built_in, "", None, [])["order"]  # a paper alias sorts where its module is
+    assert order["conv1"] == order[built_in.paper_layers["conv1"]] < order["conv2"]

@@ -46,6 +46,7 @@ from .errors import ConvscopeError, unknown
 from .findings import Contrast, Finding, finding, proportion_contrast
 from .layout import Layout
 from .models import create_model
+from .tables import TextTable
 
 # From the paper's Table 3 (ImageNet 2012 validation set): train top-1, val top-1, val top-5 error (%).
 PAPER_TABLE3: dict[str, tuple[float, float, float]] = {
@@ -197,17 +198,15 @@ def findings(result: AblationResult) -> list[Finding]:
 
 def ablation_table(result: AblationResult) -> str:
     """Table 3 as text: ours (errors %) beside the paper's row and the paper's base for that row."""
-    lines = ["| variant | params | train top-1 | val top-1 | val top-5 | paper row | paper train / val top-1 / "
-             "val top-5 | paper base |", "|---|---|---|---|---|---|---|---|"]
-    for r in result.rows:
-        paper = " / ".join(f"{x:.1f}" for x in r.paper)
-        base = " / ".join(f"{x:.1f}" for x in r.paper_base)
-        lines.append(f"| {r.variant} | {r.params / 1e6:.2f} M | {100 * r.train_top1_err:.1f} | "
-                     f"{100 * r.val_top1_err:.1f} | {100 * r.val_top5_err:.1f} | {r.paper_row} | {paper} | {base} |")
+    rows = tuple((r.variant, f"{r.params / 1e6:.2f} M", f"{100 * r.train_top1_err:.1f}", f"{100 * r.val_top1_err:.1f}",
+                  f"{100 * r.val_top5_err:.1f}", r.paper_row, " / ".join(f"{x:.1f}" for x in r.paper),
+                  " / ".join(f"{x:.1f}" for x in r.paper_base)) for r in result.rows)
     b = result.base
-    lines.append(f"\nerrors in %; {b['model']} on {b['data']}, {b['epochs']} epochs, seed {b['seed']}; train error: "
-                 "final model in eval mode on the whole training set. Paper: Table 3, ImageNet 2012 val.")
-    return "\n".join(lines) + "\n"
+    return TextTable(("variant", "params", "train top-1", "val top-1", "val top-5", "paper row",
+                      "paper train / val top-1 / val top-5", "paper base"), rows,
+                     f"errors in %; {b['model']} on {b['data']}, {b['epochs']} epochs, seed {b['seed']}; train "
+                     "error: final model in eval mode on the whole training set. Paper: Table 3, ImageNet 2012 val."
+                     ).markdown()
 
 
 def ablation_figure(result: AblationResult):

@@ -46,6 +46,7 @@ from .imaging import pil_to_tensor
 from .layers import site
 from .layout import Layout
 from .occluders import as_fill, occlude
+from .tables import TextTable
 
 if TYPE_CHECKING:
     from .run import Run
@@ -248,16 +249,13 @@ def load_parts_json(path: str | os.PathLike, size: int | None = None) -> PartIma
 
 
 def correspondence_table(result: CorrespondenceResult) -> str:
-    """Table 1 as plain text: one row per region, ``mean +- std`` per layer."""
-    head = ["region"] + [f"Delta {layer}" for layer in result.layers]
+    """Table 1 as text (markdown): one row per region, ``mean +- std`` per layer."""
     mean, std = result.mean, result.std
-    rows = [[r] + [f"{mean[r][k]:.4f} +- {std[r][k]:.4f}" for k in result.layers] for r in result.regions]
-    widths = [max(len(line[i]) for line in [head, *rows]) for i in range(len(head))]
-    lines = [" | ".join(c.ljust(wd) for c, wd in zip(line, widths)) for line in [head, *rows]]
-    lines.insert(1, "-+-".join("-" * wd for wd in widths))
-    note = (f"{result.n_images} images, {result.size} px masks, {result.draws} draws (seed {result.seed}); "
-            "Delta = mean sign change over ordered pairs (Zeiler & Fergus Table 1)")
-    return "\n".join(lines + ["", note]) + "\n"
+    return TextTable(("region", *(f"Delta {layer}" for layer in result.layers)),
+                     tuple((r, *(f"{mean[r][k]:.4f} +- {std[r][k]:.4f}" for k in result.layers))
+                           for r in result.regions),
+                     f"{result.n_images} images, {result.size} px masks, {result.draws} draws (seed {result.seed}); "
+                     "Delta = mean sign change over ordered pairs (Zeiler & Fergus Table 1)").markdown()
 
 
 def write_correspondence(result: CorrespondenceResult, layout: Layout, name: str = "table1", heading: str = ""

@@ -36,6 +36,7 @@ from .findings import finding, paired_contrast
 from .forward import eval_mode
 from .layout import Layout
 from .occluders import default_square, occluded_probs
+from .tables import TextTable
 
 if TYPE_CHECKING:
     from .run import Run
@@ -232,18 +233,18 @@ def compute(run: Run, n: int = 300, split: str | None = None, masks: str | None 
 
 def pointing_table(result: PointingResult) -> str:
     """The accuracies (%) beside TorchRay's VGG-16 on VOC07."""
-    lines = ["| method | true class: all | difficult | predicted class: all | difficult | TorchRay VOC07 "
-             "(VGG-16): all | difficult |", "|---|---|---|---|---|---|---|"]
     t = result.table()
+    rows = []
     for m in METHODS:
         ref = TORCHRAY_VOC07.get(m)
-        lines.append(f"| {m} | {100 * t[m]['true']['all']:.1f} | {100 * t[m]['true']['difficult']:.1f} | "
-                     f"{100 * t[m]['predicted']['all']:.1f} | {100 * t[m]['predicted']['difficult']:.1f} | "
-                     + (f"{ref[0]:.1f} | {ref[1]:.1f} |" if ref else "- | - |"))
-    lines.append(f"\n{len(result.labels)} images ({int(result.difficult.sum())} difficult: object under a "
-                 "quarter of the image, its centroid over 1/8 of the side off centre), tolerance "
-                 f"{result.tol:.1f} px at {result.side} px (15 at 224); accuracy is the mean over classes.")
-    return "\n".join(lines) + "\n"
+        rows.append((m, *(f"{100 * t[m][c][s]:.1f}" for c in ("true", "predicted") for s in ("all", "difficult")),
+                     *((f"{ref[0]:.1f}", f"{ref[1]:.1f}") if ref else ("-", "-"))))
+    return TextTable(("method", "true class: all", "difficult", "predicted class: all", "difficult",
+                      "TorchRay VOC07 (VGG-16): all", "TorchRay: difficult"), tuple(rows),
+                     f"{len(result.labels)} images ({int(result.difficult.sum())} difficult: object under a "
+                     "quarter of the image, its centroid over 1/8 of the side off centre), tolerance "
+                     f"{result.tol:.1f} px at {result.side} px (15 at 224); accuracy (%) is the mean over classes."
+                     ).markdown()
 
 
 def write_pointing(result: PointingResult, layout: Layout) -> list[Path]:

@@ -29,6 +29,7 @@ from .readout import (
     mean_per_class_accuracy,
     sample_per_class,
 )
+from .tables import TextTable
 from .targets import load_target
 
 if TYPE_CHECKING:
@@ -120,19 +121,18 @@ def findings(result: ProbeResult, classifier: str = "svm") -> list:
 def probe_table(result: ProbeResult) -> str:
     """Table 7 as text: one row per layer, ours beside the paper's (Caltech-101, 30 per class)."""
     kinds = list(result.accuracy)
-    head = "| layer | dim | " + " | ".join(f"{k} (ours) | {k} (paper)" for k in kinds) + " |"
-    rows = [head, "|" + "---|" * (2 + 2 * len(kinds))]
+    rows = []
     for layer in result.layers:
         cells = []
         for kind in kinds:
             paper = result.paper.get(kind, {}).get(layer)
             cells += [f"{100 * result.accuracy[kind][layer]:.1f}", "-" if paper is None else f"{paper:.1f}"]
-        rows.append(f"| {layer} | {result.dims[layer]} | " + " | ".join(cells) + " |")
+        rows.append((layer, str(result.dims[layer]), *cells))
     n = "all" if result.n_per_class is None else result.n_per_class
-    rows.append(f"\nmean per-class accuracy (%), {n} training examples per class ({result.n_train} in all), "
-                f"{result.n_test} test examples; conv maps {result.pool}-pooled to {result.grid}x{result.grid}. "
-                "Paper: Table 7, Caltech-101, 30 per class.")
-    return "\n".join(rows) + "\n"
+    return TextTable(("layer", "dim", *(c for k in kinds for c in (f"{k} (ours)", f"{k} (paper)"))), tuple(rows),
+                     f"mean per-class accuracy (%), {n} training examples per class ({result.n_train} in all), "
+                     f"{result.n_test} test examples; conv maps {result.pool}-pooled to {result.grid}x{result.grid}. "
+                     "Paper: Table 7, Caltech-101, 30 per class.").markdown()
 
 
 def probe_figure(result: ProbeResult):

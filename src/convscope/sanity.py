@@ -35,6 +35,7 @@ from .errors import ConvscopeError, check_int, check_seed, unknown
 from .findings import finding, mean_contrast, paired_contrast
 from .layout import Layout
 from .occluders import default_square, occluded_probs
+from .tables import TextTable
 
 if TYPE_CHECKING:
     from .run import Run
@@ -252,14 +253,12 @@ def sanity_figure(result: SanityResult, image: int = 0):
 def sanity_table(result: SanityResult) -> str:
     """Per method, the mean Spearman correlation (absolute maps) with the trained model's map after each step."""
     t = result.table()
-    head = " | ".join(["trained", *(f"-{name or '(the whole model)'}" for name in result.layers)])
-    lines = [f"| method (Spearman, abs maps) | {head} |", "|---|" + "---|" * (len(result.layers) + 1)]
-    for m in result.maps:
-        lines.append(f"| {m} | 1.000 | " + " | ".join(f"{v:.3f}" for v in t[m]["spearman_abs"]) + " |")
-    lines.append(f"\n{result.order} randomisation (seed {result.seed}), {len(result.classes)} images, their true "
-                 "classes; each column randomises one more module from the top (-name). A faithful map falls to 0 "
-                 "as the weights go (Adebayo et al. 2018).")
-    return "\n".join(lines) + "\n"
+    return TextTable(("method (Spearman, abs maps)", "trained",
+                      *(f"-{name or '(the whole model)'}" for name in result.layers)),
+                     tuple((m, "1.000", *(f"{v:.3f}" for v in t[m]["spearman_abs"])) for m in result.maps),
+                     f"{result.order} randomisation (seed {result.seed}), {len(result.classes)} images, their true "
+                     "classes; each column randomises one more module from the top (-name). A faithful map falls to "
+                     "0 as the weights go (Adebayo et al. 2018).").markdown()
 
 
 def write_sanity(result: SanityResult, layout: Layout) -> list[Path]:

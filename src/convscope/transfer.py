@@ -58,6 +58,7 @@ from .layers import PAPER_LAYERS, resolve_layer
 from .layout import Layout
 from .models import ConvNet
 from .readout import check_target, default_layers, extract_features, fit_predict, mean_per_class_accuracy
+from .tables import TextTable
 from .targets import load_target
 from .train import configure_optimizer, renormalize_filters_
 
@@ -340,16 +341,16 @@ def transfer_table(result: TransferResult) -> str:
     if result.scratch is not None:
         columns["from scratch"] = result.scratch
     spreads = [result.spread(acc) for acc in columns.values()]
-    rows = ["| n per class | " + " | ".join(columns) + " | paper Caltech-101 pretrained | paper scratch |",
-            "|---|" + "---|" * (len(columns) + 2)]
+    rows = []
     for i, n in enumerate(result.shots):
         paper = PAPER_TABLE4.get(n)
-        cells = " | ".join(f"{100 * m[i]:.1f} +- {100 * s[i]:.1f}" for m, s in spreads)
-        rows.append(f"| {n} | {cells} | {'-' if paper is None else paper[0]} | {'-' if paper is None else paper[1]} |")
-    rows.append(f"\n{len(result.classes)} classes, {result.folds} folds, {result.n_test} test images, mean per-class "
-                f"accuracy (%) +- std over folds; new softmax on frozen features (conv layers max-pooled to 2x2); "
-                f"from scratch: {result.scratch_steps} SGD steps. Paper: Table 4 (softmax on frozen layer 7).")
-    return "\n".join(rows) + "\n"
+        rows.append((str(n), *(f"{100 * m[i]:.1f} +- {100 * s[i]:.1f}" for m, s in spreads),
+                     *((str(paper[0]), str(paper[1])) if paper is not None else ("-", "-"))))
+    return TextTable(("n per class", *columns, "paper Caltech-101 pretrained", "paper scratch"), tuple(rows),
+                     f"{len(result.classes)} classes, {result.folds} folds, {result.n_test} test images, mean "
+                     "per-class accuracy (%) +- std over folds; new softmax on frozen features (conv layers "
+                     f"max-pooled to 2x2); from scratch: {result.scratch_steps} SGD steps. Paper: Table 4 (softmax "
+                     "on frozen layer 7).").markdown()
 
 
 def _label(result: TransferResult, name: str) -> str:

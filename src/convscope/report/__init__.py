@@ -31,6 +31,7 @@ from ..findings import interval_text, read_findings, seeds_text
 from ..layers import paper_names
 from ..layout import Layout
 from ..run import open_run
+from ..tables import blocks
 from ..train import PAPER_TABLE2, metrics_ok, result_ok
 
 
@@ -69,9 +70,11 @@ def model_summary(layout: Layout, damaged: list[dict] | None = None) -> dict[str
 
         try:
             run = open_run(layout.root)
+            reached = [i.name for i in sorted(run.modules, key=lambda i: i.order) if i.calls]
         except ConvscopeError:
             return None
-        return _summary(run.model, run.attached.get("weights") or "the model given to cs.attach", None, run.classes)
+        return _summary(run.model, run.attached.get("weights") or "the model given to cs.attach", None, run.classes,
+                        reached)
     candidates = [layout.final, *sorted(layout.saved_epochs().values(), reverse=True)]
     shown = f"'{layout.root}'" if " " in str(layout.root) else str(layout.root)
     for path in candidates:
@@ -89,16 +92,21 @@ def model_summary(layout: Layout, damaged: list[dict] | None = None) -> dict[str
     return None
 
 
-def _summary(model, source: str, epoch: int | None, classes: list[str]) -> dict[str, Any]:
+def _summary(model, source: str, epoch: int | None, classes: list[str], reached: list[str] | None = None
+             ) -> dict[str, Any]:
+    """``reached``: the modules in the order the forward pass reaches them (default: as the model declares them)."""
     rows = []
     for name, module in model.named_modules():
         if list(module.children()) or not name:
             continue
         n = sum(p.numel() for p in module.parameters(recurse=False))
         rows.append({"name": name, "kind": type(module).__name__, "detail": module.extra_repr(), "params": n})
+    aliases = paper_names(model)
+    order = {name: i for i, name in enumerate(reached or [name for name, _ in model.named_modules() if name])}
+    order.update({alias: order[name] for alias, name in aliases.items() if name in order})
     return {"source": source, "epoch": epoch, "classes": classes, "rows": rows,
             "params": sum(p.numel() for p in model.parameters()),
-            "paper_names": paper_names(model)}
+            "paper_names": aliases, "order": order}
 
 
 def training_curve(layout: Layout, metrics: list[dict[str, float]]) -> Path | None:
@@ -192,13 +200,17 @@ def _png(path: Path) -> bool:
         return f.read(8) == PNG
 
 
-def sections(layout: Layout, src) -> tuple[list[dict], list[Analysis]]:
-    """Per registered analysis that the run has: its images (label, ``src(path)``; PNG files only) and text
-    tables; and the analyses it has not."""
+def sections(layout: Layout, src, order: dict[str, int] | None = None) -> tuple[list[dict], list[Analysis]]:
+    """Per registered analysis that the run has: its images (label, ``src(path)``; PNG files only; one per layer in
+    the ``order`` the forward pass reaches the layers, where it is known) and text tables; and the analyses it has
+    not."""
     found, missing = [], []
     for analysis in REGISTRY:
         images, texts = analysis.files(layout)
         images = [p for p in images if _png(p)]
+        if analysis.per_layer and order:
+            layer = {p: label_of(p, layout.root, analysis.key).partition("#")[0] for p in images}
+            images.sort(key=lambda p: order.get(layer[p], len(order)))  # stable: the unknown stay as they were
         if not images and not texts:
             missing.append(analysis)
             continue
@@ -206,7 +218,7 @@ def sections(layout: Layout, src) -> tuple[list[dict], list[Analysis]]:
                       "images": [{"label": printable(label_of(p, layout.root, analysis.key)), "src": src(p)}
                                  for p in images],
                       "texts": [{"label": p.relative_to(layout.root).as_posix(),
-                                 "text": printable(p.read_text(errors="replace"))} for p in texts]})
+                                 "blocks": blocks(printable(p.read_text(errors="replace")))} for p in texts]})
     return found, missing
 
 
@@ -227,7 +239,8 @@ def collect(run_dir: str | Path, out: str | Path | None = None, pending: Sequenc
     def src(p: Path) -> str:
         return relative_url(given / p.relative_to(run_dir), folder)
 
-    found, absent = sections(layout, src)
+    model = model_summary(layout, files.damaged)
+    found, absent = sections(layout, src, model["order"] if model else None)
     findings, findings_seeds = _findings(layout, files.damaged, shown)
     missing = [{"ref": a.ref, "title": a.title, "command": a.command.format(run=shown)} for a in absent]
     retrain = f"convscope train --config {shown}/config.json --out {shown}"
@@ -237,7 +250,6 @@ def collect(run_dir: str | Path, out: str | Path | None = None, pending: Sequenc
         if test is None and not layout.test.exists():
             missing.insert(0, {"ref": "Table 2", "title": "test error (test.json)", "command": retrain})
     curve = training_curve(layout, metrics) if metrics else None
-    model = model_summary(layout, files.damaged)
     classes = [printable(c) for c in (model["classes"] if model else (config.get("classes") or []))]
     last = metrics[-1] if metrics else None
     gradient = config.get("nonlinearities") == "gradient"

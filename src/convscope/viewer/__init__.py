@@ -28,6 +28,7 @@ from ..errors import ConvscopeError, check_int, printable
 from ..layout import Layout, natural_key
 from ..panels import Line, Panel, Picture, UnitBadge
 from ..report import NONLINEARITY_NOTE, environment, label_of, model_summary, read_run, require_run
+from ..tables import blocks
 
 STATIC = Path(__file__).parent / "static"
 PAGE = 256  # units per page of a layer: its thumbnails load lazily, and a layer of thousands pages
@@ -213,7 +214,7 @@ def make_app(run_dir: str | Path, allowed_hosts: list[str] | tuple[str, ...] | N
 
     def figures(art: RunView, only: str | None = None) -> list[dict]:
         return [{"entry": a, "images": [(label_of(p, root, a.key), art.url(p)) for p in images],
-                 "texts": [(p.relative_to(root).as_posix(), p.read_text(errors="replace")) for p in texts],
+                 "texts": [(p.relative_to(root).as_posix(), blocks(p.read_text(errors="replace"))) for p in texts],
                  "note": note if a.projects else None}
                 for a, (images, texts) in _other_figures(layout) if only in (None, a.key)]
 
