@@ -1,3 +1,4 @@
+import json
 import os
 import pickle
 import re
@@ -7,6 +8,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import convscope as cs
 from convscope.cli import main
 from convscope.data.cifar10 import load_cifar10
 from convscope.errors import ConvscopeError
@@ -216,3 +218,19 @@ def test_class_names_that_are_not_utf8_are_shown_escaped_with_a_note(cifar):
     with pytest.warns(UserWarning, match=r"the class name b'caf\\xe9' is not UTF-8; shown as 'caf\\\\xe9'"):
         ds = load_cifar10(cifar.parent, "test")
     assert ds.classes[3] == "caf\\xe9" and ds.classes[:3] == CLASSES[:3]
+
+
+def test_training_on_class_names_that_are_not_utf8_says_how_they_are_shown(cifar):
+    """Not a refusal: the run trains, its classes hold the escaped name, and the note says so."""
+    names = [n.encode() for n in CLASSES]
+    names[3] = b"caf\xe9"
+    _dump(cifar / "batches.meta", {b"label_names": names, b"num_vis": 3072})
+    for b in range(1, 6):  # 100 images of 4 classes: a validation split of 10 of them
+        _dump(cifar / f"data_batch_{b}", {**_batch(b, 20), b"labels": [i % 4 for i in range(20)]})
+    run, config = cifar.parent / "run", cifar.parent / "c.json"
+    config.write_text(json.dumps({"data": "cifar10", "data_root": str(cifar), "model": "zfnet_small", "epochs": 1,
+                                  "batch_size": 8, "model_options": {"input_size": 32}}))
+    r = CliRunner().invoke(main, ["train", "--config", str(config), "--out", str(run)])
+    assert r.exit_code == 0, r.output
+    assert r.output.count("the class name b'caf\\xe9' is not UTF-8; shown as 'caf\\\\xe9'") == 1  # said once
+    assert cs.open_run(run).classes[3] == "caf\\xe9"

@@ -68,10 +68,9 @@ class _Group(click.Group):
             except ConvscopeError as e:
                 click.echo(f"error: {printable(e)}", err=True)
                 sys.exit(2)
-            finally:
-                for w in caught:
-                    if issubclass(w.category, UserWarning):
-                        click.echo(f"note: {printable(w.message)}", err=True)
+            finally:  # each note once, however many times a step said it (a file read for every split)
+                for message in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, UserWarning)):
+                    click.echo(f"note: {printable(message)}", err=True)
 
 
 
