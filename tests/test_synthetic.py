@@ -307,3 +307,41 @@ def test_parts_that_correspond_keep_one_colour_in_the_same_scenes(val120):
     assert changed.any() and not (changed & ~inside).any()  # nothing changed away from those parts
     assert cache_path("val", 120).name == "synthetic-val-120-64px-41bfa3bb27e7204c4a5b.npz"  # as before the option
     assert cache_path("val", 120, fixed_parts=True).name.startswith("synthetic-parts-val-120-64px-")
+
+
+def test_concept_maps_are_rendered_with_the_images_and_change_no_pixel(tmp_path, monkeypatch):
+    """The dissection's concepts (issue 28): the object map is the object's mask with its class, each named part's
+    centre lies on that part (where no later part covers it), shapes include the distractors, every pixel has a
+    colour name and every background pixel a texture; a subset's maps are the set's; the images are unchanged."""
+    from convscope.data import synthetic as syn
+
+    monkeypatch.setenv("CONVSCOPE_CACHE", str(tmp_path))
+    data = syn.load_synthetic("val", n=48, cache=False)
+    maps = syn.concept_maps(data.truth.scenes, 64)
+    assert maps.shape == (48, 5, 64, 64) and list(syn.CONCEPTS) == ["object", "part", "shape", "colour", "texture"]
+    obj, part, shape, colour, texture = maps.unbind(1)
+    assert torch.equal(obj > 0, data.truth.masks)
+    assert torch.equal(obj.long().amax((1, 2)) - 1, data.labels)
+    hits = total = 0
+    for k, name in enumerate(syn.PARTS):
+        xy = data.truth.parts[name]
+        for i in torch.nonzero(~xy[:, 0].isnan()).flatten().tolist():
+            x, y = (int(v) for v in xy[i].floor().tolist())
+            total += 1
+            hits += int(part[i, y, x]) == k + 1
+    assert total > 150 and hits / total > 0.9, (hits, total)
+    assert bool((part > 0).le(obj > 0).all()) and bool(((shape > 0) & (obj == 0)).any())  # distractors are shapes
+    assert bool((colour > 0).all()) and torch.equal(texture == 0, (obj > 0) | (shape > 0))
+    striped = torch.tensor([syn._sample_scene(0, 1, i).background["stripes"] is not None for i in range(48)])
+    assert torch.equal((texture == 1).flatten(1).any(1), striped)
+    sub = data.subset(torch.tensor([7, 3]))
+    assert torch.equal(syn.concept_maps(sub.truth.scenes, 64, cache=False), maps[[7, 3]])
+    assert len(list(tmp_path.glob("concepts-*.npz"))) == 1 and torch.equal(syn.concept_maps(data.truth.scenes, 64),
+                                                                              maps)  # read back from the cache
+    scene = syn._sample_scene(0, 1, 5)
+    plain, with_maps = syn._render(scene, 64), syn._render(scene, 64, concepts=True)
+    for a, b in zip(plain, with_maps[:3]):
+        np.testing.assert_array_equal(a, b)  # image, mask, part centres (NaN where absent)
+    names = list(syn.COLOURS)
+    pure = np.array([[syn.COLOURS[n] for n in names]], np.uint8)
+    assert syn.colour_names(pure)[0].tolist() == [k + 1 for k in range(len(names))]

@@ -196,8 +196,10 @@ def concat(sets: list[ImageSet]) -> ImageSet:
     first = sets[0]
     truth = None
     if all(s.truth is not None for s in sets):
+        scenes = [s.truth.scenes for s in sets]
         truth = GroundTruth(torch.cat([s.truth.boxes for s in sets]), torch.cat([s.truth.masks for s in sets]),
-                            {k: torch.cat([s.truth.parts[k] for s in sets]) for k in first.truth.parts})
+                            {k: torch.cat([s.truth.parts[k] for s in sets]) for k in first.truth.parts},
+                            torch.cat(scenes) if all(t is not None for t in scenes) else None)
     sources = sum((s.sources for s in sets), []) if all(s.sources is not None for s in sets) else None
     return ImageSet(torch.cat([s.images for s in sets]), torch.cat([s.labels for s in sets]), first.classes, truth,
                     first.name, sources)

@@ -21,15 +21,19 @@ class GroundTruth:
     """Per-image ground truth of the embedded data set.
 
     boxes: (N, 4) float, x0, y0, x1, y1 in pixels (x1, y1 exclusive); masks: (N, H, W) bool, the object's pixels;
-    parts: part name -> (N, 2) float pixel (x, y) of that part's centre, NaN where the image has no such part.
+    parts: part name -> (N, 2) float pixel (x, y) of that part's centre, NaN where the image has no such part;
+    scenes: (N, 4) int64, which rendered scene each image is (the embedded set's: its concept maps are rendered
+    from it), or None.
     """
 
     boxes: torch.Tensor
     masks: torch.Tensor
     parts: dict[str, torch.Tensor]
+    scenes: torch.Tensor | None = None
 
     def subset(self, index: torch.Tensor) -> GroundTruth:
-        return GroundTruth(self.boxes[index], self.masks[index], {k: v[index] for k, v in self.parts.items()})
+        return GroundTruth(self.boxes[index], self.masks[index], {k: v[index] for k, v in self.parts.items()},
+                           None if self.scenes is None else self.scenes[index])
 
 
 class ImageSet(Dataset):

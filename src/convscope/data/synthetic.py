@@ -84,33 +84,50 @@ def _rot(pts: np.ndarray, deg: float) -> np.ndarray:
     return pts @ np.array([[c, s], [-s, c]])
 
 
+SHAPES = ["disc", "ellipse", "rectangle", "triangle", "bar", "polygon", "plus", "star"]
+"""The shapes a scene is drawn from (a concept category of the dissection): the object's and the distractors'."""
+
+
+class _Shape(np.ndarray):
+    """A polygon's vertices (an array like any other: arithmetic on it gives plain values), tagged with the shape
+    it draws."""
+
+    kind: str
+
+
+def _tag(pts: np.ndarray, kind: str) -> np.ndarray:
+    shape = pts.view(_Shape)
+    shape.kind = kind
+    return shape
+
+
 def _ellipse(cx: float, cy: float, rx: float, ry: float, angle: float = 0.0) -> np.ndarray:
     pts = _unit_circle() * np.array([rx, ry])
     if angle:
         pts = _rot(pts, angle)
-    return pts + np.array([cx, cy])
+    return _tag(pts + np.array([cx, cy]), "ellipse")
 
 
 def _circle(cx: float, cy: float, r: float) -> np.ndarray:
-    return _ellipse(cx, cy, r, r)
+    return _tag(_ellipse(cx, cy, r, r), "disc")
 
 
 def _rect(cx: float, cy: float, w: float, h: float, angle: float = 0.0) -> np.ndarray:
     pts = np.array([[-w / 2, -h / 2], [w / 2, -h / 2], [w / 2, h / 2], [-w / 2, h / 2]])
     if angle:
         pts = _rot(pts, angle)
-    return pts + np.array([cx, cy])
+    return _tag(pts + np.array([cx, cy]), "rectangle")
 
 
 def _bar(x0: float, y0: float, x1: float, y1: float, w: float) -> np.ndarray:
     d = np.array([x1 - x0, y1 - y0], dtype=float)
     n = np.array([-d[1], d[0]]) / max(float(np.hypot(*d)), 1e-9) * (w / 2)
     p0, p1 = np.array([x0, y0]), np.array([x1, y1])
-    return np.stack([p0 + n, p1 + n, p1 - n, p0 - n])
+    return _tag(np.stack([p0 + n, p1 + n, p1 - n, p0 - n]), "bar")
 
 
 def _poly(*pts: tuple[float, float]) -> np.ndarray:
-    return np.array(pts, dtype=float)
+    return _tag(np.array(pts, dtype=float), "triangle" if len(pts) == 3 else "polygon")
 
 
 def _centroid(poly: np.ndarray) -> tuple[float, float]:
@@ -363,6 +380,7 @@ def _hsv_to_rgb(h: float, s: float, v: float) -> np.ndarray:
     return np.round(np.array(rgb) * 255.0)
 
 
+_DISTRACTOR_KINDS = ["disc", "rectangle", "triangle", "bar", "plus", "star"]
 _DISTRACTORS = [
     _circle(0, 0, 0.5), _rect(0, 0, 1.0, 1.0), _poly((0, -0.55), (0.5, 0.35), (-0.5, 0.35)), _rect(0, 0, 1.0, 0.25),
     _poly((-0.12, -0.5), (0.12, -0.5), (0.12, -0.12), (0.5, -0.12), (0.5, 0.12), (0.12, 0.12), (0.12, 0.5),
@@ -425,9 +443,10 @@ def _sample_scene(seed: int, split_id: int, index: int, fixed_parts: bool = Fals
 
     distractors = []
     for _ in range(int(rng.integers(2, 5))):
-        shape = _DISTRACTORS[int(rng.integers(len(_DISTRACTORS)))]
-        pts = _rot(shape * _u(rng, 0.05, 0.11), _u(rng, 0, 360)) + rng.uniform(0.0, 1.0, size=2)
-        distractors.append((pts, tuple(int(v) for v in _colour(rng, [bg_mean], 60.0))))
+        k = int(rng.integers(len(_DISTRACTORS)))
+        pts = _rot(_DISTRACTORS[k] * _u(rng, 0.05, 0.11), _u(rng, 0, 360)) + rng.uniform(0.0, 1.0, size=2)
+        distractors.append((_tag(np.asarray(pts), _DISTRACTOR_KINDS[k]),
+                            tuple(int(v) for v in _colour(rng, [bg_mean], 60.0))))
 
     parts = _BUILDERS[CLASSES[label]](rng)
     used = [bg_mean]
@@ -496,9 +515,10 @@ def _to_canvas(pts: np.ndarray, canvas: int) -> list[float]:
     return p.ravel().tolist()
 
 
-def _render(scene: _Scene, size: int, pose: _Pose | None = None
-            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Image (H, W, 3) uint8, mask (H, W) bool, part centres (len(PARTS), 2) float (NaN where absent)."""
+def _render(scene: _Scene, size: int, pose: _Pose | None = None, concepts: bool = False):
+    """Image (H, W, 3) uint8, mask (H, W) bool, part centres (len(PARTS), 2) float (NaN where absent); with
+    ``concepts``, also the concept maps (len(CONCEPTS), H, W) uint8 of :func:`concept_maps`, drawn beside the
+    image (the image's pixels are the same either way)."""
     pose = pose or scene.pose
     canvas = size * SUPERSAMPLE
     # the smooth background needs no supersampling: nearest upscaling, then the box reduction, gives it back
@@ -506,20 +526,28 @@ def _render(scene: _Scene, size: int, pose: _Pose | None = None
     img = Image.fromarray(bg, "RGB").resize((canvas, canvas), Image.NEAREST)
     mask = Image.new("L", (canvas, canvas), 0)
     draw, mdraw = ImageDraw.Draw(img), ImageDraw.Draw(mask)
+    labels = {k: Image.new("L", (canvas, canvas), 0) for k in ("part", "shape")} if concepts else {}
+    ldraw = {k: ImageDraw.Draw(v) for k, v in labels.items()}
     for pts, colour in scene.distractors:
         draw.polygon(_to_canvas(pts, canvas), fill=colour)
+        if concepts:
+            ldraw["shape"].polygon(_to_canvas(pts, canvas), fill=SHAPES.index(pts.kind) + 1)
     m = _object_matrix(pose).T
     t = np.array([pose.cx, pose.cy])
     centres = np.full((len(PARTS), 2), np.nan)
     for part in scene.parts:
+        name = part.name
+        if name is not None and pose.flip and name.startswith(("left_", "right_")):
+            name = ("right_" + name[5:]) if name.startswith("left_") else ("left_" + name[6:])
         for poly in part.polys:
             xy = _to_canvas(poly @ m + t, canvas)
             draw.polygon(xy, fill=part.colour)
             mdraw.polygon(xy, fill=255)
-        if part.name is not None:
-            name = part.name
-            if pose.flip and name.startswith(("left_", "right_")):
-                name = ("right_" + name[5:]) if name.startswith("left_") else ("left_" + name[6:])
+            if concepts:
+                ldraw["shape"].polygon(xy, fill=SHAPES.index(poly.kind) + 1)
+                if name is not None:  # a part without a name leaves the named part under it showing
+                    ldraw["part"].polygon(xy, fill=_PART_INDEX[name] + 1)
+        if name is not None:
             centres[_PART_INDEX[name]] = (np.array(part.centre) @ m + t) * size
     image = np.asarray(img.reduce(SUPERSAMPLE)).copy()
     obj = np.asarray(mask.reduce(SUPERSAMPLE)) >= 128
@@ -527,7 +555,46 @@ def _render(scene: _Scene, size: int, pose: _Pose | None = None
     rng.bit_generator.state = scene.noise_rng_state
     noise = rng.integers(-4, 5, size=image.shape, dtype=np.int16)
     image = np.clip(image.astype(np.int16) + noise, 0, 255).astype(np.uint8)
-    return image, obj, centres
+    if not concepts:
+        return image, obj, centres
+    part, shape = (_mode(np.asarray(labels[k])) for k in ("part", "shape"))
+    texture = np.where(obj | (shape > 0), 0, 1 if scene.background["stripes"] is not None else 2)
+    maps = np.stack([np.where(obj, scene.label + 1, 0), part * obj, shape, colour_names(image), texture])
+    return image, obj, centres, maps.astype(np.uint8)
+
+
+def _mode(labels: np.ndarray) -> np.ndarray:
+    """A supersampled label map reduced to the image: each pixel's most common label (ties: the first drawn of
+    its four samples, row by row)."""
+    h, w = labels.shape[0] // SUPERSAMPLE, labels.shape[1] // SUPERSAMPLE
+    samples = labels.reshape(h, SUPERSAMPLE, w, SUPERSAMPLE).transpose(0, 2, 1, 3).reshape(h, w, -1)
+    counts = (samples[..., :, None] == samples[..., None, :]).sum(-1)
+    return np.take_along_axis(samples, counts.argmax(-1)[..., None], -1)[..., 0]
+
+
+COLOURS = {"black": (0, 0, 0), "blue": (0, 0, 255), "brown": (139, 69, 19), "grey": (128, 128, 128),
+           "green": (0, 128, 0), "orange": (255, 165, 0), "pink": (255, 192, 203), "purple": (128, 0, 128),
+           "red": (255, 0, 0), "white": (255, 255, 255), "yellow": (255, 255, 0)}
+"""Broden's eleven colour names, each at a typical sRGB value."""
+
+
+def _lab(rgb: np.ndarray) -> np.ndarray:
+    """sRGB (..., 3) in 0..255 to CIE Lab (D65)."""
+    c = rgb.astype(np.float64) / 255.0
+    c = np.where(c > 0.04045, ((c + 0.055) / 1.055) ** 2.4, c / 12.92)
+    xyz = c @ np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]]).T
+    xyz = xyz / np.array([0.95047, 1.0, 1.08883])
+    f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
+    return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], -1)
+
+
+_COLOUR_LAB = _lab(np.array(list(COLOURS.values())))
+
+
+def colour_names(image: np.ndarray) -> np.ndarray:
+    """Each pixel of an (H, W, 3) uint8 image named by the nearest of :data:`COLOURS` in CIE Lab: 1 + its index."""
+    d = ((_lab(image)[..., None, :] - _COLOUR_LAB) ** 2).sum(-1)
+    return (d.argmin(-1) + 1).astype(np.uint8)
 
 
 def _box(mask: np.ndarray) -> np.ndarray:
@@ -581,9 +648,58 @@ def _generate(split_id: int, n: int, size: int, seed: int, classes: list[str], f
     return {"images": images, "labels": labels, "masks": masks, "boxes": boxes, "parts": parts}
 
 
-def _truth(boxes, masks, parts) -> GroundTruth:
+def _scenes(split_id: int, n: int, seed: int, classes: list[str], fixed_parts: bool) -> torch.Tensor:
+    """Which scene each image of a set is: (seed, split id, index in the full set, fixed parts), (n, 4) int64."""
+    return torch.tensor([(seed, split_id, _full_index(i, classes), int(fixed_parts)) for i in range(n)],
+                        dtype=torch.long).reshape(n, 4)
+
+
+def _truth(boxes, masks, parts, scenes: torch.Tensor | None = None) -> GroundTruth:
     return GroundTruth(torch.from_numpy(np.ascontiguousarray(boxes)), torch.from_numpy(np.ascontiguousarray(masks)),
-                       {name: torch.from_numpy(np.ascontiguousarray(parts[:, k])) for k, name in enumerate(PARTS)})
+                       {name: torch.from_numpy(np.ascontiguousarray(parts[:, k])) for k, name in enumerate(PARTS)},
+                       scenes)
+
+
+TEXTURES = ["stripes", "noise"]
+"""The backgrounds' textures: stripes over smooth noise, or the smooth noise alone."""
+
+CONCEPTS: dict[str, list[str]] = {"object": CLASSES, "part": PARTS, "shape": SHAPES, "colour": list(COLOURS),
+                                  "texture": TEXTURES}
+"""The concept categories of the dissection (Broden's five) and the names in each; :func:`concept_maps` gives
+one map per category, 0 where no concept of it is, else 1 + the concept's index."""
+
+CONCEPTS_VERSION = 1
+"""Bump whenever a change alters any concept map: it is part of the concept maps' cache key."""
+
+
+def concept_maps(scenes: torch.Tensor, size: int, cache: bool = True) -> torch.Tensor:
+    """The concept maps of the scenes ``scenes`` (a set's ``truth.scenes``) at ``size`` px, (N, 5, size, size)
+    uint8 in the order of :data:`CONCEPTS`: the object (its class), the visible named part, the shape (the
+    object's and the distractors'), the colour name of each pixel, and the background's texture. Rendered, not
+    annotated: the same drawing as the images, whose pixels it does not change. Cached like the images."""
+    scenes = torch.as_tensor(scenes, dtype=torch.long).reshape(-1, 4)
+    key = {"version": CONCEPTS_VERSION, "generator": GENERATOR_VERSION, "size": size, "concepts": CONCEPTS,
+           "scenes": hashlib.sha256(scenes.numpy().tobytes()).hexdigest()}
+    path = cache_dir() / ("concepts-" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+                          + f"-{len(scenes)}-{size}px.npz")
+    if cache and path.exists():
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                maps = f["maps"]
+            if maps.shape == (len(scenes), len(CONCEPTS), size, size):
+                return torch.from_numpy(maps)
+        except Exception as e:  # a lost cache: render again
+            warnings.warn(f"concept map cache {path} is unreadable ({e}); rendering it again", stacklevel=2)
+    check_memory(len(scenes), size, "the concept maps")
+    maps = np.empty((len(scenes), len(CONCEPTS), size, size), np.uint8)
+    for i, (seed, split_id, index, fixed) in enumerate(scenes.tolist()):
+        maps[i] = _render(_sample_scene(seed, split_id, index, bool(fixed)), size, concepts=True)[3]
+    if cache:
+        try:
+            save_npz(path, maps=maps)
+        except OSError as e:
+            warnings.warn(f"could not write the concept map cache {path} ({e})", stacklevel=2)
+    return torch.from_numpy(maps)
 
 
 def cache_dir() -> Path:
@@ -658,7 +774,8 @@ def load_synthetic(split: str = "train", n: int | None = None, size: int = 64, s
             except OSError as e:
                 warnings.warn(f"could not write the synthetic data cache {path} ({e})", stacklevel=2)
     return ImageSet(torch.from_numpy(data["images"]), torch.from_numpy(data["labels"]), names,
-                    _truth(data["boxes"], data["masks"], data["parts"]), name=f"{_name(fixed_parts)}/{split}")
+                    _truth(data["boxes"], data["masks"], data["parts"], _scenes(split_id, n, seed, names, fixed_parts)),
+                    name=f"{_name(fixed_parts)}/{split}")
 
 
 def render_pose(split: str, index: int, size: int = 64, seed: int = 0, dx: float = 0.0, dy: float = 0.0,
@@ -735,5 +852,5 @@ def preview(dataset: ImageSet, n: int = 16, scale: int = 3) -> Image.Image:
     return grid
 
 
-__all__ = ["CLASSES", "GENERATOR_VERSION", "PARTS", "cache_dir", "cache_path", "load_synthetic", "preview",
-           "render_pose"]
+__all__ = ["CLASSES", "COLOURS", "CONCEPTS", "GENERATOR_VERSION", "PARTS", "SHAPES", "TEXTURES", "cache_dir",
+           "cache_path", "colour_names", "concept_maps", "load_synthetic", "preview", "render_pose"]
