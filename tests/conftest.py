@@ -8,7 +8,7 @@ import os
 os.environ.setdefault("MPLBACKEND", "Agg")  # before anything imports matplotlib
 
 import pytest  # noqa: E402
-from helpers import SEED, TINY_ARGS, TRAINED, keyed, untrained_twin  # noqa: E402
+from helpers import SEED, TINY_ARGS, TRAINED, keyed, untrained_twin, write_concepts  # noqa: E402
 
 
 def pytest_configure(config):
@@ -138,4 +138,6 @@ def tiny_files(tmp_path_factory):
             torch.manual_seed(epoch)
             model = cs.create_model("zfnet_small", 3, **TINY_ARGS)
         torch.save(model.state_dict(), root / "epochs" / f"e{epoch}.pt")
+    write_concepts(data, root / "concepts", [f"{classes[int(data.labels[i])]}/{i:03d}.png" for i in range(len(data))])
     return root
+

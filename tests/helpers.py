@@ -254,3 +254,26 @@ CAPTUM = {
     "guided": captum_attr.NeuronGuidedBackprop,
     "gradient": captum_attr.NeuronGradient,
 }
+
+
+def write_concepts(data, folder, names) -> None:
+    """The embedded images' rendered concepts as a user's --masks folder: <concept>/<image>.png (white where the
+    concept is), written where the image has the concept, and categories.json."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from convscope.data.synthetic import CONCEPTS, concept_maps
+
+    maps = concept_maps(data.truth.scenes, data.image_size).numpy()
+    categories = {}
+    for j, (category, members) in enumerate(CONCEPTS.items()):
+        for k, concept in enumerate(members):
+            for i, name in enumerate(names):
+                mask = maps[i, j] == k + 1
+                if mask.any():
+                    (folder / concept / name).parent.mkdir(parents=True, exist_ok=True)
+                    Image.fromarray(mask.astype(np.uint8) * 255).save(folder / concept / name)
+                    categories[concept] = category
+    (folder / "categories.json").write_text(json.dumps(categories))

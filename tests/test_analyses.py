@@ -22,7 +22,7 @@ from convscope.layout import Layout
 def tiny(tiny_files, tmp_path_factory):
     """A zfnet_small (narrow, untrained, seeded) attached to the tiny folder of synthetic images."""
     root = tmp_path_factory.mktemp("tiny")
-    for name in ("images", "masks", "parts.json", "epochs"):
+    for name in ("images", "masks", "parts.json", "epochs", "concepts"):
         (root / name).symlink_to(tiny_files / name)
     run = cs.attach("zfnet_small", "folder", root / "run", data_root=root / "images", model_args=TINY_ARGS)
     assert run.image_size == 64 and run.classes == ["car", "face", "house"]
@@ -41,6 +41,7 @@ OPTIONS = {
     "pointing": {"n": 6, "masks": "masks"},
     "sanity": {"n": 2},
     "visualize": {"units": 2, "steps": 8},
+    "dissect": {"masks": "concepts", "quantile": 0.05},
 }
 
 
@@ -155,7 +156,19 @@ def check_sanity(result, layout):
     assert png(layout.figure("sanity")).shape[1] > 400 and len(sanity_figure(result).axes) == 4 * 11
 
 
-CHECKS = {"pointing": check_pointing, "sanity": check_sanity,
+def check_dissect(result, layout):
+    from convscope.dissect import dissect_table
+
+    saved = json.loads(layout.figure("dissect", ".json").read_text())
+    assert list(saved["layers"]) == list(result.layers) == ["conv1", "conv2", "conv3", "conv4", "conv5"]
+    for layer in result.layers:
+        assert saved["layers"][layer]["units"] == result.units(layer)
+        assert saved["layers"][layer]["summary"] == result.summary(layer)
+    assert layout.figure("dissect", ".md").read_text() == dissect_table(result)
+    assert saved["quantile"] == 0.05 and saved["n_images"] == 30 and len(saved["concepts"]) == len(result.names)
+
+
+CHECKS = {"pointing": check_pointing, "sanity": check_sanity, "dissect": check_dissect,
           "scan": check_scan, "evolution": check_evolution, "invariance": check_invariance,
           "filters": check_filters, "occlusion": check_occlusion, "correspondence": check_correspondence,
           "transfer": check_transfer, "probe-layers": check_probes, "visualize": check_visualize}
@@ -174,7 +187,7 @@ def test_each_analysis_registers_itself_once_and_in_the_papers_order():
     assert registered["fig7"].compute.__module__ == "convscope.occlusion"
     assert [a.ref for a in analyses.REGISTRY][:10] == [
         "Fig. 2", "Fig. 4", "Fig. 5", "Fig. 6", "Fig. 7", "Table 1", "Table 3", "Tables 4-5, Fig. 9", "Table 7",
-        "TorchRay's pointing game"]
+        "Bau et al. 2017"]
     before = list(analyses.REGISTRY)
     twin = registered["fig7"]
     for name, key in ((twin.name, "fig7b"), ("occlusion2", twin.key), ("fig2", "other")):

@@ -69,6 +69,9 @@ COMMANDS = {
                       "--target": NAMES}),
     "project": ([RUN, "--image", "{files}/images/car/001.png", "--out", "{root}/new/p.png"],
                 {"--layer": NAMES, "--channels": NAMES, "--rule": NAMES, "--image": NAMES}),
+    "dissect": ([RUN, "--masks", "{files}/concepts", "--n", "4"],
+                {"--n": INTS, "--batch-size": INTS, "--quantile": FLOATS, "--iou": FLOATS, "--layers": NAMES,
+                 "--split": NAMES, "--masks": NAMES}),
     "layers": ([RUN], {"--image-size": INTS}),
     "report": ([RUN], {}),
     "serve": ([RUN], {"--port": INTS}),  # every value drawn is a bad port: a good one would serve for ever

@@ -5,6 +5,7 @@ from . import (  # noqa: F401
     ablation,
     analyses,
     correspondence,
+    dissect,
     evolution,
     filters,
     invariance,
