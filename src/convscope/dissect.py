@@ -213,109 +213,188 @@ def _rank(n: int, quantile: float) -> tuple[int, float]:
     return n - 1 - lo, p - lo
 
 
-def thresholds(model: nn.Module, layers: list[str], data: ImageSet, quantile: float = QUANTILE,
-               batch_size: int = 64, bar=None) -> dict[str, torch.Tensor]:
-    """Per layer, each unit's ``1 - quantile`` quantile over every position of every image (float64), equal to
-    ``numpy.quantile``; it keeps per unit only the values above it, ``quantile`` of them."""
-    sites = [site(model, layer) for layer in layers]
-    top: dict[str, torch.Tensor] = {}
-    rank: dict[str, tuple[int, float]] = {}
-    with torch.no_grad(), eval_mode(model):
-        for start in range(0, len(data), batch_size):
-            x = data.batch(torch.arange(start, min(start + batch_size, len(data))))[0]
-            for layer, act in zip(layers, run_to_all(model, sites, x)):
-                _check_maps(layer, act)
-                values = act.transpose(0, 1).reshape(act.shape[1], -1).float()
-                if layer not in rank:
-                    rank[layer] = _rank(len(data) * act.shape[2] * act.shape[3], quantile)
-                keep = rank[layer][0] + 1
-                merged = values if layer not in top else torch.cat([top[layer], values], 1)
-                top[layer] = merged.topk(min(keep, merged.shape[1]), 1).values
-            if bar is not None:
-                bar.update(len(x))
-    out = {}
-    for layer, values in top.items():
-        r, frac = rank[layer]
-        values = values.double()
-        out[layer] = values[:, r] if r == 0 or frac == 0 else values[:, r] + frac * (values[:, r - 1] - values[:, r])
-    return out
-
-
 def _check_maps(layer: str, act: torch.Tensor) -> None:
     if act.dim() != 4:
         raise ConvscopeError(f"layer {layer!r} has no feature maps (its output is {tuple(act.shape[1:])}); "
                              "dissection labels the units of convolutional layers")
 
 
-def tally(model: nn.Module, layers: list[str], data: ImageSet, concepts: ConceptSet,
-          limits: dict[str, torch.Tensor], batch_size: int = 64, bar=None) -> dict[str, LayerDissection]:
-    """The second pass: per layer, the sums of :class:`LayerDissection` over the images, with each unit's maps
-    upsampled (bilinear) to the concepts' size and thresholded at ``limits``."""
-    sites = [site(model, layer) for layer in layers]
-    n_concepts, category = len(concepts.names), concepts.concept_category()
-    n_categories = len(concepts.category_names)
-    concept_area = torch.zeros(n_concepts, dtype=torch.float64)
-    sums: dict[str, list[torch.Tensor]] = {}
-    peaks: dict[str, list[torch.Tensor]] = {layer: [] for layer in layers}
-    size = tuple(concepts.maps.shape[-2:])
-    with torch.no_grad(), eval_mode(model):
-        for start in range(0, len(data), batch_size):
-            index = torch.arange(start, min(start + batch_size, len(data)))
-            x = data.batch(index)[0]
-            maps = concepts.maps[index].long()
-            present = torch.zeros(len(index), n_categories, dtype=torch.float64)
-            for j, lookup in enumerate(concepts.lookup):
-                concept = lookup[maps[:, j]]  # (B, H, W): -1 where none
-                hit = concept >= 0
-                concept_area += torch.bincount(concept[hit], minlength=n_concepts).double()
-                for b in range(len(index)):
-                    present[b, category[concept[b][hit[b]]].unique()] = 1
-            if concepts.annotated is not None:
-                present = concepts.annotated[index].double()
-            for layer, act in zip(layers, run_to_all(model, sites, x)):
-                _check_maps(layer, act)
-                units = act.shape[1]
-                if layer not in sums:
-                    sums[layer] = [torch.zeros(units, n_concepts, dtype=torch.float64),
-                                   torch.zeros(units, n_categories, dtype=torch.float64)]
-                inter, area = sums[layer]
-                limit = limits[layer].to(act.dtype)
-                peak = act.amax((2, 3))
-                peaks[layer].append(peak.float())
-                b_idx, u_idx = (peak > limit).nonzero(as_tuple=True)  # the maps that reach the threshold
-                chunk = max(1, (1 << 24) // (size[0] * size[1]))
-                for c in range(0, len(b_idx), chunk):
-                    b, u = b_idx[c:c + chunk], u_idx[c:c + chunk]
-                    up = F.interpolate(act[b, u].unsqueeze(1).float(), size=size, mode="bilinear",
-                                       align_corners=False)[:, 0]
-                    on = up > limit[u].float()[:, None, None]
-                    area.index_add_(0, u, on.flatten(1).sum(1).double()[:, None] * present[b])
-                    k, yy, xx = on.nonzero(as_tuple=True)
-                    for j, lookup in enumerate(concepts.lookup):
-                        concept = lookup[maps[b[k], j, yy, xx]]
-                        hit = concept >= 0
-                        inter += torch.bincount(u[k][hit] * n_concepts + concept[hit],
-                                                minlength=units * n_concepts).view(units, n_concepts).double()
-            if bar is not None:
-                bar.update(len(index))
-    return {layer: LayerDissection(limits[layer], inter, area, concept_area.clone(), category,
-                                   torch.cat(peaks[layer]))
-            for layer, (inter, area) in sums.items()}
+def _bilinear_table(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For each output row of a bilinear upsampling from ``n_in`` to ``n_out`` (pixel centres aligned, PyTorch's
+    ``align_corners=False``): its two source rows and the weight of the second."""
+    src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp_min(0)
+    first = src.floor().long().clamp_max(n_in - 1)
+    return first, (first + 1).clamp_max(n_in - 1), src - first
+
+
+class _Stream:
+    """One layer's dissection in one pass over the images: per unit the values above the running top share, each
+    with where it is (image, row, column) and its 3x3 neighbourhood (edges repeated: what bilinear upsampling
+    reads), and each map's maximum. A value can only leave the top when larger ones arrive, so at the end the
+    values above the exact threshold are all here, with all that the upsampled pixels around them need."""
+
+    def __init__(self, n_images: int, quantile: float):
+        self.n_images, self.quantile = n_images, quantile
+        self.top = self.where = self.around = None
+        self.peaks: list[torch.Tensor] = []
+
+    def add(self, act: torch.Tensor, first: int) -> None:
+        b, units, h, w = act.shape
+        self.size = (h, w)
+        if self.top is None:
+            self.rank = _rank(self.n_images * h * w, self.quantile)
+            self.top = torch.empty(units, 0)
+            self.where = torch.empty(units, 0, 3, dtype=torch.long)
+            self.around = torch.empty(units, 0, 9)
+        act = act.float()
+        self.peaks.append(act.amax((2, 3)))
+        values = act.transpose(0, 1).reshape(units, -1)
+        keep = min(self.rank[0] + 1, self.top.shape[1] + values.shape[1])
+        merged = torch.cat([self.top, values], 1)
+        top, pick = merged.topk(keep, 1)
+        old = self.top.shape[1]
+        new = (pick >= old).nonzero(as_tuple=True)
+        flat = pick[new] - old  # position in this batch: image * h * w + row * w + column
+        image, rest = flat // (h * w), flat % (h * w)
+        row, col = rest // w, rest % w
+        padded = F.pad(act, (1, 1, 1, 1), mode="replicate")  # (b, units, h + 2, w + 2)
+        offsets = torch.arange(3)
+        rows = (row[:, None] + offsets)[:, :, None].expand(-1, 3, 3)
+        cols = (col[:, None] + offsets)[:, None, :].expand(-1, 3, 3)
+        around = padded[image[:, None, None], new[0][:, None, None], rows, cols].reshape(-1, 9)
+        where = torch.zeros(units, keep, 3, dtype=torch.long)
+        neighbours = torch.zeros(units, keep, 9)
+        from_before = (pick < old).nonzero(as_tuple=True)
+        where[from_before] = self.where[from_before[0], pick[from_before]]
+        neighbours[from_before] = self.around[from_before[0], pick[from_before]]
+        where[new] = torch.stack([image + first, row, col], 1)
+        neighbours[new] = around
+        self.top, self.where, self.around = top, where, neighbours
+
+    def threshold(self) -> torch.Tensor:
+        r, frac = self.rank
+        values = self.top.double()
+        return values[:, r] if r == 0 or frac == 0 else values[:, r] + frac * (values[:, r - 1] - values[:, r])
+
+    def pixels(self, limits: torch.Tensor, size: tuple[int, int], chunk: int = 16384):
+        """The upsampled pixels above each unit's threshold, as (image, unit, pixel) chunks (``pixel``: the index
+        in the images' (N, H, W) pixels). Bilinear
+        upsampling cuts the image into cells, the pixels between four neighbouring source positions; a pixel can
+        pass only in a cell with a corner above the threshold, which is one of the values kept. Each such cell is
+        computed once, by the first of its corners above the threshold (in the order bilinear reads them)."""
+        h, w = self.size
+        (r0, _, ry), (c0, _, cx) = _bilinear_table(h, size[0]), _bilinear_table(w, size[1])
+        ry, cx = ry.float(), cx.float()
+        row_lo, row_hi = torch.searchsorted(r0, torch.arange(h)), torch.searchsorted(r0, torch.arange(h), right=True)
+        col_lo, col_hi = torch.searchsorted(c0, torch.arange(w)), torch.searchsorted(c0, torch.arange(w), right=True)
+        span_r, span_c = int((row_hi - row_lo).max()), int((col_hi - col_lo).max())
+        unit, k = (self.top.double() > limits[:, None]).nonzero(as_tuple=True)
+        for start in range(0, len(unit), chunk):
+            u, kk = unit[start:start + chunk], k[start:start + chunk]
+            image, a, c = self.where[u, kk].unbind(1)
+            around = self.around[u, kk].view(-1, 3, 3)
+            limit = limits[u].float()
+            above = around > limit[:, None, None]
+            n = torch.arange(len(u))
+            cells = []
+            for dp in (0, 1):  # the cell whose top-left corner is (a - 1 + dp, c - 1 + dq)
+                for dq in (0, 1):
+                    p, q = a - 1 + dp, c - 1 + dq
+                    rows = (torch.full_like(a, dp), (p + 1).clamp_max(h - 1) - a + 1)  # neighbourhood offsets
+                    cols = (torch.full_like(c, dq), (q + 1).clamp_max(w - 1) - c + 1)
+                    corners = [(rows[0], cols[0]), (rows[0], cols[1]), (rows[1], cols[0]), (rows[1], cols[1])]
+                    first = torch.full_like(a, 4)
+                    for i in range(3, -1, -1):
+                        first = torch.where(above[n, corners[i][0], corners[i][1]], i, first)
+                    ours = (p >= 0) & (q >= 0)
+                    ours &= sum(((first == i) & (oy == 1) & (ox == 1) for i, (oy, ox) in enumerate(corners)),
+                                torch.zeros_like(ours))
+                    sel = ours.nonzero().flatten()
+                    values = torch.stack([around[sel, oy[sel], ox[sel]] for oy, ox in corners], 1)
+                    cells.append((sel, p[sel], q[sel], values))
+            sel = torch.cat([cell[0] for cell in cells])
+            p, q, v = (torch.cat([cell[i] for cell in cells]) for i in (1, 2, 3))
+            ys = row_lo[p][:, None] + torch.arange(span_r)
+            xs = col_lo[q][:, None] + torch.arange(span_c)
+            valid = (ys < row_hi[p][:, None])[:, :, None] & (xs < col_hi[q][:, None])[:, None, :]
+            ys, xs = ys.clamp_max(size[0] - 1), xs.clamp_max(size[1] - 1)
+            wy, wx = ry[ys][:, :, None], cx[xs][:, None, :]
+            v = v[:, :, None, None]
+            upper = torch.addcmul(v[:, 0], wx, v[:, 1] - v[:, 0])  # along the columns, on the cell's two rows
+            lower = torch.addcmul(v[:, 2], wx, v[:, 3] - v[:, 2])
+            on = torch.addcmul(upper, wy, lower - upper) > limit[sel][:, None, None]
+            on &= valid
+            m, yy, xx = on.nonzero(as_tuple=True)
+            yield image[sel[m]], u[sel[m]], (image[sel[m]] * size[0] + ys[m, yy]) * size[1] + xs[m, xx]
+
+    def finish(self, concepts: ConceptSet, labels: torch.Tensor, present: torch.Tensor, concept_area: torch.Tensor,
+               category: torch.Tensor) -> LayerDissection:
+        """The sums of :class:`LayerDissection` from the pixels above the thresholds; ``labels``: each pixel's
+        concepts, (N, H, W, maps) with ``lookup`` applied (-1: none)."""
+        limits = self.threshold()
+        units, n_concepts = self.top.shape[0], len(concepts.names)
+        n_images = len(labels)
+        inter = torch.zeros(units * n_concepts, dtype=torch.float64)
+        fired = torch.zeros(n_images * units, dtype=torch.float64)
+        flat = labels.view(-1, labels.shape[-1])
+        for image, unit, pixel in self.pixels(limits, tuple(labels.shape[1:3])):
+            fired += torch.bincount(image * units + unit, minlength=n_images * units).double()
+            concept = flat[pixel].long()  # (pixels, maps)
+            hit = concept >= 0
+            index = (unit[:, None] * n_concepts + concept)[hit]
+            inter += torch.bincount(index, minlength=units * n_concepts).double()
+        area = fired.view(n_images, units).T @ present  # a unit's pixels where each category is annotated
+        return LayerDissection(limits, inter.view(units, n_concepts), area, concept_area.clone(), category,
+                               torch.cat(self.peaks))
+
+
+def _concept_totals(labels: torch.Tensor, concepts: ConceptSet, batch: int = 64
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each concept's pixels over the images, and per image which categories are annotated there (those of a
+    concept with pixels, or as ``concepts.annotated`` says); ``labels`` as :meth:`_Stream.finish` takes them."""
+    n_concepts = len(concepts.names)
+    member = F.one_hot(concepts.concept_category(), len(concepts.category_names)).double()  # concept -> category
+    area = torch.zeros(n_concepts, dtype=torch.float64)
+    present = torch.zeros(len(labels), member.shape[1], dtype=torch.float64)
+    for start in range(0, len(labels), batch):
+        concept = labels[start:start + batch].flatten(1).long()
+        b = torch.arange(len(concept))[:, None].expand_as(concept)
+        hit = concept >= 0
+        counts = torch.bincount(b[hit] * n_concepts + concept[hit], minlength=len(concept) * n_concepts)
+        counts = counts.view(len(concept), n_concepts).double()
+        area += counts.sum(0)
+        present[start:start + len(concept)] = ((counts @ member) > 0).double()
+    if concepts.annotated is not None:
+        present = concepts.annotated.double()
+    return area, present
 
 
 def dissect(model: nn.Module, layers: list[str], data: ImageSet, concepts: ConceptSet, quantile: float = QUANTILE,
             batch_size: int = 64, progress: bool | None = None) -> dict[str, LayerDissection]:
-    """Both passes over ``data`` (whose images ``concepts`` describe, in order) for the units of ``layers``."""
+    """The units of ``layers`` dissected in one forward pass over ``data`` (whose images ``concepts`` describe, in
+    order): thresholds, then the upsampled pixels above them, only where values above them are (:class:`_Stream`)."""
     if len(concepts.maps) != len(data):
         raise ConvscopeError(f"{len(concepts.maps)} concept maps for {len(data)} images: give one per image")
     if not 0 < quantile < 1:
         raise ConvscopeError(f"quantile must be between 0 and 1 (the top share of each unit's activations), got "
                              f"{quantile!r}")
-    bar = tqdm(total=2 * len(data), desc="dissect", unit="image", disable=None if progress is None else not progress)
-    limits = thresholds(model, layers, data, quantile, batch_size, bar)
-    found = tally(model, layers, data, concepts, limits, batch_size, bar)
+    sites = [site(model, layer) for layer in layers]
+    streams = {layer: _Stream(len(data), quantile) for layer in layers}
+    bar = tqdm(total=len(data), desc="dissect", unit="image", disable=None if progress is None else not progress)
+    with torch.no_grad(), eval_mode(model):
+        for start in range(0, len(data), batch_size):
+            x = data.batch(torch.arange(start, min(start + batch_size, len(data))))[0]
+            for layer, act in zip(layers, run_to_all(model, sites, x)):
+                _check_maps(layer, act)
+                streams[layer].add(act, start)
+            bar.update(len(x))
     bar.close()
-    return found
+    labels = torch.stack([lookup.to(torch.int16)[concepts.maps[:, j].long()] for j, lookup in
+                          enumerate(concepts.lookup)], -1)  # (N, H, W, maps): each pixel's concepts, -1 for none
+    concept_area, present = _concept_totals(labels, concepts)
+    category = concepts.concept_category()
+    return {layer: stream.finish(concepts, labels, present, concept_area, category)
+            for layer, stream in streams.items()}
 
 
 # ----------------------------------------------------------------------------------------------- by cause
@@ -665,4 +744,4 @@ register(Analysis(
 
 
 __all__ = ["CATEGORIES", "IOU", "QUANTILE", "ConceptSet", "DissectResult", "LayerDissection", "compute", "dissect",
-           "dissect_table", "embedded_concepts", "findings", "tally", "thresholds", "user_concepts"]
+           "dissect_table", "embedded_concepts", "findings", "user_concepts"]
