@@ -321,7 +321,7 @@ def test_a_new_per_unit_analysis_needs_no_edit_outside_its_own_module(tiny_files
     assert 'id="toy-bar" src="/files/figures/toymeans/conv1/unit_0002.png"' in page
     assert f"mean activation {means[2].item():.4f}" in page
     assert f"mean x 1000 <b>{round(1000 * means[2].item())}</b>" in page
-    order = [int(u) for u in re.findall(r'id="u(\d+)"', client.get("/layer/conv1?sort=class").text)]
+    order = [int(u) for u in re.findall(r'id="u(\d+)"', client.get("/layer/conv1?sort=toymeans").text)]
     assert order == sorted(order, reverse=True) and len(order) == means.numel()  # the badges' order
     assert analyses.get("toymeans") is toy
     report = render_report(run.path)  # its section, with its text file

@@ -191,7 +191,7 @@ def test_every_unit_of_a_trained_run_in_the_viewer(browser, scanned_run, monkeyp
     page = client.get("/layer/conv5/unit/17").text
     assert f"{data.classes[best]} <b>{int(hist[best])}</b>" in page and "strongest images" in page
     # sorted by class specificity: the share of the top class never rises down the page
-    sorted_page = client.get("/layer/conv5?sort=class").text
+    sorted_page = client.get("/layer/conv5?sort=fig2").text
     import re
 
     order = [int(u) for u in re.findall(r'id="u(\d+)"', sorted_page)]

@@ -249,3 +249,54 @@ def test_a_hand_built_nose_detector_is_labelled_nose_and_its_label_holds_by_caus
     assert nose.causal and nose.pairs >= 15 and nose.wins == nose.pairs and nose.drop > nose.drop_elsewhere
     wheel = causal_check(model, "out", 0, concepts.names.index("front_wheel"), data, concepts, found.peaks, fill)
     assert not wheel.causal and wheel.p > 0.2
+
+
+@pytest.mark.slow
+def test_the_viewer_shows_a_units_label_and_verdict_and_filters_a_layer_by_concept(trained_run, tmp_path):
+    """In Chromium: the layer page's tag links keep only the units labelled with that concept; a unit page gives
+    its label, its IoU, the verdict by cause, its picture with the label outlined, and the runner-ups."""
+    import re
+    import shutil
+
+    from helpers import ARGS, CHROMIUM, Watched, require_chromium, serving
+    from playwright.sync_api import sync_playwright
+
+    import convscope as cs
+    from convscope.dissect import compute, write_dissect
+
+    require_chromium()
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run.path, run_dir, ignore=shutil.ignore_patterns("figures", "report.html", "scan"))
+    run = cs.open_run(run_dir)
+    result = compute(run, layers=["conv5"], n=400, progress=False)
+    write_dissect(result, run.layout)
+    units = result.units("conv5")
+    labelled = [u for u in units if u["label"]]
+    concept = max({u["label"] for u in labelled}, key=lambda c: sum(u["label"] == c for u in labelled))
+    holders = sorted(u["unit"] for u in labelled if u["label"] == concept)
+    assert len(labelled) >= 5 and 1 <= len(holders) < len(labelled)
+    with serving(run_dir) as (host, port), sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        watched = Watched(browser)
+        page = watched.page
+        page.goto(f"http://{host}:{port}/layer/conv5")
+        shown = sorted(int(u) for u in re.findall(r'id="u(\d+)"', page.content()))
+        assert shown == sorted(u["unit"] for u in labelled)  # the dissection's units: its labelled ones
+        page.click(f"a.tag:text-is('{concept} ({len(holders)})')")
+        page.wait_for_url(re.compile(r"tag="))
+        assert sorted(int(u) for u in re.findall(r'id="u(\d+)"', page.content())) == holders
+        page.click("#sort-dissect")
+        page.wait_for_url(re.compile(r"sort=dissect"))
+        order = [int(u) for u in re.findall(r'id="u(\d+)"', page.content())]
+        assert sorted(order) == holders and [units[u]["iou"] for u in order] == sorted(
+            (units[u]["iou"] for u in order), reverse=True)
+        unit = units[holders[0]]
+        page.goto(f"http://{host}:{port}/layer/conv5/unit/{unit['unit']}")
+        text = page.inner_text("#dissect-label")
+        assert f"Detects {concept} ({unit['category']}), IoU {unit['iou']:.3f}" in text
+        verdict = "causal: painting it out" if unit["causal"]["causal"] else "NOT causal"
+        assert verdict in text and f"{unit['causal']['wins']} of {unit['causal']['pairs']} images" in text
+        assert page.evaluate("document.querySelector('#dissect-picture').naturalWidth") > 300
+        assert unit["runners_up"][0]["concept"] in page.inner_text("#dissect-runners")
+        assert not watched.errors
+        browser.close()

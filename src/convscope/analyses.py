@@ -62,6 +62,7 @@ class Analysis:
     unit_panel: Callable[[Layout, str, int, Mapping[str, str]], Panel | None] | None = None
     unit_thumb: Callable[[Layout, str, int], Path | None] | None = None
     unit_badges: Callable[[Layout, str], dict[int, UnitBadge] | None] | None = None
+    sort_label: str = ""  # what ordering a layer's units by its badges shows ("most class-specific first")
 
     @property
     def command(self) -> str:

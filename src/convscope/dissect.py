@@ -29,12 +29,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import artifacts
-from .analyses import LAYERS_HELP, SPLIT_HELP, Analysis, existing, register
+from .analyses import LAYERS_HELP, SPLIT_HELP, Analysis, existing, json_check, register
 from .data.base import ImageSet
 from .errors import ConvscopeError, check_int
 from .forward import eval_mode, run_to_all
 from .layers import site
 from .layout import Layout
+from .panels import Line, Panel, Picture, Table, UnitBadge
 from .tables import TextTable
 
 QUANTILE = 0.005
@@ -522,6 +523,7 @@ class DissectResult:
     causal: dict[str, dict[int, Causal]] = field(default_factory=dict)  # each labelled unit's label, by cause
     control: dict[str, dict[int, Causal]] = field(default_factory=dict)  # the same test of a random concept
     top9: dict[str, dict[int, float]] = field(default_factory=dict)  # share of its top-9 fields holding its label
+    pictures: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict, repr=False)  # see label_views
 
     def units(self, layer: str, runners: int = 3) -> list[dict]:
         """Per unit of ``layer``: its label (None under the IoU bar), category, IoU, the runner-up concepts."""
@@ -588,6 +590,7 @@ def compute(run, layers: list[str] | None = None, split: str | None = None, quan
         concepts = embedded_concepts(data)
     found = dissect(run.model, layers, data, concepts, quantile, batch_size, progress)
     result = DissectResult(found, concepts.names, concepts.categories, quantile, iou, split, len(data))
+    label_views(run.model, result, data, concepts)
     if causal:
         check_by_cause(run.model, result, data, concepts, seed, progress)
     return result
@@ -595,23 +598,19 @@ def compute(run, layers: list[str] | None = None, split: str | None = None, quan
 
 def check_by_cause(model: nn.Module, result: DissectResult, data: ImageSet, concepts: ConceptSet, seed: int = 0,
                    progress: bool | None = None) -> None:
-    """For every labelled unit: its label by cause (:func:`causal_check`), the same test of a concept drawn at
-    random (the control: it should pass about as often as chance), and the share of its top-9 receptive fields
-    (its strongest images, at its strongest position) that hold its label's pixels (Fig. 2 tied to the label)."""
+    """For every labelled unit: its label by cause (:func:`causal_check`), and the same test of a concept drawn at
+    random (the control: it should pass about as often as chance)."""
     from .occluders import default_fill
-    from .receptive_field import receptive_field
 
     fill = default_fill(model, data.batch(torch.arange(min(len(data), 256)))[0])
     generator = torch.Generator().manual_seed(seed)
-    labelled = {layer: [(u["unit"], result.names.index(u["label"])) for u in result.units(layer, 0) if u["label"]]
-                for layer in result.layers}
+    labelled = _labelled(result)
     bar = tqdm(total=sum(map(len, labelled.values())), desc="dissect: by cause", unit="unit",
                disable=None if progress is None else not progress)
     for layer, units in labelled.items():
         d = result.layers[layer]
         present = (d.concept_area > 0).nonzero().flatten().tolist()
-        result.causal[layer], result.control[layer], result.top9[layer] = {}, {}, {}
-        tops, where = [], []
+        result.causal[layer], result.control[layer] = {}, {}
         for unit, concept in units:
             result.causal[layer][unit] = causal_check(model, layer, unit, concept, data, concepts, d.peaks, fill,
                                                       seed=seed)
@@ -620,20 +619,58 @@ def check_by_cause(model: nn.Module, result: DissectResult, data: ImageSet, conc
                 other = others[int(torch.randint(len(others), (1,), generator=generator))]
                 result.control[layer][unit] = causal_check(model, layer, unit, other, data, concepts, d.peaks, fill,
                                                            seed=seed)
+            bar.update(1)
+    bar.close()
+
+
+def _labelled(result: DissectResult) -> dict[str, list[tuple[int, int]]]:
+    return {layer: [(u["unit"], result.names.index(u["label"])) for u in result.units(layer, 0) if u["label"]]
+            for layer in result.layers}
+
+
+SHOWN = 5  # a labelled unit's strongest images in its picture
+
+
+def label_views(model: nn.Module, result: DissectResult, data: ImageSet, concepts: ConceptSet) -> None:
+    """For every labelled unit: the share of its top-9 receptive fields (its strongest images, at its strongest
+    position) that hold its label's pixels (Fig. 2 tied to the label), and its picture: its ``SHOWN`` strongest
+    images, dimmed where it does not fire (its maps above its threshold, upsampled), its label's pixels outlined."""
+    from .receptive_field import receptive_field
+
+    for layer, units in _labelled(result).items():
+        d = result.layers[layer]
+        result.top9[layer], result.pictures[layer] = {}, {}
+        tops, where = [], []
+        for unit, concept in units:
             top = d.peaks[:, unit].argsort(descending=True)[:9]
+            x = data.batch(top)[0]
             with torch.no_grad(), eval_mode(model):
-                maps = run_to_all(model, [site(model, layer)], data.batch(top)[0])[0][:, unit]
+                maps = run_to_all(model, [site(model, layer)], x)[0][:, unit]
             flat = maps.flatten(1).argmax(1)
             tops.append((unit, concept, top, len(where)))
             where += [(int(f) // maps.shape[-1], int(f) % maps.shape[-1]) for f in flat]
-            bar.update(1)
+            fires = F.interpolate(maps[:SHOWN, None].float(), size=x.shape[-2:], mode="bilinear",
+                                  align_corners=False)[:, 0] > float(d.thresholds[unit])
+            result.pictures[layer][unit] = _picture(x[:SHOWN], fires, concept_masks(concepts, concept, top[:SHOWN]))
         if tops:
             boxes = receptive_field(model, layer, where, data.image_size)
             for unit, concept, top, first in tops:
                 masks = concept_masks(concepts, concept, top)
                 held = [bool(m[b.slices].any()) for m, b in zip(masks, boxes[first:first + len(top)])]
                 result.top9[layer][unit] = sum(held) / len(held)
-    bar.close()
+
+
+def _picture(x: torch.Tensor, fires: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """Images (n, 3, H, W) in [0, 1] side by side, at least 128 px high: dimmed where ``fires`` is false, the
+    outline of ``label`` in yellow. (H', n W', 3) uint8."""
+    scale = max(1, -(-128 // x.shape[-1]))
+    up = (lambda t: t.repeat_interleave(scale, -1).repeat_interleave(scale, -2))  # noqa: E731
+    x, fires, label = up(x), up(fires), up(label).float()
+    edge = label - (-F.max_pool2d(-label[:, None], 3, 1, 1))[:, 0]  # the label's pixels next to others
+    shown = x * torch.where(fires, 1.0, 0.35)[:, None]
+    shown = torch.where(edge[:, None] > 0, torch.tensor([1.0, 0.86, 0.0])[None, :, None, None], shown)
+    tiles = [t for i in range(len(shown)) for t in (shown[i], torch.ones(3, shown.shape[-2], 2))]
+    return (torch.cat(tiles[:-1], -1).permute(1, 2, 0) * 255).round().to(torch.uint8)
 
 
 def findings(result: DissectResult) -> list:
@@ -708,16 +745,125 @@ def dissect_figure(result: DissectResult):
 
 
 def write_dissect(result: DissectResult, layout: Layout) -> list[Path]:
-    """``dissect.json`` (per layer: the summary and every unit's label, IoU, threshold and runner-ups),
-    ``dissect.md`` (the table) and ``dissect.png`` (the figure) in the run's figures."""
+    """``dissect.json`` (per layer: the summary and every unit's label, IoU, threshold, runner-ups and checks),
+    ``dissect.md`` (the table), ``dissect.png`` (the figure) and each labelled unit's picture in the run's figures,
+    replacing an earlier dissection's."""
     numbers = {"method": "network dissection (Bau et al. 2017)", "quantile": result.quantile, "iou": result.iou,
                "split": result.split, "n_images": result.n_images,
                "concepts": [{"name": n, "category": c} for n, c in zip(result.names, result.categories)],
                "layers": {layer: {"summary": result.summary(layer), "units": result.units(layer)}
                           for layer in result.layers}}
-    return [artifacts.write_json(layout.figure("dissect", ".json"), numbers),
+    for units in layout.unit_files(layout.dissected).values():  # an earlier dissection's, replaced by this one
+        for path in units.values():
+            artifacts.remove(path)
+    pictures = [artifacts.save_image(layout.dissected_unit(layer, unit), picture.numpy())
+                for layer, units in result.pictures.items() for unit, picture in units.items()]
+    return [*pictures, artifacts.write_json(layout.figure("dissect", ".json"), numbers),
             artifacts.write_text(layout.figure("dissect", ".md"), dissect_table(result)),
             artifacts.save_figure(layout.figure("dissect"), dissect_figure(result), dpi=110)]
+
+
+# ----------------------------------------------------------------------------------------------- shown
+
+
+_read: dict[Path, tuple[int, dict]] = {}
+
+
+def read_dissection(layout: Layout) -> dict | None:
+    """The run's dissection record (read again only when its file changes); None where there is none or it is
+    damaged."""
+    path = layout.figure("dissect", ".json")
+    try:
+        stamp = path.stat().st_mtime_ns
+    except OSError:
+        return None
+    if path not in _read or _read[path][0] != stamp:
+        record = artifacts.read_json(path)
+        if not _record_ok(record):
+            return None
+        _read.clear()
+        _read[path] = (stamp, record)
+    return _read[path][1]
+
+
+def _record_ok(record) -> bool:
+    return (isinstance(record, dict) and isinstance(record.get("layers"), dict)
+            and all(isinstance(v, dict) and isinstance(v.get("units"), list) for v in record["layers"].values()))
+
+
+def _unit(layout: Layout, layer: str, unit: int) -> dict | None:
+    record = read_dissection(layout)
+    units = record["layers"].get(layer, {}).get("units", []) if record else []
+    return units[unit] if 0 <= unit < len(units) and isinstance(units[unit], dict) else None
+
+
+def _verdict(entry: dict) -> str:
+    causal = entry.get("causal")
+    if not causal:
+        return "not checked by cause"
+    if causal["causal"]:
+        return (f"causal: painting it out lowered the unit more than painting its surroundings in {causal['wins']} "
+                f"of {causal['pairs']} images (sign test p = {causal['p']:.2g})")
+    return (f"NOT causal: painting it out lowered the unit more than painting its surroundings in only "
+            f"{causal['wins']} of {causal['pairs']} images (sign test p = {causal['p']:.2g})")
+
+
+def unit_panel(layout: Layout, layer: str, unit: int, _query) -> Panel | None:
+    """A unit page's dissection: its label with its IoU and the check by cause, its strongest images with the
+    label outlined, the runner-up concepts."""
+    entry = _unit(layout, layer, unit)
+    if entry is None:
+        return None
+    if not entry.get("label"):
+        return Panel([Line(f"No concept label: its best concept, {entry.get('best')}, overlaps it with IoU "
+                           f"{entry.get('iou', 0):.3f}, under the bar of {read_dissection(layout).get('iou')}; see ",
+                           ".", "dissect", "the dissection", id="dissect-label")])
+    items: list = [Line(f"Detects {entry['label']} ({entry['category']}), IoU {entry['iou']:.3f}; "
+                        f"{_verdict(entry)}. See ", ".", "dissect", "the dissection", id="dissect-label")]
+    picture = layout.dissected_unit(layer, unit)
+    if picture.is_file():
+        items.append(Picture(picture, f"{layer} unit {unit}: its strongest images with {entry['label']} outlined",
+                             "Dissection.", f"Its {SHOWN} strongest images, dimmed where it does not fire, "
+                             f"{entry['label']} outlined in yellow" + (
+                                 f"; {100 * entry['top9_share']:.0f}% of its top-9 receptive fields hold "
+                                 f"{entry['label']}." if entry.get("top9_share") is not None else "."),
+                             id="dissect-picture"))
+    runners = entry.get("runners_up") or []
+    if runners:
+        items.append(Table((("concept", tuple(r["concept"] for r in runners)),
+                            ("category", tuple(r["category"] for r in runners)),
+                            ("IoU", tuple(f"{r['iou']:.3f}" for r in runners))), id="dissect-runners"))
+    return Panel(items)
+
+
+def units(layout: Layout) -> dict[str, dict[int, Path]]:
+    """The labelled units the dissection drew, layer by layer in the order it dissected them."""
+    drawn = layout.unit_files(layout.dissected)
+    record = read_dissection(layout)
+    order = [layer for layer in (record["layers"] if record else []) if layer in drawn]
+    return {layer: drawn[layer] for layer in [*order, *(x for x in drawn if x not in order)]}
+
+
+def unit_badges(layout: Layout, layer: str) -> dict[int, UnitBadge] | None:
+    """Each labelled unit's label under its thumbnail (``?`` where it failed the check by cause), sorted by IoU,
+    tagged with its concept, its category and its verdict, which the layer page filters by."""
+    record = read_dissection(layout)
+    if record is None or layer not in record["layers"]:
+        return None
+    out = {}
+    for entry in record["layers"][layer]["units"]:
+        if not isinstance(entry, dict) or not entry.get("label"):
+            continue
+        causal = entry.get("causal")
+        verdict = "unchecked" if not causal else "causal" if causal["causal"] else "not causal"
+        out[entry["unit"]] = UnitBadge(entry["label"] + ("?" if verdict == "not causal" else ""),
+                                       f"{entry['label']} ({entry['category']}), IoU {entry['iou']:.3f}, {verdict}",
+                                       float(entry["iou"]), (entry["label"], entry["category"], verdict))
+    return out
+
+
+def check(layout: Layout) -> list[tuple[Path, str]]:
+    return json_check(layout.figure("dissect", ".json"), _record_ok)
 
 
 register(Analysis(
@@ -728,7 +874,8 @@ register(Analysis(
     "labelled with its best concept where the IoU exceeds 0.04. NetDissect labels 66% of ResNet-50's layer4 "
     "units on Broden.",
     files=lambda layout: (existing(layout.figure("dissect")), existing(layout.figure("dissect", ".md"))),
-    compute=compute, write=write_dissect, findings=findings,
+    compute=compute, write=write_dissect, findings=findings, check=check, units=units, unit_panel=unit_panel,
+    unit_badges=unit_badges, sort_label="highest IoU first",
     help={"layers": LAYERS_HELP + " [conv1..conv5, or the model's stages]", "split": SPLIT_HELP,
           "quantile": "The top share of each unit's activations that counts as the unit firing.",
           "iou": "The IoU a label needs.", "n": "How many images (the first of the split). [all]",

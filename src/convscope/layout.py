@@ -161,6 +161,15 @@ class Layout:
     def visualize(self) -> Path:
         return self.figures / "visualize"
 
+    @property
+    def dissected(self) -> Path:
+        """The dissection's pictures of labelled units (``convscope dissect``, Bau et al. 2017)."""
+        return self.figures / "dissect"
+
+    def dissected_unit(self, layer: str, unit: int) -> Path:
+        """A labelled unit's strongest images with its label's pixels and its own region outlined."""
+        return self.dissected / layer / f"unit_{unit:04d}.png"
+
     def visualization(self, layer: str, unit: int) -> Path:
         """The image optimised to excite one unit (``convscope visualize``, Olah et al. 2017)."""
         return self.visualize / layer / f"unit_{unit:04d}.png"

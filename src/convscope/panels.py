@@ -68,11 +68,13 @@ class Panel:
 
 @dataclass(frozen=True)
 class UnitBadge:
-    """What a layer page says under a unit's thumbnail, and the number its "sort" orders by (highest first)."""
+    """What a layer page says under a unit's thumbnail, the number its sort orders by (highest first), and the
+    tags its filter keeps units by (a concept, a category, a verdict)."""
 
     text: str
     title: str
     score: float
+    tags: tuple[str, ...] = ()
 
 
 __all__ = ["Counts", "Line", "Panel", "Picture", "Table", "UnitBadge"]

@@ -301,4 +301,5 @@ register(Analysis(
           "rule": RULE_HELP + " Several, comma-separated (deconvnet,guided,gradient), draw each unit under "
                           "each; the viewer switches between them."},
     summary=summary, check=_check_scan, units=scanned.units,
-    unit_panel=scanned.unit_panel, unit_thumb=scanned.unit_thumb, unit_badges=scanned.unit_badges))
+    unit_panel=scanned.unit_panel, unit_thumb=scanned.unit_thumb, unit_badges=scanned.unit_badges,
+    sort_label="most class-specific first"))

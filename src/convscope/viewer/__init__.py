@@ -145,10 +145,18 @@ def make_app(run_dir: str | Path, allowed_hosts: list[str] | tuple[str, ...] | N
         if layer not in art.layers:
             return missing_layer(request, layer, art)
         units = art.layer_units(layer)
-        badges = _badges(layout, layer)
+        badges = _badges(layout, layer)  # analysis key -> unit -> badge
         sort = request.query_params.get("sort", "unit")
-        if sort == "class" and badges is not None:  # highest score first (the scan's: most class-specific)
-            units = sorted(units, key=lambda u: (-badges[u].score, u) if u in badges else (1, u))
+        tag = request.query_params.get("tag", "")
+        tags: dict[str, int] = {}
+        for badge in (b for shown in badges.values() for b in shown.values()):
+            for t in badge.tags:
+                tags[t] = tags.get(t, 0) + 1
+        if tag:  # only the units an analysis tagged so (a concept, a category, a verdict)
+            units = [u for u in units if any(tag in b[u].tags for b in badges.values() if u in b)]
+        if sort in badges:  # highest score first (the scan's: most class-specific; the dissection's: highest IoU)
+            ranked = badges[sort]
+            units = sorted(units, key=lambda u: (-ranked[u].score, u) if u in ranked else (1, u))
         pages = max(1, -(-len(units) // PAGE))
         number = request.query_params.get("page", "1")
         page_no = int(number) if number.isdigit() and len(number) < 7 else 0
@@ -157,21 +165,30 @@ def make_app(run_dir: str | Path, allowed_hosts: list[str] | tuple[str, ...] | N
                                       f"{number[:20]!r}", art, back=layer)
         i = art.layers.index(layer)
 
+        def query(**changed) -> str:
+            params = {"sort": sort if sort != "unit" else "", "tag": tag, **changed}
+            return layer_url(layer) + ("?" + urlencode({k: v for k, v in params.items() if v}) if any(
+                params.values()) else "")
+
         def paged(n: int) -> str:
-            return f"{layer_url(layer)}?page={n}" + (f"&sort={sort}" if sort != "unit" else "")
+            return query(page=n if n > 1 else "")
 
         nav = {"next": unit_url(layer, units[0]) if units else None,
                "prev-layer": layer_url(art.layers[i - 1]) if i > 0 else None,
                "next-layer": layer_url(art.layers[i + 1]) if i + 1 < len(art.layers) else None}
         shown = units[(page_no - 1) * PAGE:page_no * PAGE]
         thumbs = [{"unit": u, "url": unit_url(layer, u), "img": art.url(_thumb(layout, layer, u)),
-                   "badge": badges.get(u) if badges else None} for u in shown]
+                   "badges": [b[u] for b in badges.values() if u in b]} for u in shown]
+        sorts = [("unit", "by number", query(sort=""))] + [
+            (a.key, a.sort_label or f"by {a.ref}", query(sort=a.key)) for a in REGISTRY if a.key in badges]
+        tag_links = [(t, n, query(tag=t if t != tag else ""))
+                     for t, n in sorted(tags.items(), key=lambda x: (-x[1], x[0]))]
         panels = [{"url": art.layer_figure(a.key, layer), "ref": a.ref, "caption": a.caption}
                   for a in REGISTRY if a.per_layer and art.layer_figure(a.key, layer)]
         return page(request, art=art, kind="layer", title=layer, layer=layer, nav=nav, thumbs=thumbs, note=note,
                     layer_figures=panels,
                     n_units=len(units), pages=[(n, paged(n)) for n in range(1, pages + 1)], page_no=page_no,
-                    sort=sort, sortable=badges is not None, layer_link=layer_url(layer),
+                    sort=sort, sorts=sorts if badges else [], tag=tag, tag_links=tag_links, layer_link=layer_url(layer),
                     jump=f"{layer_url(layer)}/goto", biggest=max(units) if units else 0)
 
     async def goto(request: Request) -> Response:
@@ -282,10 +299,9 @@ def _thumb(layout: Layout, layer: str, unit: int) -> Path | None:
     return next((p for a in REGISTRY if a.unit_thumb for p in [a.unit_thumb(layout, layer, unit)] if p), None)
 
 
-def _badges(layout: Layout, layer: str) -> dict[int, UnitBadge] | None:
-    """The badges of a layer's units from the first analysis that has them (None: the page does not sort)."""
-    return next((b for a in REGISTRY if a.unit_badges for b in [a.unit_badges(layout, layer)] if b is not None),
-                None)
+def _badges(layout: Layout, layer: str) -> dict[str, dict[int, UnitBadge]]:
+    """The badges of a layer's units from every analysis that has them: analysis key -> unit -> badge."""
+    return {a.key: b for a in REGISTRY if a.unit_badges for b in [a.unit_badges(layout, layer)] if b is not None}
 
 
 def _panel(panel: Panel, art: RunView, here: str) -> dict:
