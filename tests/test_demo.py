@@ -26,7 +26,7 @@ def test_quick_demo_runs_every_step_and_resumes(tmp_path):
     timings = json.loads((out / "timings.json").read_text())
     assert set(timings) == {
         "train zfnet_small", "train alexnet_small (Fig. 6)", "train zfnet_small without renormalisation (Fig. 6)",
-        "scan and Fig. 2", "evolution (Fig. 4)", "feature visualisation (Olah et al.)", "filters (Fig. 6)",
+        "scan and Fig. 2", "dissection (Bau et al.)", "evolution (Fig. 4)", "feature visualisation (Olah et al.)", "filters (Fig. 6)",
         "occlusion (Fig. 7)", "pointing game (TorchRay)", "sanity check (Adebayo et al.)", "invariance (Fig. 5)",
         "correspondence (Table 1)", "train zfnet_small on parts that correspond (Table 1)",
         "correspondence on parts that correspond (Table 1)", "probes (Table 7)",
@@ -42,7 +42,8 @@ def test_quick_demo_runs_every_step_and_resumes(tmp_path):
     findings = json.loads((out / "findings.json").read_text())["findings"]
     # (the quick demo classifies too few images right for Fig. 7's claim, and trains two of Table 3's variants)
     assert {f["analysis"] for f in findings} == {"fig2", "fig5", "fig5_render", "fig6", "table1", "table1_parts",
-                                                 "table7", "pointing", "sanity", "transfer_digits", "transfer_heldout"}
+                                                 "table7", "pointing", "sanity", "transfer_digits", "transfer_heldout",
+                                                 "dissect"}
     for f in findings:
         assert {"claim", "source", "measured", "interval", "verdict", "analysis"} <= set(f)
         assert f["verdict"] in ("holds", "not shown", "reversed")

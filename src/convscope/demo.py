@@ -102,6 +102,7 @@ def steps(out: Path, quick: bool, seed: int = 0) -> list[tuple[str, Callable[[],
     main_run = [
         ("train zfnet_small", lambda: train(base, out)),
         ("scan and Fig. 2", analysis("scan", units=4 if quick else 0)),
+        ("dissection (Bau et al.)", analysis("dissect", n=200 if quick else None)),
         ("evolution (Fig. 4)", analysis("evolution", units=4 if quick else 8, n_images=500 if quick else 2000)),
         ("feature visualisation (Olah et al.)",
          analysis("visualize", units=2 if quick else 8, steps=16 if quick else 256)),
