@@ -26,7 +26,8 @@ def test_quick_demo_runs_every_step_and_resumes(tmp_path):
     timings = json.loads((out / "timings.json").read_text())
     assert set(timings) == {
         "train zfnet_small", "train alexnet_small (Fig. 6)", "train zfnet_small without renormalisation (Fig. 6)",
-        "scan and Fig. 2", "dissection (Bau et al.)", "evolution (Fig. 4)", "feature visualisation (Olah et al.)", "filters (Fig. 6)",
+        "scan and Fig. 2", "dissection (Bau et al.)", "evolution (Fig. 4)", "feature visualisation (Olah et al.)",
+        "filters (Fig. 6)",
         "occlusion (Fig. 7)", "pointing game (TorchRay)", "sanity check (Adebayo et al.)", "invariance (Fig. 5)",
         "correspondence (Table 1)", "train zfnet_small on parts that correspond (Table 1)",
         "correspondence on parts that correspond (Table 1)", "probes (Table 7)",
