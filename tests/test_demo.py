@@ -27,7 +27,7 @@ def test_quick_demo_runs_every_step_and_resumes(tmp_path):
     assert set(timings) == {
         "train zfnet_small", "train alexnet_small (Fig. 6)", "train zfnet_small without renormalisation (Fig. 6)",
         "scan and Fig. 2", "dissection (Bau et al.)", "evolution (Fig. 4)", "feature visualisation (Olah et al.)",
-        "filters (Fig. 6)",
+        "filters (Fig. 6)", "dissection compared: epochs, AlexNet, no renorm (Bau et al.)",
         "occlusion (Fig. 7)", "pointing game (TorchRay)", "sanity check (Adebayo et al.)", "invariance (Fig. 5)",
         "correspondence (Table 1)", "train zfnet_small on parts that correspond (Table 1)",
         "correspondence on parts that correspond (Table 1)", "probes (Table 7)",
@@ -56,6 +56,10 @@ def test_quick_demo_runs_every_step_and_resumes(tmp_path):
                  "fig5_render.png"):
         with Image.open(figures / name) as im:
             assert min(im.size) > 50, name
+    compared = json.loads((figures / "dissect_compare.json").read_text())["models"]
+    assert [m["name"] for m in compared] == ["epoch 1", "epoch 2", "alexnet_small (10 ep)", "no renorm (30 ep)"]
+    assert all(sorted(m["layers"]) == ["conv1", "conv2", "conv3", "conv4", "conv5"] for m in compared)
+    assert "dissect_compare.png" in html and "epoch 2" in html
     fig6 = json.loads((figures / "fig6.json").read_text())
     assert sorted(fig6) == ["alexnet_small (2 ep)", "zfnet_small (2 ep)", "zfnet_small no renorm (2 ep)"]
     assert all(0 <= v["mid_fraction"] <= 1 for v in fig6.values())

@@ -20,9 +20,13 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from . import analyses, artifacts, correspondence, transfer
+import torch
+
+from . import analyses, artifacts, correspondence, dissect, transfer
 from .ablation import ablate_run
 from .ablation import findings as ablation_findings
+from .analyses import record
+from .checkpoint import load_model
 from .config import PRESETS, TrainConfig
 from .correspondence import write_correspondence
 from .cpu import release_freed_memory, resident_memory
@@ -93,6 +97,20 @@ def steps(out: Path, quick: bool, seed: int = 0) -> list[tuple[str, Callable[[],
             write_findings(Layout(out).findings, transfer.findings(result))
             return write_transfer(result, Layout(out))  # shown in the main run's report
 
+    def dissections():
+        run = open_run(out)
+        models = {f"epoch {e}": load_model(path)[0] for e, path in sorted(Layout(out).saved_epochs().items())}
+        models.setdefault(f"epoch {run.config.epochs}", run.model)  # the final weights
+        models["alexnet_small (10 ep)"] = open_run(out / "compare" / "alexnet_small").model
+        models["no renorm (30 ep)"] = open_run(out / "compare" / "zfnet_small-norenorm").model
+        data = run.split("val")
+        data = data.subset(torch.arange(min(len(data), 200 if quick else 1000)))
+        compared = dissect.compare_models(models, run.map_layers(), data)
+        with artifacts.lock(out, "convscope demo"):
+            paths = dissect.write_comparison(compared, len(data), Layout(out))
+            record(Layout(out), "dissect", paths)
+            return paths
+
     def ablation():
         result, _ = ablate_run(seeded(replace(PAIRS, n_train=200, n_val=100, n_test=100, epochs=1) if quick else PAIRS),
                             Layout(out).ablation, ABLATION_QUICK if quick else ABLATION)
@@ -120,6 +138,7 @@ def steps(out: Path, quick: bool, seed: int = 0) -> list[tuple[str, Callable[[],
         ("train zfnet_small without renormalisation (Fig. 6)",
          lambda: train(replace(base, renorm=False), out / "compare" / "zfnet_small-norenorm", renorm_twin=out)),
         ("filters (Fig. 6)", analysis("filters")),  # again, beside the two runs just trained
+        ("dissection compared: epochs, AlexNet, no renorm (Bau et al.)", dissections),
         ("train zfnet_small on parts that correspond (Table 1)",
          lambda: train(seeded(replace(QUICK, data="synthetic-parts") if quick else PARTS_RUN),
                        out / "compare" / "zfnet_small-parts")),

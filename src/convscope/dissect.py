@@ -763,6 +763,67 @@ def write_dissect(result: DissectResult, layout: Layout) -> list[Path]:
             artifacts.save_figure(layout.figure("dissect"), dissect_figure(result), dpi=110)]
 
 
+# ----------------------------------------------------------------------------------------------- compared
+
+
+def compare_models(models: dict[str, nn.Module], layers: list[str], data: ImageSet, quantile: float = QUANTILE,
+                   iou: float = IOU, progress: bool | None = None) -> dict[str, dict[str, dict]]:
+    """Several models dissected over the same images (the embedded data's concepts): name -> layer -> the summary
+    of :meth:`DissectResult.summary` (no check by cause). The demo's comparisons: its training epochs (how
+    detectors appear, as NetDissect showed), ZF against AlexNet, with and without renormalisation."""
+    concepts = embedded_concepts(data)
+    out = {}
+    for name, model in models.items():
+        found = dissect(model, layers, data, concepts, quantile, progress=progress)
+        result = DissectResult(found, concepts.names, concepts.categories, quantile, iou, "", len(data))
+        out[name] = {layer: result.summary(layer) for layer in layers}
+    return out
+
+
+def comparison_table(compared: dict[str, dict[str, dict]], n_images: int) -> str:
+    """One row per model and layer: labelled units, and the detectors of each category."""
+    cats = list(next(iter(next(iter(compared.values())).values()))["detectors"])
+    rows = tuple((name, layer, f"{s['labelled']} of {s['units']}", *(str(s["detectors"][c]) for c in cats))
+                 for name, layers in compared.items() for layer, s in layers.items())
+    return TextTable(("model", "layer", "labelled units", *(f"{c} detectors" for c in cats)), rows,
+                     f"{n_images} validation images; the same dissection for every model (labels above IoU "
+                     f"{IOU}), not checked by cause.").markdown()
+
+
+def comparison_figure(compared: dict[str, dict[str, dict]]):
+    """Left: object and part detectors per layer over the training epochs (the models named ``epoch N``);
+    right: labelled units per layer of every model."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 3.4))
+    left, right = fig.subplots(1, 2)
+    epochs = {int(name.rsplit(" ", 1)[1]): v for name, v in compared.items() if name.rsplit(" ", 1)[0] == "epoch"
+              and name.rsplit(" ", 1)[1].isdigit()}
+    layers = list(next(iter(compared.values())))
+    for layer in layers:
+        if epochs:
+            xs = sorted(epochs)
+            left.plot(xs, [epochs[e][layer]["detectors"]["object"] + epochs[e][layer]["detectors"]["part"]
+                           for e in xs], ".-", label=layer)
+        right.plot(range(len(compared)), [v[layer]["labelled"] for v in compared.values()], ".-", label=layer)
+    left.set(xlabel="epoch", ylabel="object and part detectors", title="detectors during training")
+    left.legend(frameon=False, fontsize=8)
+    right.set_xticks(range(len(compared)), list(compared), rotation=30, ha="right", fontsize=8)
+    right.set(ylabel="labelled units", title="labelled units per model")
+    for ax in (left, right):
+        ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    return fig
+
+
+def write_comparison(compared: dict[str, dict[str, dict]], n_images: int, layout: Layout) -> list[Path]:
+    """``dissect_compare.json``, ``.md`` and ``.png`` in the run's figures (shown in its dissection section)."""
+    models = [{"name": name, "layers": layers} for name, layers in compared.items()]  # in order: JSON sorts keys
+    return [artifacts.write_json(layout.figure("dissect_compare", ".json"), {"n_images": n_images, "models": models}),
+            artifacts.write_text(layout.figure("dissect_compare", ".md"), comparison_table(compared, n_images)),
+            artifacts.save_figure(layout.figure("dissect_compare"), comparison_figure(compared), dpi=110)]
+
+
 # ----------------------------------------------------------------------------------------------- shown
 
 
@@ -873,7 +934,8 @@ register(Analysis(
     "with the embedded images, not annotated): the intersection over union summed over the images. A unit is "
     "labelled with its best concept where the IoU exceeds 0.04. NetDissect labels 66% of ResNet-50's layer4 "
     "units on Broden.",
-    files=lambda layout: (existing(layout.figure("dissect")), existing(layout.figure("dissect", ".md"))),
+    files=lambda layout: (existing(layout.figure("dissect"), layout.figure("dissect_compare")),
+                          existing(layout.figure("dissect", ".md"), layout.figure("dissect_compare", ".md"))),
     compute=compute, write=write_dissect, findings=findings, check=check, units=units, unit_panel=unit_panel,
     unit_badges=unit_badges, sort_label="highest IoU first",
     help={"layers": LAYERS_HELP + " [conv1..conv5, or the model's stages]", "split": SPLIT_HELP,
@@ -891,4 +953,5 @@ register(Analysis(
 
 
 __all__ = ["CATEGORIES", "IOU", "QUANTILE", "ConceptSet", "DissectResult", "LayerDissection", "compute", "dissect",
-           "dissect_table", "embedded_concepts", "findings", "user_concepts"]
+           "compare_models", "comparison_table", "dissect_table", "embedded_concepts", "findings", "user_concepts",
+           "write_comparison"]
