@@ -102,7 +102,7 @@ def test_the_trained_model_has_object_and_part_detectors_that_grow_with_depth_an
     part detectors over conv1-conv5 60-79 trained, 0-2 untrained; distinct colours labelled at conv1 3-5 and at
     conv3-conv5 0; distinct objects at conv1+conv2 2-3, at conv4+conv5 12-14. The untrained control has as many
     colour detectors at conv1 as the trained model (random filters respond to colour, as NetDissect found): the
-    claim tested on it is the object and part detectors. By cause (issue 28, point 3): 70-76% of the trained
+    claim tested on it is the object and part detectors. By cause (issue 28, point 3): 71-80% of the trained
     model's labels pass the sign test, 6-10% of random concepts given to the same units (the control)."""
     from convscope.dissect import compute
 

@@ -20,6 +20,7 @@ exceeds the largest of its neighbours).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,6 +55,8 @@ class ConceptSet:
     maps: torch.Tensor
     lookup: tuple[torch.Tensor, ...]
     annotated: torch.Tensor | None = None  # (N, categories) bool: the category is labelled there [where it has pixels]
+    # image i drawn again without concept c, (3, H, W) uint8, or None where it cannot be (then its pixels are painted)
+    without: Callable[[int, int], torch.Tensor | None] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         if self.maps.dtype != torch.uint8 or self.maps.dim() != 4 or self.maps.shape[1] != len(self.lookup):
@@ -167,7 +170,7 @@ def user_concepts(data, every, root: str | Path, folder: str | Path) -> ConceptS
 
 def embedded_concepts(data: ImageSet) -> ConceptSet:
     """The concepts of the embedded data set's images (rendered: see :func:`convscope.data.synthetic.concept_maps`)."""
-    from .data.synthetic import CONCEPTS, concept_maps
+    from .data.synthetic import CONCEPTS, concept_maps, render_without
 
     scenes = data.truth.scenes if getattr(data, "truth", None) is not None else None
     if scenes is None:
@@ -178,7 +181,12 @@ def embedded_concepts(data: ImageSet) -> ConceptSet:
         lookup.append(torch.tensor([-1, *range(len(names), len(names) + len(members))], dtype=torch.long))
         names += members
         categories += [category] * len(members)
-    return ConceptSet(tuple(names), tuple(categories), concept_maps(scenes, data.image_size), tuple(lookup))
+    def without(i: int, c: int) -> torch.Tensor | None:
+        image = render_without(scenes[i].tolist(), data.image_size, categories[c], names[c])
+        return None if image is None else torch.from_numpy(image).permute(2, 0, 1)
+
+    return ConceptSet(tuple(names), tuple(categories), concept_maps(scenes, data.image_size), tuple(lookup),
+                      without=without)
 
 
 @dataclass
@@ -465,11 +473,12 @@ class Causal:
 
 def causal_check(model: nn.Module, layer: str, unit: int, concept: int, data: ImageSet, concepts: ConceptSet,
                  peaks: torch.Tensor, fill: torch.Tensor, n_images: int = CAUSAL_IMAGES, seed: int = 0) -> Causal:
-    """Paint concept ``concept``'s pixels with ``fill`` (the data's mean colour) in those of the ``n_images`` images
-    where the unit fires most (``peaks``: its map's maximum per image) that hold the concept, and, in each,
-    the same shape elsewhere, as near the unit's strongest position as it goes without covering the concept
-    (:func:`elsewhere`); the unit's drop (its map's maximum) under each, paired, and the sign test: does removing
-    the concept lower the unit more than removing as much of what surrounds it?"""
+    """Remove concept ``concept`` from those of the ``n_images`` images where the unit fires most (``peaks``: its
+    map's maximum per image) that hold the concept: drawn again without it where the data can be (the embedded
+    set's objects, parts and shapes: everything else unchanged), else its pixels painted with ``fill`` (the data's
+    mean colour); and, in each, the same shape painted elsewhere, as near the unit's strongest position as it goes
+    without covering the concept (:func:`elsewhere`); the unit's drop (its map's maximum) under each, paired, and
+    the sign test: does removing the concept lower the unit more than removing as much of what surrounds it?"""
     from scipy import stats
 
     top = peaks[:, unit].argsort(descending=True)[:n_images]
@@ -495,7 +504,13 @@ def causal_check(model: nn.Module, layer: str, unit: int, concept: int, data: Im
         here = torch.stack([m for _, m, _ in pairs])[:, None].to(x.dtype)
         there = torch.stack([m for _, _, m in pairs])[:, None].to(x.dtype)
         f = fill.to(x)[None, :, None, None]
-        painted = torch.cat([x * (1 - here) + f * here, x * (1 - there) + f * there])
+        removed = x * (1 - here) + f * here
+        if concepts.without is not None:  # drawn again without it, where the data can be (the embedded set's)
+            for j, k in enumerate(keep.tolist()):
+                drawn = concepts.without(int(index[k]), concept)
+                if drawn is not None:
+                    removed[j] = drawn.to(x) / 255
+        painted = torch.cat([removed, x * (1 - there) + f * there])
         act = run_to_all(model, [probe], painted)[0][:, unit].amax((1, 2)).double()
     n = len(pairs)
     original = maps[keep].amax((1, 2)).double()

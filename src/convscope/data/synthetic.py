@@ -660,6 +660,36 @@ def _truth(boxes, masks, parts, scenes: torch.Tensor | None = None) -> GroundTru
                        scenes)
 
 
+def render_without(scene: tuple[int, int, int, int], size: int, category: str, name: str) -> np.ndarray | None:
+    """Scene ``scene`` (a row of ``truth.scenes``) rendered again without a concept, everything else as it was
+    (background, distractors, colours, pose, pixel noise): the object (``category`` ``"object"``), one named
+    part, or every polygon of one shape. (H, W, 3) uint8; None for the categories a scene cannot be drawn
+    without (colour, texture: their pixels are painted instead) or where the scene has nothing of the concept."""
+    seed, split_id, index, fixed = (int(v) for v in scene)
+    s = _sample_scene(seed, split_id, index, bool(fixed))
+    flip = s.pose.flip
+
+    def shown(part_name):  # the name the concept maps give the part (left and right as the viewer sees them)
+        if part_name is not None and flip and part_name.startswith(("left_", "right_")):
+            return ("right_" + part_name[5:]) if part_name.startswith("left_") else ("left_" + part_name[6:])
+        return part_name
+
+    if category == "object" and CLASSES[s.label] == name:
+        s.parts = []
+    elif category == "part" and any(shown(p.name) == name for p in s.parts):
+        s.parts = [p for p in s.parts if shown(p.name) != name]
+    elif category == "shape":
+        before = sum(len(p.polys) for p in s.parts) + len(s.distractors)
+        s.parts = [_Part(p.name, [q for q in p.polys if getattr(q, "kind", None) != name], p.centre, p.colour)
+                   for p in s.parts]
+        s.distractors = [d for d in s.distractors if getattr(d[0], "kind", None) != name]
+        if sum(len(p.polys) for p in s.parts) + len(s.distractors) == before:
+            return None
+    else:
+        return None
+    return _render(s, size)[0]
+
+
 TEXTURES = ["stripes", "noise"]
 """The backgrounds' textures: stripes over smooth noise, or the smooth noise alone."""
 
@@ -853,4 +883,4 @@ def preview(dataset: ImageSet, n: int = 16, scale: int = 3) -> Image.Image:
 
 
 __all__ = ["CLASSES", "COLOURS", "CONCEPTS", "GENERATOR_VERSION", "PARTS", "SHAPES", "TEXTURES", "cache_dir",
-           "cache_path", "colour_names", "concept_maps", "load_synthetic", "preview", "render_pose"]
+           "cache_path", "colour_names", "concept_maps", "load_synthetic", "preview", "render_pose", "render_without"]
