@@ -11,10 +11,12 @@ set), where NetDissect-Lite counts it only in images where the unit's region tou
 which lifts the IoU of units that fire elsewhere.
 
 The concepts of the embedded data set are rendered, not annotated (:func:`convscope.data.synthetic.concept_maps`):
-Broden's five categories, object, part, shape, colour and texture. Two passes over the images, both streamed: the
-first keeps, per unit, the activations above the quantile (0.5% of them), the second counts intersections only
-where a unit's maps exceed its threshold (a map whose maximum does not is never upsampled: a bilinear value never
-exceeds the largest of its neighbours).
+Broden's five categories, object, part, shape, colour and texture; your own images take a folder of masks
+(:func:`user_concepts`). One forward pass over the images keeps, per unit, the activations above the running
+quantile (0.5% of them) with their neighbourhoods; at the end the exact threshold is known, and the upsampled
+pixels above it are computed only in the bilinear cells that have a corner above it (a bilinear value never
+exceeds its largest corner). Each label is then checked by cause (:func:`causal_check`): the concept removed from
+the unit's strongest images against as much of their surroundings.
 """
 
 from __future__ import annotations
@@ -41,7 +43,6 @@ from .tables import TextTable
 
 QUANTILE = 0.005
 IOU = 0.04
-CATEGORIES = ("object", "part", "shape", "colour", "texture")
 
 
 @dataclass(frozen=True)
@@ -967,6 +968,6 @@ register(Analysis(
     summary=dissect_table))
 
 
-__all__ = ["CATEGORIES", "IOU", "QUANTILE", "ConceptSet", "DissectResult", "LayerDissection", "compute", "dissect",
+__all__ = ["IOU", "QUANTILE", "ConceptSet", "DissectResult", "LayerDissection", "compute", "dissect",
            "compare_models", "comparison_table", "dissect_table", "embedded_concepts", "findings", "user_concepts",
            "write_comparison"]
