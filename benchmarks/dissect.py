@@ -13,19 +13,11 @@ reads ``dissect/forward R``.
 import time
 
 import torch
+from scan import plain_forward  # benchmarks/ is the script's folder, so on its path
 
 import convscope as cs
 from convscope.data.synthetic import load_synthetic
 from convscope.dissect import dissect, embedded_concepts
-
-
-def _median(f, repeats=3):
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
 
 
 def main(n_images: int = 128, batch: int = 32) -> float:
@@ -34,18 +26,12 @@ def main(n_images: int = 128, batch: int = 32) -> float:
     data = load_synthetic("val", n=n_images, size=224)
     concepts = embedded_concepts(data)
     layers = ["conv1", "conv2", "conv3", "conv4", "conv5"]
-
-    def forward():
-        with torch.inference_mode():
-            for start in range(0, n_images, batch):
-                model(data.batch(torch.arange(start, min(start + batch, n_images)))[0])
-
-    forward()  # warm up
-    t_fwd = _median(forward)
-    t_dissect = _median(lambda: dissect(model, layers, data, concepts, batch_size=batch, progress=False), repeats=1)
-    units = sum(d.thresholds.numel() for d in dissect(model, ["conv1"], data, concepts, batch_size=batch,
-                                                            progress=False).values())
-    print(f"zfnet (224 px), {n_images} images, batch {batch}, {torch.get_num_threads()} threads, conv1 {units} units")
+    t_fwd = plain_forward(model, data, batch)
+    t0 = time.perf_counter()
+    found = dissect(model, layers, data, concepts, batch_size=batch, progress=False)
+    t_dissect = time.perf_counter() - t0
+    units = sum(d.thresholds.numel() for d in found.values())
+    print(f"zfnet (224 px), {n_images} images, batch {batch}, {torch.get_num_threads()} threads, {units} units")
     print(f"  plain forward {t_fwd:.2f} s; dissection of conv1..conv5 {t_dissect:.2f} s")
     ratio = t_dissect / t_fwd
     print(f"dissect/forward {ratio:.2f}")

@@ -28,6 +28,18 @@ def _median(f, repeats=3):
     return sorted(times)[len(times) // 2]
 
 
+def plain_forward(model, data: ImageSet, batch: int) -> float:
+    """The median time of a plain forward pass of ``data`` in batches of ``batch`` (after one to warm up)."""
+
+    def forward():
+        with torch.inference_mode():
+            for start in range(0, len(data), batch):
+                model(data.batch(torch.arange(start, min(start + batch, len(data))))[0])
+
+    forward()  # warm up
+    return _median(forward)
+
+
 def bench(name: str, n_images: int, batch: int, units: int) -> None:
     torch.manual_seed(0)
     model = cs.create_model(name, num_classes=10).eval()
@@ -35,14 +47,7 @@ def bench(name: str, n_images: int, batch: int, units: int) -> None:
     data = ImageSet((torch.rand(n_images, 3, s, s) * 255).to(torch.uint8), torch.zeros(n_images).long(),
                     [str(i) for i in range(10)])
     layers = ["conv1", "conv2", "conv3", "conv4", "conv5"]
-
-    def forward():
-        with torch.inference_mode():
-            for start in range(0, n_images, batch):
-                model(data.batch(torch.arange(start, min(start + batch, n_images)))[0])
-
-    forward()  # warm up
-    t_fwd = _median(forward)
+    t_fwd = plain_forward(model, data, batch)
     t_scan = _median(lambda: scan(model, data, layers, k=9, batch_size=batch, progress=False))
     topk = scan(model, data, layers, k=9, batch_size=batch, progress=False)
     t_one = t_fwd / n_images

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from . import artifacts
 from .analyses import LAYERS_HELP, SPLIT_HELP, Analysis, existing, json_check, register
 from .data.base import ImageSet
+from .data.folder import centre_square
 from .errors import ConvscopeError, check_int
 from .forward import eval_mode, run_to_all
 from .layers import site
@@ -99,10 +100,7 @@ def _binary_mask(path: Path, image: Path, size: int) -> torch.Tensor:
         raise ConvscopeError(f"mask {path} is not binary: it has grey values ({', '.join(map(str, grey[:4]))}"
                              f"{', ...' if len(grey) > 4 else ''}); a mask is black (0) where the concept is not and "
                              "white (255, or 1) where it is")
-    w, h = mask.size
-    side = min(w, h)
-    box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
-    mask = mask.resize((size, size), Image.Resampling.NEAREST, box=box)
+    mask = mask.resize((size, size), Image.Resampling.NEAREST, box=centre_square(*mask.size))
     return torch.frombuffer(bytearray(mask.tobytes()), dtype=torch.uint8).view(size, size) > 0
 
 

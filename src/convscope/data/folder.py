@@ -131,6 +131,14 @@ def _scan(root: str | Path) -> tuple[list[str], list[tuple[Path, int]], list[str
     return [display_name(c) for c in folders], samples, skipped
 
 
+def centre_square(width: int, height: int) -> tuple[float, float, float, float]:
+    """The box (left, top, right, bottom) of an image's centre square: what its short side scaled and centre crop
+    keep."""
+    s = min(width, height)
+    left, top = (width - s) / 2, (height - s) / 2
+    return left, top, left + s, top + s
+
+
 def read_image(path: str | Path, size: int) -> torch.Tensor:
     """One image file as uint8 (3, size, size): RGB, short side scaled to ``size`` (bilinear), centre crop.
 
@@ -143,11 +151,7 @@ def read_image(path: str | Path, size: int) -> torch.Tensor:
     with Image.open(path) as im:
         im.draft("RGB", (size, size))
         im = im.convert("RGB")
-    w, h = im.size
-    s = min(w, h)
-    left, top = (w - s) / 2, (h - s) / 2
-    box = (left, top, left + s, top + s)
-    im = im.resize((size, size), Image.Resampling.BILINEAR, box=box, reducing_gap=3.0)
+    im = im.resize((size, size), Image.Resampling.BILINEAR, box=centre_square(*im.size), reducing_gap=3.0)
     pixels = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(size, size, 3)
     return pixels.permute(2, 0, 1).contiguous()
 
