@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+import convscope.dissect as dissect_module
 from convscope.data.base import ImageSet
 from convscope.dissect import ConceptSet, dissect
 
@@ -64,14 +65,20 @@ class Tiny(nn.Module):
         return self.conv2(self.relu(self.conv(x))).mean((2, 3))
 
 
-@pytest.mark.parametrize("quantile", [0.005, 0.1, 0.3])
-def test_thresholds_iou_and_labels_equal_a_plain_numpy_implementation(quantile):
-    """A tiny net (maps of 8x8 and 4x4 from 16-px images) and tiny masks: two categories, one of them missing from
-    some images (its concepts' union then leaves those images' unit pixels out), masks that overlap across the
-    categories; thresholds, IoU and labels to 1e-6."""
+@pytest.mark.parametrize("quantile,size,sparse", [(0.005, 16, False), (0.1, 16, False), (0.3, 16, False),
+                                                   (0.1, 18, False), (0.1, 18, True)])
+def test_thresholds_iou_and_labels_equal_a_plain_numpy_implementation(quantile, size, sparse, monkeypatch):
+    """A tiny net (maps of 8x8 and 4x4 from 16-px images; 9x9 and 5x5 from 18 px, cells of uneven sizes) and tiny
+    masks: two categories, one of them missing from some images (its concepts' union then leaves those images'
+    unit pixels out), masks that overlap across the categories; thresholds, IoU and labels to 1e-6. ``sparse``:
+    the way many concepts are counted (label combinations renumbered after every map, only the pairs of unit and
+    combination that occur counted)."""
+    if sparse:
+        monkeypatch.setattr(dissect_module, "COMBINATIONS", 1)
+        monkeypatch.setattr(dissect_module, "DENSE_COUNTS", 0)
     torch.manual_seed(0)
     g = np.random.default_rng(0)
-    n, size = 9, 16
+    n = 9
     images = torch.from_numpy(g.integers(0, 256, (n, 3, size, size), dtype=np.uint8))
     data = ImageSet(images, torch.zeros(n, dtype=torch.long), ["x"])
     maps = np.stack([g.integers(0, 4, (n, size, size)), g.integers(0, 3, (n, size, size))], 1).astype(np.uint8)

@@ -44,6 +44,8 @@ from .tables import TextTable
 
 QUANTILE = 0.005
 IOU = 0.04
+COMBINATIONS = 1 << 20  # concepts' label combinations counted before renumbering to those that occur
+DENSE_COUNTS = 1 << 24  # (units x combinations) counted densely; past it, only the pairs that occur
 
 
 @dataclass(frozen=True)
@@ -227,19 +229,21 @@ def _check_maps(layer: str, act: torch.Tensor) -> None:
                              "dissection labels the units of convolutional layers")
 
 
-def _bilinear_table(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _bilinear_table(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor]:
     """For each output row of a bilinear upsampling from ``n_in`` to ``n_out`` (pixel centres aligned, PyTorch's
-    ``align_corners=False``): its two source rows and the weight of the second."""
-    src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp_min(0)
-    first = src.floor().long().clamp_max(n_in - 1)
-    return first, (first + 1).clamp_max(n_in - 1), src - first
+    ``align_corners=False``): its cell, named by the source row above it (-1 above the first row's centre, where
+    the first row is repeated; ``n_in - 1`` below the last's), and the weight of the source row below it."""
+    src = (torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5
+    cell = src.floor().long().clamp(-1, n_in - 1)
+    return cell, torch.where((cell >= 0) & (cell < n_in - 1), src - cell, 0.0)
 
 
 class _Stream:
     """One layer's dissection in one pass over the images: per unit the values above the running top share, each
     with where it is (image, row, column) and its 3x3 neighbourhood (edges repeated: what bilinear upsampling
     reads), and each map's maximum. A value can only leave the top when larger ones arrive, so at the end the
-    values above the exact threshold are all here, with all that the upsampled pixels around them need."""
+    values above the exact threshold are all here, with all that the upsampled pixels around them need. Once the
+    top is full, only the values above its smallest are looked at."""
 
     def __init__(self, n_images: int, quantile: float):
         self.n_images, self.quantile = n_images, quantile
@@ -254,29 +258,45 @@ class _Stream:
             self.top = torch.empty(units, 0)
             self.where = torch.empty(units, 0, 3, dtype=torch.long)
             self.around = torch.empty(units, 0, 9)
-        act = act.float()
+        act = act.float().contiguous()
+        flat = act.view(-1)
         self.peaks.append(act.amax((2, 3)))
-        values = act.transpose(0, 1).reshape(units, -1)
-        keep = min(self.rank[0] + 1, self.top.shape[1] + values.shape[1])
-        merged = torch.cat([self.top, values], 1)
-        top, pick = merged.topk(keep, 1)
-        old = self.top.shape[1]
-        new = (pick >= old).nonzero(as_tuple=True)
-        flat = pick[new] - old  # position in this batch: image * h * w + row * w + column
-        image, rest = flat // (h * w), flat % (h * w)
+        full, old, hw = self.rank[0] + 1, self.top.shape[1], h * w
+        if old == full:  # candidates: the values above each unit's smallest kept, packed per unit (-1: none)
+            floor = self.top[:, -1, None]
+            rows = act.view(b * units, h, w)  # the rows with a value above the floor, then their values above it
+            row = (rows.amax(2) > floor.repeat(b, 1)).view(-1).nonzero().squeeze(1)  # into (b * units * h)
+            line, col = (rows.view(-1, w)[row] > floor[row // h % units]).nonzero(as_tuple=True)
+            index = row[line] * w + col  # into act's (b, units, h, w)
+            unit, order = torch.sort(index // hw % units, stable=True)
+            counts = torch.bincount(unit, minlength=units)
+            width = int(counts.max()) if len(unit) else 0
+            slot = torch.arange(len(unit)) - (counts.cumsum(0) - counts)[unit]
+            candidate = torch.full((units * width,), -1, dtype=torch.long)
+            candidate[unit * width + slot] = index[order]
+            candidate = candidate.view(units, width)
+            values = torch.where(candidate >= 0, flat[candidate.clamp_min(0)], -math.inf)
+        else:
+            candidate, values = None, act.transpose(0, 1).reshape(units, -1)
+        top, pick = torch.cat([self.top, values], 1).topk(min(full, old + values.shape[1]), 1)
+        unit, k = (pick >= old).nonzero(as_tuple=True)
+        j = pick[unit, k] - old
+        index = candidate[unit, j] if candidate is not None else ((j // hw) * units + unit) * hw + j % hw
+        image, rest = index // (units * hw), index % hw
         row, col = rest // w, rest % w
-        padded = F.pad(act, (1, 1, 1, 1), mode="replicate")  # (b, units, h + 2, w + 2)
-        offsets = torch.arange(3)
-        rows = (row[:, None] + offsets)[:, :, None].expand(-1, 3, 3)
-        cols = (col[:, None] + offsets)[:, None, :].expand(-1, 3, 3)
-        around = padded[image[:, None, None], new[0][:, None, None], rows, cols].reshape(-1, 9)
-        where = torch.zeros(units, keep, 3, dtype=torch.long)
-        neighbours = torch.zeros(units, keep, 9)
-        from_before = (pick < old).nonzero(as_tuple=True)
-        where[from_before] = self.where[from_before[0], pick[from_before]]
-        neighbours[from_before] = self.around[from_before[0], pick[from_before]]
-        where[new] = torch.stack([image + first, row, col], 1)
-        neighbours[new] = around
+        offsets = torch.arange(-1, 2)
+        rows = (row[:, None] + offsets).clamp(0, h - 1)  # edges repeated
+        cols = (col[:, None] + offsets).clamp(0, w - 1)
+        around = flat[(((image * units + unit) * h)[:, None] + rows)[:, :, None] * w + cols[:, None, :]].view(-1, 9)
+        if old:
+            before = pick.clamp_max(old - 1)[..., None]
+            where = self.where.gather(1, before.expand(-1, -1, 3))
+            neighbours = self.around.gather(1, before.expand(-1, -1, 9))
+        else:
+            where = torch.empty(*pick.shape, 3, dtype=torch.long)
+            neighbours = torch.empty(*pick.shape, 9)
+        where[unit, k] = torch.stack([image + first, row, col], 1)
+        neighbours[unit, k] = around
         self.top, self.where, self.around = top, where, neighbours
 
     def threshold(self) -> torch.Tensor:
@@ -284,96 +304,118 @@ class _Stream:
         values = self.top.double()
         return values[:, r] if r == 0 or frac == 0 else values[:, r] + frac * (values[:, r - 1] - values[:, r])
 
-    def pixels(self, limits: torch.Tensor, size: tuple[int, int], chunk: int = 16384):
-        """The upsampled pixels above each unit's threshold, as (image, unit, pixel) chunks (``pixel``: the index
-        in the images' (N, H, W) pixels). Bilinear
-        upsampling cuts the image into cells, the pixels between four neighbouring source positions; a pixel can
-        pass only in a cell with a corner above the threshold, which is one of the values kept. Each such cell is
-        computed once, by the first of its corners above the threshold (in the order bilinear reads them)."""
+    def pixels(self, limits: torch.Tensor, size: tuple[int, int], budget: int = 1 << 22):
+        """The upsampled pixels above each unit's threshold, in chunks of about ``budget`` pixels looked at, as
+        bilinear cells ``(image, unit, top, left, on)``: per cell its image, unit and first pixel's row and column,
+        and which of the pixels from there pass (cells, rows, cols). Bilinear upsampling cuts the image
+        into cells, the pixels between four neighbouring source positions; a pixel can pass only in a cell with a
+        corner above the threshold, which is one of the values kept. Each such cell is computed once, by the first
+        of its corners above the threshold (in the order bilinear reads them)."""
         h, w = self.size
-        (r0, _, ry), (c0, _, cx) = _bilinear_table(h, size[0]), _bilinear_table(w, size[1])
+        (r0, ry), (c0, cx) = _bilinear_table(h, size[0]), _bilinear_table(w, size[1])
         ry, cx = ry.float(), cx.float()
-        row_lo, row_hi = torch.searchsorted(r0, torch.arange(h)), torch.searchsorted(r0, torch.arange(h), right=True)
-        col_lo, col_hi = torch.searchsorted(c0, torch.arange(w)), torch.searchsorted(c0, torch.arange(w), right=True)
+        cells_r, cells_c = torch.arange(-1, h), torch.arange(-1, w)  # cell p's pixels: row_lo[p + 1] ...
+        row_lo, row_hi = torch.searchsorted(r0, cells_r), torch.searchsorted(r0, cells_r, right=True)
+        col_lo, col_hi = torch.searchsorted(c0, cells_c), torch.searchsorted(c0, cells_c, right=True)
         span_r, span_c = int((row_hi - row_lo).max()), int((col_hi - col_lo).max())
         unit, k = (self.top.double() > limits[:, None]).nonzero(as_tuple=True)
+        entry = unit * self.top.shape[1] + k
+        chunk = max(1, budget // (4 * span_r * span_c))
+        dp, dq = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 0, 1])  # the four cells with a corner here
         for start in range(0, len(unit), chunk):
-            u, kk = unit[start:start + chunk], k[start:start + chunk]
-            image, a, c = self.where[u, kk].unbind(1)
-            around = self.around[u, kk].view(-1, 3, 3)
-            limit = limits[u].float()
-            above = around > limit[:, None, None]
-            n = torch.arange(len(u))
-            cells = []
-            for dp in (0, 1):  # the cell whose top-left corner is (a - 1 + dp, c - 1 + dq)
-                for dq in (0, 1):
-                    p, q = a - 1 + dp, c - 1 + dq
-                    rows = (torch.full_like(a, dp), (p + 1).clamp_max(h - 1) - a + 1)  # neighbourhood offsets
-                    cols = (torch.full_like(c, dq), (q + 1).clamp_max(w - 1) - c + 1)
-                    corners = [(rows[0], cols[0]), (rows[0], cols[1]), (rows[1], cols[0]), (rows[1], cols[1])]
-                    first = torch.full_like(a, 4)
-                    for i in range(3, -1, -1):
-                        first = torch.where(above[n, corners[i][0], corners[i][1]], i, first)
-                    ours = (p >= 0) & (q >= 0)
-                    ours &= sum(((first == i) & (oy == 1) & (ox == 1) for i, (oy, ox) in enumerate(corners)),
-                                torch.zeros_like(ours))
-                    sel = ours.nonzero().flatten()
-                    values = torch.stack([around[sel, oy[sel], ox[sel]] for oy, ox in corners], 1)
-                    cells.append((sel, p[sel], q[sel], values))
-            sel = torch.cat([cell[0] for cell in cells])
-            p, q, v = (torch.cat([cell[i] for cell in cells]) for i in (1, 2, 3))
-            ys = row_lo[p][:, None] + torch.arange(span_r)
-            xs = col_lo[q][:, None] + torch.arange(span_c)
-            valid = (ys < row_hi[p][:, None])[:, :, None] & (xs < col_hi[q][:, None])[:, None, :]
-            ys, xs = ys.clamp_max(size[0] - 1), xs.clamp_max(size[1] - 1)
-            wy, wx = ry[ys][:, :, None], cx[xs][:, None, :]
+            u, e = unit[start:start + chunk], entry[start:start + chunk]
+            image, a, c = self.where.view(-1, 3).index_select(0, e).unbind(1)
+            around = self.around.view(-1, 9).index_select(0, e)
+            above = around > limits[u].float()[:, None]
+            p, q = a[:, None] - 1 + dp, c[:, None] - 1 + dq  # (entries, 4): each cell's top-left corner
+            top, bottom = p.clamp_min(0) - a[:, None] + 1, (p + 1).clamp_max(h - 1) - a[:, None] + 1
+            left, right = q.clamp_min(0) - c[:, None] + 1, (q + 1).clamp_max(w - 1) - c[:, None] + 1
+            corners = torch.stack([top * 3 + left, top * 3 + right, bottom * 3 + left, bottom * 3 + right], 2)
+            hit = above.gather(1, corners.view(len(u), 16)).view(len(u), 4, 4)
+            first = corners.gather(2, hit.byte().argmax(2, keepdim=True))[..., 0]  # the first corner above
+            n, cell = (hit.any(2) & (first == 4)).nonzero(as_tuple=True)  # the cells this entry computes
+            v, p, q = around[n].gather(1, corners[n, cell]), p[n, cell], q[n, cell]
+            ys = row_lo[p + 1][:, None] + torch.arange(span_r)
+            xs = col_lo[q + 1][:, None] + torch.arange(span_c)
+            # the weights of the pixels past the cell's end are NaN, so that they do not pass
+            wy = torch.where(ys < row_hi[p + 1][:, None], ry[ys.clamp_max(size[0] - 1)], math.nan)[:, :, None]
+            wx = torch.where(xs < col_hi[q + 1][:, None], cx[xs.clamp_max(size[1] - 1)], math.nan)[:, None, :]
             v = v[:, :, None, None]
             upper = torch.addcmul(v[:, 0], wx, v[:, 1] - v[:, 0])  # along the columns, on the cell's two rows
             lower = torch.addcmul(v[:, 2], wx, v[:, 3] - v[:, 2])
-            on = torch.addcmul(upper, wy, lower - upper) > limit[sel][:, None, None]
-            on &= valid
-            m, yy, xx = on.nonzero(as_tuple=True)
-            yield image[sel[m]], u[sel[m]], (image[sel[m]] * size[0] + ys[m, yy]) * size[1] + xs[m, xx]
+            on = torch.addcmul(upper, wy, lower - upper) > limits[u[n]].float()[:, None, None]
+            yield image[n], u[n], ys[:, 0], xs[:, 0], on
 
-    def finish(self, concepts: ConceptSet, labels: torch.Tensor, present: torch.Tensor, concept_area: torch.Tensor,
+    def finish(self, combo: torch.Tensor, member: torch.Tensor, present: torch.Tensor, concept_area: torch.Tensor,
                category: torch.Tensor) -> LayerDissection:
-        """The sums of :class:`LayerDissection` from the pixels above the thresholds; ``labels``: each pixel's
-        concepts, (N, H, W, maps) with ``lookup`` applied (-1: none)."""
+        """The sums of :class:`LayerDissection` from the pixels above the thresholds; ``combo`` and ``member``:
+        each pixel's combination of concepts and their concepts (:func:`_combinations`)."""
         limits = self.threshold()
-        units, n_concepts = self.top.shape[0], len(concepts.names)
-        n_images = len(labels)
-        inter = torch.zeros(units * n_concepts, dtype=torch.float64)
+        units, n_combos = self.top.shape[0], len(member)
+        n_images = len(combo)
+        inter = torch.zeros(units, member.shape[1], dtype=torch.float64)
         fired = torch.zeros(n_images * units, dtype=torch.float64)
-        flat = labels.view(-1, labels.shape[-1])
-        for image, unit, pixel in self.pixels(limits, tuple(labels.shape[1:3])):
-            fired += torch.bincount(image * units + unit, minlength=n_images * units).double()
-            concept = flat[pixel].long()  # (pixels, maps)
-            hit = concept >= 0
-            index = (unit[:, None] * n_concepts + concept)[hit]
-            inter += torch.bincount(index, minlength=units * n_concepts).double()
+        flat, (height, width) = combo.view(-1), combo.shape[1:]
+        for image, unit, top, left, on in self.pixels(limits, (height, width)):
+            cell, dy, dx = on.nonzero(as_tuple=True)
+            fired += torch.bincount((image * units + unit)[cell], minlength=n_images * units)
+            if len(cell):
+                lo, hi = (int(end) for end in torch.aminmax(unit))
+                pixel = ((image * height + top) * width + left)[cell] + dy * width + dx
+                key = ((unit - lo) * n_combos)[cell] + flat[pixel]
+                if (hi + 1 - lo) * n_combos <= DENSE_COUNTS:
+                    counts = torch.bincount(key, minlength=(hi + 1 - lo) * n_combos).view(hi + 1 - lo, n_combos)
+                    inter[lo:hi + 1] += counts.double() @ member
+                else:  # many combinations of your concepts: count only those that occur
+                    key, counts = torch.unique(key, return_counts=True)
+                    inter.index_add_(0, lo + key // n_combos, counts.double()[:, None] * member[key % n_combos])
         area = fired.view(n_images, units).T @ present  # a unit's pixels where each category is annotated
-        return LayerDissection(limits, inter.view(units, n_concepts), area, concept_area.clone(), category,
-                               torch.cat(self.peaks))
+        return LayerDissection(limits, inter, area, concept_area.clone(), category, torch.cat(self.peaks))
 
 
-def _concept_totals(labels: torch.Tensor, concepts: ConceptSet, batch: int = 64
+def _combinations(concepts: ConceptSet) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each pixel's labels (one per map) as one number: the index of its combination among those that occur,
+    (N, H, W) int32; and the concepts of each combination, (combinations, concepts) float64 of 0 and 1. The maps
+    are combined one at a time, renumbered to the combinations that occur before their count could pass
+    :data:`COMBINATIONS`; so a pixel's concepts are looked up once, however many maps there are."""
+    maps = concepts.maps
+    combo = torch.zeros(maps.shape[0], *maps.shape[2:], dtype=torch.int32)
+    table = torch.zeros(1, 0, dtype=torch.long)  # each combination's label in every map so far
+
+    def occurring(combo, table):
+        seen = torch.bincount(combo.view(-1), minlength=len(table)) > 0
+        return (seen.cumsum(0, dtype=torch.int32) - 1)[combo], table[seen]
+
+    for j, lookup in enumerate(concepts.lookup):
+        n = len(lookup)
+        if len(table) * n > COMBINATIONS:
+            combo, table = occurring(combo, table)
+        combo = combo * n + maps[:, j]
+        table = torch.cat([table.repeat_interleave(n, 0), torch.arange(n).repeat(len(table))[:, None]], 1)
+    combo, table = occurring(combo, table)
+    member = torch.zeros(len(table), len(concepts.names), dtype=torch.float64)
+    for j, lookup in enumerate(concepts.lookup):
+        concept = lookup[table[:, j]]
+        hit = (concept >= 0).nonzero().flatten()
+        member[hit, concept[hit]] = 1
+    return combo, member
+
+
+def _concept_totals(combo: torch.Tensor, member: torch.Tensor, concepts: ConceptSet, batch: int = 64
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each concept's pixels over the images, and per image which categories are annotated there (those of a
-    concept with pixels, or as ``concepts.annotated`` says); ``labels`` as :meth:`_Stream.finish` takes them."""
-    n_concepts = len(concepts.names)
-    member = F.one_hot(concepts.concept_category(), len(concepts.category_names)).double()  # concept -> category
-    area = torch.zeros(n_concepts, dtype=torch.float64)
-    present = torch.zeros(len(labels), member.shape[1], dtype=torch.float64)
-    for start in range(0, len(labels), batch):
-        concept = labels[start:start + batch].flatten(1).long()
-        b = torch.arange(len(concept))[:, None].expand_as(concept)
-        hit = concept >= 0
-        counts = torch.bincount(b[hit] * n_concepts + concept[hit], minlength=len(concept) * n_concepts)
-        counts = counts.view(len(concept), n_concepts).double()
-        area += counts.sum(0)
-        present[start:start + len(concept)] = ((counts @ member) > 0).double()
+    concept with pixels, or as ``concepts.annotated`` says); ``combo`` and ``member`` from :func:`_combinations`."""
+    n_combos = len(member)
+    area = torch.bincount(combo.view(-1), minlength=n_combos).double() @ member
     if concepts.annotated is not None:
-        present = concepts.annotated.double()
+        return area, concepts.annotated.double()
+    in_category = member @ F.one_hot(concepts.concept_category(), len(concepts.category_names)).double()
+    present = torch.zeros(len(combo), in_category.shape[1], dtype=torch.float64)
+    for start in range(0, len(combo), batch):
+        part = combo[start:start + batch].flatten(1).long()
+        key = torch.arange(len(part))[:, None] * n_combos + part
+        counts = torch.bincount(key.view(-1), minlength=len(part) * n_combos).view(len(part), n_combos)
+        present[start:start + len(part)] = (((counts > 0).double() @ in_category) > 0).double()
     return area, present
 
 
@@ -397,11 +439,10 @@ def dissect(model: nn.Module, layers: list[str], data: ImageSet, concepts: Conce
                 streams[layer].add(act, start)
             bar.update(len(x))
     bar.close()
-    labels = torch.stack([lookup.to(torch.int16)[concepts.maps[:, j].long()] for j, lookup in
-                          enumerate(concepts.lookup)], -1)  # (N, H, W, maps): each pixel's concepts, -1 for none
-    concept_area, present = _concept_totals(labels, concepts)
+    combo, member = _combinations(concepts)
+    concept_area, present = _concept_totals(combo, member, concepts)
     category = concepts.concept_category()
-    return {layer: stream.finish(concepts, labels, present, concept_area, category)
+    return {layer: stream.finish(combo, member, present, concept_area, category)
             for layer, stream in streams.items()}
 
 
