@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 import captum.attr as captum_attr
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -242,6 +243,19 @@ class TinyResNet(nn.Module):
 
 
 CLASSES = ["cat", EVIL, "dog & co"]
+
+
+def assert_picture(path: Path, expected: np.ndarray) -> None:
+    """The picture at ``path`` is ``expected`` (uint8 (H, W, 3)): exactly for a PNG, within JPEG's stated error
+    for a ``.jpg`` (4 grey levels on average, 13 at the 99th percentile; tests/test_imaging.py)."""
+    with Image.open(path) as im:
+        got = np.asarray(im.convert("RGB"), np.float64)
+    assert got.shape == expected.shape, (got.shape, expected.shape)
+    error = np.abs(got - expected)
+    if path.suffix == ".png":
+        assert error.max() == 0
+    else:
+        assert error.mean() <= 4 and np.percentile(error, 99) <= 13, (error.mean(), np.percentile(error, 99))
 
 
 def write_png(path: Path, size=(48, 32), color=(200, 60, 40)) -> None:

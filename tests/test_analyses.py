@@ -51,8 +51,10 @@ def png(path) -> np.ndarray:
 
 
 def check_scan(result, layout):
+    from helpers import assert_picture
+
     from convscope.topk import load_topk
-    from convscope.views import layer_grid, unit_tile
+    from convscope.views import layer_grid, patch_grid, projection_grid
 
     saved, meta = load_topk(layout.topk)
     assert meta["split"] == "all" and saved.seen == 30 and saved.layers == result.topk.layers
@@ -62,7 +64,8 @@ def check_scan(result, layout):
         views = result.draw(layer, units, result.rule)
         assert (png(layout.layer_figure("fig2", layer)) == layer_grid(views, 4)).all()  # 3 units: all in the panel
         for u, unit in enumerate(units.tolist()):
-            assert (png(layout.unit(layer, unit)) == unit_tile(views, u)).all()
+            assert_picture(layout.unit(layer, unit), projection_grid(views, u))
+            assert_picture(layout.unit_patches(layer, unit), patch_grid(views, u))
             assert png(layout.unit_thumb(layer, unit)).shape == (48, 48, 3)
 
 

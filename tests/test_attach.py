@@ -189,7 +189,7 @@ def test_scan_top1_is_the_brute_force_maximum(user, attached):
         best, image = per_image.max(0)  # ties: the first image, as the scan orders them
         torch.testing.assert_close(topk.values[layer][:, 0], best, rtol=1e-5, atol=1e-6)
         assert torch.equal(topk.images[layer][:, 0], image), layer
-        units = list((Layout(attached).units / layer).glob("unit_*.png"))
+        units = list((Layout(attached).units / layer).glob("unit_*.jpg"))
         assert len(units) == act.shape[1]  # --units 0: every unit drawn
 
 
@@ -274,7 +274,7 @@ def test_report_from_file_and_the_viewers_deep_link_in_chromium(figures):
     from playwright.sync_api import sync_playwright
 
     assert run_cli("report", attached).exit_code == 0
-    unit = sorted(int(p.stem.split("_")[1]) for p in (Layout(attached).units / "layer2").glob("unit_*.png"))[5]
+    unit = sorted(int(p.stem.split("_")[1]) for p in (Layout(attached).units / "layer2").glob("unit_*.jpg"))[5]
     with sync_playwright() as p, serving(attached) as (host, port):
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         w = Watched(browser)
@@ -286,14 +286,14 @@ def test_report_from_file_and_the_viewers_deep_link_in_chromium(figures):
         assert w.page.locator("#unit-title").get_attribute("data-layer") == "layer2"
         assert w.page.locator("#unit-title").get_attribute("data-unit") == str(unit)
         shown = {alt: width for alt, _, width in w.images()}
-        assert shown[f"layer2 unit {unit}"] == png_width(Layout(attached).unit("layer2", unit))
+        assert shown[f"layer2 unit {unit}"] == image_width(Layout(attached).unit("layer2", unit))
         w.page.keyboard.press("ArrowDown")
         w.page.wait_for_url(f"http://{host}:{port}/layer/layer3/unit/0")
         assert w.errors == [] and w.dialogs == []
         browser.close()
 
 
-def png_width(path: Path) -> int:
+def image_width(path: Path) -> int:
     with Image.open(path) as im:
         return im.size[0]
 
@@ -449,16 +449,16 @@ def test_mobilenet_block_projects_with_gradient_nonlinearities_and_equals_captum
     assert run_cli("scan", tmp_path / "lenient", "--layers", "6", "--units", "2").exit_code == 0
     assert run_cli("report", tmp_path / "lenient").exit_code == 0
     assert "other than ReLU by their plain gradient" in (tmp_path / "lenient" / "report.html").read_text()
-    tile = np.asarray(Image.open(sorted((Layout(tmp_path / "lenient").units / "6").glob("unit_*.png"))[0]))
-    band = tile[-14:]  # the note: dark red text on a white band below the projections and patches
-    assert (band == 255).all(-1).mean() > 0.7 and ((band[..., 0] > 60) & (band[..., 1] < 40)).any()
+    tile = np.asarray(Image.open(sorted((Layout(tmp_path / "lenient").units / "6").glob("unit_*.jpg"))[0]))
+    band = tile[-14:]  # the note: dark red text on a white band below the projections (JPEG: white within 5)
+    assert (band >= 250).all(-1).mean() > 0.7 and ((band[..., 0] > 60) & (band[..., 1] < 40)).any()
     assert load_topk(Layout(tmp_path / "lenient").topk)[1]["nonlinearities"] == "gradient"
     from starlette.testclient import TestClient
 
     from convscope.viewer import make_app
 
     viewer = TestClient(make_app(tmp_path / "lenient"), base_url="http://127.0.0.1")
-    unit = int(sorted((Layout(tmp_path / "lenient").units / "6").glob("unit_*.png"))[0].stem.split("_")[1])
+    unit = int(sorted((Layout(tmp_path / "lenient").units / "6").glob("unit_*.jpg"))[0].stem.split("_")[1])
     for url in ("/layer/6", f"/layer/6/unit/{unit}"):  # the viewer's pages of the projections say so too
         page = viewer.get(url)
         assert page.status_code == 200 and "other than ReLU by their plain gradient" in page.text, url

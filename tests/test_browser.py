@@ -231,5 +231,5 @@ def test_every_unit_of_a_trained_run_in_the_viewer(browser, scanned_run, monkeyp
         w.page.click("a.rule")
         w.page.wait_for_url(f"{base}/layer/conv3/unit/95?rule=guided")
         src = w.page.get_attribute("#unit-img", "src")
-        assert src.endswith("/units/conv3/guided/unit_0095.png") and all(x > 0 for _, _, x in w.images())
+        assert src.endswith("/units/conv3/guided/unit_0095.jpg") and all(x > 0 for _, _, x in w.images())
         assert w.errors == [] and w.dialogs == []

@@ -66,7 +66,7 @@ def test_torchrun_scan_equals_the_single_process_scan(copied_run, single):
     assert not list(layout.scan.glob("state*"))  # every rank's resume state removed at the end
     manifest = json.loads(layout.manifest.read_text())["fig2"]
     assert "scan/topk.safetensors" in manifest and "findings.json" in manifest  # and Fig. 2's verdicts
-    assert len(manifest) == 2 + 2 * (1 + 4 * 2)
+    assert len(manifest) == 2 + 2 * (1 + 4 * 3)  # per layer its panel, per unit projections, patches, thumbnail
 
 
 def test_two_nodes_by_rendezvous_with_workers_equal_the_single_process_scan(copied_run, single, tmp_path):

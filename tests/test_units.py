@@ -1,5 +1,7 @@
 """Fig. 2 unit views: projections and patches cropped to the receptive field of each top-k activation."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,7 @@ from convscope.data import ImageSet
 from convscope.layout import Layout
 from convscope.topk import load_topk, scan
 from convscope.units import ScanResult, write_scan
-from convscope.views import layer_grid, select_units, unit_tile, unit_views
+from convscope.views import layer_grid, patch_grid, projection_grid, select_units, unit_tile, unit_views
 
 
 @pytest.fixture(scope="module")
@@ -72,14 +74,16 @@ def test_pictures_and_files(setup, tmp_path):
     paths = write_scan(_result(model, data, topk, [0, 1, 2], ("deconvnet", "guided")), layout, ncol=2)
     assert [p.relative_to(tmp_path).as_posix() for p in paths] == [
         "scan/topk.safetensors", "figures/fig2_conv5.png",
-        *(f"figures/units/conv5/{f}unit_000{u}.png" for u in range(3) for f in ("", "guided/", "thumb/"))]
+        *(f"figures/units/conv5/{f}unit_000{u}.jpg" for u in range(3) for f in ("", "guided/", "patches/", "thumb/"))]
+    from helpers import assert_picture
     from PIL import Image
 
     assert np.array_equal(np.asarray(Image.open(paths[1])), grid)
-    assert np.array_equal(np.asarray(Image.open(layout.unit("conv5", 0))), tile)
+    assert_picture(layout.unit("conv5", 0), projection_grid(v, 0))
+    assert_picture(layout.unit_patches("conv5", 0), patch_grid(v, 0))
     guided = unit_views(model, data, topk, "conv5", [0, 1, 2], rule="guided")
-    assert np.array_equal(np.asarray(Image.open(layout.unit("conv5", 2, "guided"))), unit_tile(guided, 2))
-    assert not np.array_equal(unit_tile(guided, 2), unit_tile(v, 2))
+    assert_picture(layout.unit("conv5", 2, "guided"), projection_grid(guided, 2))
+    assert not np.array_equal(projection_grid(guided, 2), projection_grid(v, 2))
     saved, meta = load_topk(paths[0])
     assert meta["split"] == "val" and meta["rules"] == ["deconvnet", "guided"]
     assert torch.equal(saved.images["conv5"], topk.images["conv5"])
@@ -166,3 +170,58 @@ def test_crops_are_exact_and_fall_back_to_whole_images_where_they_are_not(setup)
     finally:
         model.normalize.__dict__.pop("cropped", None)
         model.normalize.mean.zero_()
+
+
+def test_a_tiny_memory_budget_draws_the_same_pictures(setup, tmp_path):
+    """Under --max-memory 1M every batch holds one image and every chunk one unit (under the default, batches of
+    many), and the projections and the pictures are those drawn without it."""
+    from convscope.views import chunk_units
+
+    model, data, topk = setup
+    sizes = []
+    hook = model.features.conv1.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
+    try:
+        free = unit_views(model, data, topk, "conv5", [0, 1, 2, 3])
+        big = max(sizes)
+        sizes.clear()
+        tight = unit_views(model, data, topk, "conv5", [0, 1, 2, 3], max_memory="1M")
+    finally:
+        hook.remove()
+    assert big > 1 and max(sizes) == 1
+    assert chunk_units(model, data, "conv5", 9, "1M") == 1 and chunk_units(model, data, "conv5", 9) >= 32
+    torch.testing.assert_close(tight.projections, free.projections, rtol=1e-5, atol=1e-7)
+    for u in range(4):
+        assert np.abs(projection_grid(tight, u).astype(int) - projection_grid(free, u)).max() <= 1
+        assert np.array_equal(patch_grid(tight, u), patch_grid(free, u))
+    one, many = Layout(tmp_path / "one"), Layout(tmp_path / "many")
+    calls = []
+    result = _result(model, data, topk, [0, 1, 2, 3], calls=calls)
+    result.chunk = lambda layer: chunk_units(model, data, layer, 9, "1M")  # one unit at a time
+    write_scan(result, one)
+    write_scan(_result(model, data, topk, [0, 1, 2, 3]), many)
+    assert [c[1] for c in calls[:4]] == [[0], [1], [2], [3]]
+    for u in range(4):  # the same pictures (a grey level moved by the last float bits, spread a little by JPEG)
+        assert one.unit_patches("conv5", u).read_bytes() == many.unit_patches("conv5", u).read_bytes()
+        for a, b in ((one.unit("conv5", u), many.unit("conv5", u)), (one.unit_thumb("conv5", u),
+                                                                      many.unit_thumb("conv5", u))):
+            diff = np.abs(pixels(a).astype(int) - pixels(b))
+            assert (diff > 0).mean() < 0.01 and diff.max() <= 8, ((diff > 0).mean(), diff.max())
+
+
+def pixels(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def test_max_memory_is_read_as_an_amount_or_refused_with_the_forms_it_takes():
+    from convscope.errors import ConvscopeError
+    from convscope.memory import budget, parse
+
+    assert parse("4G") == 4 << 30 and parse("512M") == 512 << 20 and parse("1.5GB") == int(1.5 * (1 << 30))
+    assert parse("2GiB") == 2 << 30 and parse(3 << 20) == 3 << 20 and budget("1M") == 1 << 20
+    assert budget() > 1 << 20
+    for bad in ("lots", "4X", "-1G", "0.5K"):
+        with pytest.raises(ConvscopeError, match="max-memory"):
+            parse(bad)

@@ -191,14 +191,26 @@ def save_npz(path: str | os.PathLike, compress: bool = True, **arrays) -> Path:
     return write_bytes(path, buf.getvalue())
 
 
-def save_image(path: str | os.PathLike, image, format: str = "PNG") -> Path:
-    """Save a PIL image (or an HxWx3 / HxW uint8 array) atomically."""
+# Pictures of units are JPEG at quality 95 without chroma subsampling: deconvnet projections carry colour at the
+# pixel scale, which the default halving of the colour resolution (JPEG's and WebP's 4:2:0) turns into errors of
+# 40 grey levels and more. At 4:4:4 and 95 the decoded picture is within 4 grey levels of the float one on
+# average and 13 (of 255) at the 99th percentile where projections are pixel noise (an untrained net; within 0.5
+# and 7 on a random ResNet-50's smoother ones), at a sixth to a half of a PNG's bytes (tests/test_imaging.py).
+JPEG = {"quality": 95, "subsampling": 0}
+
+
+def save_image(path: str | os.PathLike, image) -> Path:
+    """Save a PIL image (or an HxWx3 / HxW uint8 array) atomically, as PNG or, for a ``.jpg`` path, as
+    :data:`JPEG` says."""
     from PIL import Image
 
     if not isinstance(image, Image.Image):
         image = Image.fromarray(image)
     buf = io.BytesIO()
-    image.save(buf, format=format)
+    if Path(path).suffix.lower() in (".jpg", ".jpeg"):
+        image.convert("RGB").save(buf, format="JPEG", **JPEG)
+    else:
+        image.save(buf, format="PNG")
     return write_bytes(path, buf.getvalue())
 
 

@@ -16,6 +16,12 @@ def to_image(projection: torch.Tensor, percentile: float = 99.5) -> np.ndarray:
     percentile of ``|x|`` over the image (100 = the maximum), so a few extreme pixels do not wash out the
     rest; values beyond are clipped. A dead projection (all zero) gives a flat grey image, never NaN.
     """
+    shades = display(projection, percentile)
+    return shades.round().to(torch.uint8).numpy()
+
+
+def display(projection: torch.Tensor, percentile: float = 99.5) -> torch.Tensor:
+    """The grey levels :func:`to_image` rounds: float64 (H, W, 3) or (N, H, W, 3) in [0, 255]."""
     x = projection.detach().to(torch.float64).cpu()
     if x.dim() not in (3, 4):
         raise ValueError(f"expected a (C, H, W) or (N, C, H, W) tensor, got shape {tuple(x.shape)}")
@@ -23,7 +29,7 @@ def to_image(projection: torch.Tensor, percentile: float = 99.5) -> np.ndarray:
     # numpy's quantile (a partition) gives torch.quantile's numbers (both interpolate linearly) 15x faster
     q = torch.from_numpy(np.quantile(batch.abs().flatten(1).numpy(), percentile / 100.0, axis=1))
     scale = torch.where(q > 0, 127.0 / q, torch.zeros_like(q)).view(-1, 1, 1, 1)
-    out = (batch * scale + 128.0).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    out = (batch * scale + 128.0).clamp(0, 255).permute(0, 2, 3, 1)
     return out if x.dim() == 4 else out[0]
 
 

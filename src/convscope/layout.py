@@ -145,13 +145,24 @@ class Layout:
         return path if world == 1 else path.with_name(f"{path.stem}.rank{rank}of{world}{path.suffix}")
 
     def unit(self, layer: str, unit: int, rule: str | None = None) -> Path:
-        """One unit's Fig. 2 tile under the scan's main rule, or under another ``rule`` (in a folder of its name)."""
+        """One unit's Fig. 2 projections under the scan's main rule, or under another ``rule`` (in a folder of its
+        name). A scan before pictures were JPEG wrote ``.png`` tiles, projections and patches in one:
+        :meth:`picture` finds either."""
         folder = self.units / layer if rule is None else self.units / layer / rule
-        return folder / f"unit_{unit:04d}.png"
+        return folder / f"unit_{unit:04d}.jpg"
+
+    def unit_patches(self, layer: str, unit: int) -> Path:
+        """One unit's Fig. 2 image patches, the same under every rule."""
+        return self.units / layer / "patches" / f"unit_{unit:04d}.jpg"
 
     def unit_thumb(self, layer: str, unit: int) -> Path:
         """One unit's thumbnail for its layer's page: its strongest activation, projected."""
-        return self.units / layer / "thumb" / f"unit_{unit:04d}.png"
+        return self.units / layer / "thumb" / f"unit_{unit:04d}.jpg"
+
+    @staticmethod
+    def picture(path: Path) -> Path | None:
+        """The picture at ``path``, or the PNG an older scan wrote there; None where there is neither."""
+        return next((p for p in (path, path.with_suffix(".png")) if p.is_file()), None)
 
     def evolution_strip(self, layer: str, unit: int) -> Path:
         """One unit's Fig. 4 strip of epochs."""
@@ -185,14 +196,16 @@ class Layout:
 
     @staticmethod
     def unit_files(folder: Path) -> dict[str, dict[int, Path]]:
-        """layer -> unit -> file, for ``folder/<layer>/unit_NNNN.png`` (``units`` or ``evolution``), layers in
-        natural order."""
+        """layer -> unit -> file, for ``folder/<layer>/unit_NNNN.png`` or ``.jpg`` (``units`` or ``evolution``;
+        the JPEG where there are both), layers in natural order."""
         out: dict[str, dict[int, Path]] = {}
         if folder.is_dir():
             for layer_dir in folder.iterdir():
                 if not layer_dir.is_dir():
                     continue
-                for f in layer_dir.glob("unit_*.png"):
+                for f in sorted(layer_dir.glob("unit_*.*"), key=lambda f: f.suffix == ".jpg"):  # a JPEG wins
+                    if f.suffix not in (".png", ".jpg"):
+                        continue
                     try:
                         out.setdefault(layer_dir.name, {})[int(f.stem.split("_", 1)[1])] = f
                     except ValueError:

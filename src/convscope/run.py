@@ -87,10 +87,14 @@ class Run:
         return int(size) if size else int(self.split(self.default_split("val")).image_size)
 
     # --- data
-    def split(self, name: str) -> ImageSet:
-        """One split of the run's data (``train``, ``val``, ``test``, ``all``), read once and kept."""
+    def split(self, name: str, stream: bool = False) -> ImageSet:
+        """One split of the run's data (``train``, ``val``, ``test``, ``all``), read once and kept. ``stream``: an
+        image folder's split not read yet is not read into memory but decoded as its batches are asked for (its
+        memory independent of its size), and not kept."""
         if name not in (*SPLITS, ALL):
             raise unknown("split", name, (*SPLITS, ALL))
+        if stream and name not in self._splits and self.data is not None and self.data.name == "folder":
+            return self.data.load(name, workers=self.workers, lazy=True)
         if name not in self._splits:
             if self.data is None:  # attached from Python with images in memory: split them here
                 every = self._splits[ALL]

@@ -89,13 +89,18 @@ def unit_panel(layout: Layout, layer: str, unit: int, query: Mapping[str, str]) 
     main, drawn_rules = rules(layout)
     rule = query.get("rule", main)
     rule = rule if rule in drawn_rules else main
-    drawn = [(r, r == rule) for r in drawn_rules if layout.unit(layer, unit, None if r == main else r).is_file()]
-    path = layout.unit(layer, unit, None if rule == main else rule)
+    drawn = [(r, r == rule) for r in drawn_rules if layout.picture(layout.unit(layer, unit, None if r == main else r))]
+    path = layout.picture(layout.unit(layer, unit, None if rule == main else rule))
+    patches = layout.picture(layout.unit_patches(layer, unit))
     items: list = []
-    if path.is_file():
+    if path is not None:
+        where = "left" if patches is not None else "left of its tile"
         items.append(Picture(path, f"{layer} unit {unit}", "Fig. 2.",
                              f"The top-9 activations of {layer} unit {unit} over the scanned images, each projected to "
-                             f"pixels ({rule}, left), beside the image patches under them (right).", id="unit-img"))
+                             f"pixels ({rule}, {where}), beside the image patches under them (right).", id="unit-img"))
+    if path is not None and patches is not None:
+        items.append(Picture(patches, f"{layer} unit {unit}: image patches", "Fig. 2.",
+                             "The image patches under its top-9 activations, in the same order.", id="unit-patches"))
     stats = (unit_classes(layout, layer) or {}).get(unit)
     if stats and stats["classes"]:
         items.append(Counts(f"Classes of its {stats['counted']} strongest images:", tuple(stats["classes"]),
@@ -107,7 +112,7 @@ def unit_panel(layout: Layout, layer: str, unit: int, query: Mapping[str, str]) 
                             ("image", tuple(str(t["image"]) for t in best)),
                             ("position", tuple(f"{t['position'][0]},{t['position'][1]}" for t in best))), id="top"))
     return Panel(items, "rule", tuple(drawn) if len(drawn) > 1 else (),
-                 "" if path.is_file() else "No projections of this unit: `convscope scan RUN` draws every unit.")
+                 "" if path is not None else "No projections of this unit: `convscope scan RUN` draws every unit.")
 
 
 def units(layout: Layout) -> dict[str, dict[int, Path]]:
@@ -122,7 +127,7 @@ def units(layout: Layout) -> dict[str, dict[int, Path]]:
 
 def unit_thumb(layout: Layout, layer: str, unit: int) -> Path | None:
     """The unit's thumbnail (its strongest activation, projected), or its whole tile where it has none."""
-    return next((p for p in (layout.unit_thumb(layer, unit), layout.unit(layer, unit)) if p.is_file()), None)
+    return layout.picture(layout.unit_thumb(layer, unit)) or layout.picture(layout.unit(layer, unit))
 
 
 def unit_badges(layout: Layout, layer: str) -> dict[int, UnitBadge] | None:

@@ -13,6 +13,7 @@ with the data set. :func:`scan` saves its partial result as it goes and resumes 
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from .data.loader import batches, fetch
 from .distributed import Group, gather
 from .errors import ConvscopeError
 from .forward import eval_mode, exact_float32, run_to_all
-from .layers import site
+from .layers import census, site
 
 
 @dataclass
@@ -313,6 +314,18 @@ def _empty_for(model, modules, data, k, n_classes: int = 0, class_k: int = 0) ->
             out.class_values[n] = torch.full((values.shape[0], n_classes, class_k), float("-inf"))
             out.class_images[n] = torch.full((values.shape[0], n_classes, class_k), -1, dtype=torch.long)
     return out
+
+
+def scan_bytes(model: nn.Module, layers: Sequence[str], size: tuple[int, int]) -> int:
+    """What one image of ``size`` costs the scan: the outputs of ``layers`` (held until their top-k are taken)
+    and four times the largest output of any module (what a forward pass holds at once), from the census."""
+    param = next(model.parameters(), None)
+    element = param.element_size() if param is not None else 4
+    infos = {i.name: i for i in census(model, size)}
+    sizes = [math.prod(i.shape) for i in infos.values() if i.shape]
+    held = sum(math.prod(infos[s.name].shape) for s in (site(model, layer) for layer in layers)
+               if s.name in infos and infos[s.name].shape)
+    return max(1, element * (held + 4 * max(sizes, default=0)))
 
 
 def scan(model: nn.Module, data, layers: Sequence[str], k: int = 9, batch_size: int = 128,

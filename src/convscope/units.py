@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from . import artifacts, distributed, scanned
+from . import artifacts, distributed, memory, scanned
 from .analyses import LAYERS_HELP, RULE_HELP, SPLIT_HELP, Analysis, register
 from .deconvnet import RULES, Projector, gradient_note
 from .distributed import Group, barrier
@@ -21,8 +21,19 @@ from .errors import ConvscopeError, check_int, check_seed, unknown
 from .findings import Finding, difference_contrast, finding, mean_contrast
 from .imaging import caption
 from .layout import Layout
-from .topk import TopK, load_topk, save_topk, scan
-from .views import UnitViews, layer_grid, select_units, thumbnail, unit_tile, unit_views
+from .topk import TopK, load_topk, save_topk, scan, scan_bytes
+from .views import (
+    UnitViews,
+    batch_for,
+    chunk_units,
+    layer_grid,
+    patch_grid,
+    projection_grid,
+    select_units,
+    thumbnail,
+    unit_tile,
+    unit_views,
+)
 
 if TYPE_CHECKING:
     from .run import Run
@@ -79,6 +90,7 @@ class ScanResult:
     classes: list[str] = field(default_factory=list)  # the data's class names (the per-class statistics' order)
     group: Group = field(default_factory=Group)  # the processes that share the drawing (torchrun)
     labels: torch.Tensor | None = None  # the scanned split's labels (None where it has none): Fig. 2's findings
+    chunk: Callable[[str], int] = lambda layer: CHUNK  # units drawn at once in a layer (what memory allows)
 
     @property
     def rule(self) -> str:
@@ -101,11 +113,12 @@ CLASS_BYTES = 2 << 30  # the most memory the per-class statistics may take
 
 def compute(run: Run, layers: list[str] | None = None, k: int = 9, split: str | None = None, units: int = 0,
             seed: int = 0, rule: str = "deconvnet", class_k: int = 25, batch_size: int = 128,
-            progress: bool | None = None) -> ScanResult:
+            max_memory: str | None = None, progress: bool | None = None) -> ScanResult:
     """Fig. 2: scan ``split`` for the top-``k`` of every map of ``layers`` (resuming an interrupted scan from
     the run's scan state), and each map's top ``class_k`` images per class (what a unit is about); the units to
     draw are every unit of each layer (``units`` 0), or a seeded subset of ``units`` per layer, under each of
-    the comma-separated ``rule``."""
+    the comma-separated ``rule``. An image folder is streamed, not read into memory; the scan's batches, the
+    drawing's and the units drawn at once fit ``max_memory`` (:func:`convscope.memory.budget`)."""
     rules = parse_rules(rule)
     check_int(units, "units (0 for all)", 0)
     check_int(class_k, "class-k", 0, 10000)
@@ -113,7 +126,8 @@ def compute(run: Run, layers: list[str] | None = None, k: int = 9, split: str | 
     check_seed(seed)
     layers = run.check_layers(list(layers)) if layers is not None else run.map_layers()
     split = split or run.default_split("val")
-    data = run.split(split)
+    data = run.split(split, stream=True)
+    budget = memory.budget(max_memory, next(run.model.parameters()).device)  # checked before the scan
     need = sum(run.channels(layer) for layer in layers) * len(data.classes) * class_k * 12
     if need > CLASS_BYTES:
         raise ConvscopeError(f"--class-k {class_k} keeps {need / 2**30:.1f} GiB of per-class statistics for "
@@ -124,6 +138,8 @@ def compute(run: Run, layers: list[str] | None = None, k: int = 9, split: str | 
         Projector(run.model, r, run.nonlinearities).project(data.batch(torch.tensor([0]))[0], layers[-1])
     identity = {"split": split, "data": data.name, "model": run.fingerprint}
     group = distributed.init()
+    per_image = scan_bytes(run.model, layers, (run.image_size, run.image_size))
+    batch_size = min(batch_size, batch_for(budget // 2, per_image))
     topk = scan(run.model, data, layers, k=k, batch_size=batch_size, progress=progress, identity=identity,
                 class_k=class_k, group=group,
                 state_path=run.layout.of_rank(run.layout.scan_state, group.rank, group.world), workers=run.workers)
@@ -133,11 +149,14 @@ def compute(run: Run, layers: list[str] | None = None, k: int = 9, split: str | 
 
     def draw(layer: str, which: torch.Tensor, rule: str) -> UnitViews:
         return unit_views(run.model, data, topk, layer, which, rule=rule, nonlinearities=run.nonlinearities,
-                          cache=cache)
+                          max_memory=budget, cache=cache)
+
+    def chunk(layer: str) -> int:
+        return min(CHUNK, chunk_units(run.model, data, layer, k, budget, cache))
 
     return ScanResult(topk, split, chosen, rules, run.nonlinearities,
                       {**identity, "layers": layers, "k": k, "rules": rules, "nonlinearities": run.nonlinearities},
-                      draw, seed, list(data.classes), group, _labels(data))
+                      draw, seed, list(data.classes), group, _labels(data), chunk)
 
 
 def _labels(data) -> torch.Tensor | None:
@@ -159,7 +178,7 @@ def _drawn(path: Path, identity: dict) -> dict[str, set[int]]:
 
 def _tile_paths(result: ScanResult, layout: Layout, layer: str, unit: int) -> list[Path]:
     return [*(layout.unit(layer, unit, None if r == result.rule else r) for r in result.rules),
-            layout.unit_thumb(layer, unit)]
+            layout.unit_patches(layer, unit), layout.unit_thumb(layer, unit)]
 
 
 def _draw(result: ScanResult, layout: Layout, mine: dict[str, torch.Tensor], keep: dict[str, list[int]],
@@ -179,18 +198,19 @@ def _draw(result: ScanResult, layout: Layout, mine: dict[str, torch.Tensor], kee
         todo = torch.tensor([u for u in units.tolist() if u not in done.get(layer, set())
                              or not all(p.is_file() for p in _tile_paths(result, layout, layer, u))], dtype=torch.long)
         bar.update(len(units) - len(todo))
-        for start in range(0, len(todo), CHUNK):
-            chunk = todo[start:start + CHUNK]
+        step = result.chunk(layer) if len(todo) else CHUNK
+        for start in range(0, len(todo), step):
+            chunk = todo[start:start + step]
             for rule in result.rules:
                 views = result.draw(layer, chunk, rule)
                 for u, unit in enumerate(chunk.tolist()):
-                    tile = unit_tile(views, u)
                     artifacts.save_image(layout.unit(layer, unit, None if rule == result.rule else rule),
-                                         caption(tile, note[rule]))
+                                         caption(projection_grid(views, u), note[rule]))
                     if rule == result.rule:
+                        artifacts.save_image(layout.unit_patches(layer, unit), patch_grid(views, u))
                         artifacts.save_image(layout.unit_thumb(layer, unit), thumbnail(views, u))
                         if unit in keep.get(layer, ()):
-                            kept[layer][unit] = tile
+                            kept[layer][unit] = unit_tile(views, u)
             done.setdefault(layer, set()).update(chunk.tolist())
             artifacts.write_json(record, {"identity": result.identity,
                                           "units": {n: sorted(us) for n, us in done.items()}})
@@ -294,8 +314,11 @@ register(Analysis(
     help={"layers": LAYERS_HELP + " [conv1..conv5, or the model's stages]",
           "k": "Strongest activations kept per feature map.", "split": SPLIT_HELP.replace("val / test", "val"),
           "units": "Units per layer to draw (a seeded subset); 0 = all.", "seed": "Seed of the unit subset.",
-          "batch_size": "Images per forward pass of the scan (lower it where memory is short; the result is "
-                        "the same).",
+          "batch_size": "Images per forward pass of the scan, at most (fewer where --max-memory asks; the "
+                        "result is the same).",
+          "max_memory": "Memory the scan and the drawing may use (4G, 512M); batches and the units drawn at once "
+                        "are sized to fit it, the pictures are the same. Default: a quarter of this machine's "
+                        "memory, half of the GPU's free memory for a model there.",
           "class_k": "Strongest images kept per map and class (zennit-crp's per-class statistics); a unit's "
                      "class histogram counts the classes of its class-k strongest images. 0 = none.",
           "rule": RULE_HELP + " Several, comma-separated (deconvnet,guided,gradient), draw each unit under "

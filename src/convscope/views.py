@@ -17,14 +17,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from . import memory
 from .data import seeded_subset
 from .deconvnet import Projector
 from .errors import ConvscopeError
 from .forward import eval_mode, exact_float32, input_channels, run_to
 from .imaging import make_grid, to_image, upscale
-from .layers import site
+from .layers import census, site
 from .receptive_field import receptive_field
 from .topk import TopK
 
@@ -89,6 +91,7 @@ class _Geometry:
     size: tuple[int, int]
     extent: tuple[int, int]
     step: tuple[int, int]
+    per_image: int  # bytes a whole image costs a projection (:func:`graph_bytes`)
     boxes: dict = field(default_factory=dict)
     crops: bool = True
 
@@ -98,10 +101,13 @@ class _Geometry:
 
 
 def unit_views(model: nn.Module, data, topk: TopK, layer: str, units=None, rule: str = "deconvnet",
-               batch_size: int = 64, nonlinearities: str = "error", cache: dict | None = None) -> UnitViews:
+               max_memory: str | int | None = None, nonlinearities: str = "error", cache: dict | None = None
+               ) -> UnitViews:
     """Fig. 2 for ``units`` (default all) of ``layer``: each of their top-k images projected from the unit's
-    strongest activation in it (paper section 2.1), and the image patch under that activation. ``cache``: a dict
-    the caller keeps between calls on the same model, so each layer's geometry is measured once."""
+    strongest activation in it (paper section 2.1), and the image patch under that activation. The images go
+    through the model in batches that fit half of ``max_memory`` (:func:`convscope.memory.budget`; the pictures
+    are the same under any). ``cache``: a dict the caller keeps between calls on the same model, so each layer's
+    geometry and cost are measured once."""
     if layer not in topk.values:
         raise ConvscopeError(f"the scan has no layer {layer!r}; scanned layers: {', '.join(topk.layers)}")
     units = torch.as_tensor(select_units(topk.values[layer].shape[0], None) if units is None else units).long()
@@ -113,7 +119,7 @@ def unit_views(model: nn.Module, data, topk: TopK, layer: str, units=None, rule:
     with exact_float32():  # the crops reproduce the scan's float32 values on CUDA too
         boxes, projections, patches, cropped = _crops(
             model, layer, lambda i: data.batch(flat_idx[i])[0], units.repeat_interleave(k), positions.reshape(-1, 2),
-            topk.values[layer][units].reshape(-1), rule, nonlinearities, batch_size, cache)
+            topk.values[layer][units].reshape(-1), rule, nonlinearities, max_memory, cache)
     return UnitViews(layer, units, topk.values[layer][units], images_idx, boxes.view(-1, k, 4),
                      projections.view(-1, k, *projections.shape[1:]), patches.view(-1, k, *patches.shape[1:]),
                      cropped)
@@ -146,9 +152,59 @@ def _cropped(model: nn.Module, origins: torch.Tensor):
         yield
 
 
+def _geometry(model: nn.Module, layer: str, x0: torch.Tensor, cache: dict | None) -> _Geometry:
+    """The layer's :class:`_Geometry` at the size of image ``x0`` (1, C, H, W), from ``cache`` or measured there."""
+    size = tuple(x0.shape[-2:])
+    cache = {} if cache is None else cache
+    geo = cache.get((layer, size))
+    if geo is None:
+        with torch.no_grad(), eval_mode(model):
+            act = run_to(model, site(model, layer), x0)
+        if act.dim() != 4:
+            raise ConvscopeError(f"layer {layer!r} has no spatial map, so its units have no image patches: "
+                                 "Fig. 2 needs a convolutional layer (use Projector.project for fc units)")
+        geo = cache[(layer, size)] = _Geometry(size, *grid(model, layer, size), graph_bytes(model, layer, size))
+    return geo
+
+
+def chunk_units(model: nn.Module, data, layer: str, k: int, max_memory: str | int | None = None,
+                cache: dict | None = None) -> int:
+    """How many units' views (:class:`UnitViews`: k projections and k patches each, on the layer's canvas, in
+    float32) fit a quarter of ``max_memory`` (:func:`convscope.memory.budget`): at least one."""
+    x0 = data.batch(torch.tensor([0]))[0]
+    canvas = _geometry(model, layer, x0, cache).canvas
+    per_unit = k * 2 * x0.shape[1] * canvas[0] * canvas[1] * 4
+    return max(1, memory.budget(max_memory, _device(model)) // 4 // per_unit)
+
+
+def _device(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def graph_bytes(model: nn.Module, layer: str, size: tuple[int, int]) -> int:
+    """What one image of ``size`` costs a projection from ``layer``: the outputs of the modules without
+    submodules that run up to it (the census's shapes; a module called several times counted each time), which
+    the forward pass keeps for the backward (the backward's gradients are freed as it goes; an in-place module's
+    output, counted, is not a new tensor: an estimate from above)."""
+    param = next(model.parameters(), None)
+    element = param.element_size() if param is not None else 4
+    leaves = {name for name, m in model.named_modules() if name and next(m.children(), None) is None}
+    infos = census(model, size)
+    target = site(model, layer).name
+    last = max((i.order for i in infos if i.name == target or i.name.startswith(target + ".")), default=-1)
+    numbers = sum(math.prod(i.shape) * i.calls for i in infos if i.name in leaves and i.shape and 0 <= i.order <= last)
+    return max(1, element * numbers)
+
+
+def batch_for(budget: int, per_image: int, area: float = 1.0, most: int = 256) -> int:
+    """The images of ``per_image`` bytes (at ``area`` of that size) a batch holds in ``budget``: 1 to ``most``."""
+    return int(max(1, min(most, budget // max(1, int(per_image * area)))))
+
+
 def _crops(model: nn.Module, layer: str, fetch, channels: torch.Tensor, positions: torch.Tensor,
-           values: torch.Tensor, rule: str, nonlinearities: str, batch_size: int = 64, cache: dict | None = None
-           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+           values: torch.Tensor, rule: str, nonlinearities: str, max_memory: str | int | None = None,
+           cache: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """For M (image, channel, position) triples whose activations are ``values``, ``fetch(index)`` giving the
     images of the triples ``index``: the receptive fields (M, 4), the projections and patches cropped to them on
     the layer's canvas (M, 3, h, w), and how many projections came from crops.
@@ -160,15 +216,7 @@ def _crops(model: nn.Module, layer: str, fetch, channels: torch.Tensor, position
     the whole image instead: the crop is an optimisation, never an approximation."""
     x0 = fetch(torch.tensor([0]))
     size = tuple(x0.shape[-2:])
-    cache = {} if cache is None else cache
-    geo = cache.get((layer, size))
-    if geo is None:
-        with torch.no_grad(), eval_mode(model):
-            act = run_to(model, site(model, layer), x0)
-        if act.dim() != 4:
-            raise ConvscopeError(f"layer {layer!r} has no spatial map, so its units have no image patches: "
-                                 "Fig. 2 needs a convolutional layer (use Projector.project for fc units)")
-        geo = cache[(layer, size)] = _Geometry(size, *grid(model, layer, size))
+    geo = _geometry(model, layer, x0, cache)
     flat_pos = [tuple(p) for p in positions.tolist()]
     new = sorted(set(flat_pos) - set(geo.boxes))
     if new:
@@ -185,7 +233,12 @@ def _crops(model: nn.Module, layer: str, fetch, channels: torch.Tensor, position
     crop_ok, cropped = geo.crops, 0
     shapes = sorted({tuple(w) for w in windows[~full, 2:].tolist()}, reverse=True)
     groups = [torch.nonzero(~full & windows[:, 2:].eq(torch.tensor(s)).all(1)).flatten() for s in shapes]
+    budget = memory.budget(max_memory, _device(model)) // 2  # the other half: what the caller holds, the model
     for index in [*groups, torch.nonzero(full).flatten()]:
+        if not len(index):
+            continue
+        crop = windows[index[0], 2:]
+        batch_size = batch_for(budget, geo.per_image, float(crop[0] * crop[1]) / (size[0] * size[1]))
         for start in range(0, len(index), batch_size):
             idx = index[start:start + batch_size]
             imgs = fetch(idx)
@@ -237,15 +290,37 @@ def _paste(proj: torch.Tensor, whole: torch.Tensor, rows: torch.Tensor, size: tu
     return out
 
 
-def unit_tile(views: UnitViews, u: int, min_side: int = 40) -> np.ndarray:
-    """One unit as the paper shows it: its top-9 projections (3x3, each contrast-normalised on its own, grey =
-    0) beside the 3x3 image patches. uint8 (H, W, 3)."""
-    k = views.projections.shape[1]
-    nrow = math.ceil(math.sqrt(k))
-    proj = [upscale(im, min_side) for im in to_image(views.projections[u])]
-    patch = [upscale(im, min_side) for im in
-             (views.patches[u].clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()]
-    left, right = make_grid(proj, nrow=nrow, pad=1), make_grid(patch, nrow=nrow, pad=1)
+DISPLAY = 128  # the most pixels a side of one projection or patch has on a page (a larger field is shrunk)
+
+
+def shown(x: torch.Tensor, side: int = DISPLAY) -> torch.Tensor:
+    """(N, C, h, w) as a page shows them: at most ``side`` px a side, averaged over the pixels each one covers
+    (antialiased bilinear) where larger, in float64, before any rounding; as they are where smaller."""
+    h, w = x.shape[-2:]
+    scale = side / max(h, w)
+    if scale >= 1:
+        return x
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    return F.interpolate(x.detach().cpu().double(), size=size, mode="bilinear", antialias=True, align_corners=False)
+
+
+def projection_grid(views: UnitViews, u: int, min_side: int = 40, side: int = DISPLAY) -> np.ndarray:
+    """Unit ``u``'s top-k projections as a 3x3 grid (each contrast-normalised on its own, grey = 0; enlarged
+    to ``min_side``, shrunk to ``side``), uint8 (H, W, 3)."""
+    proj = [upscale(im, min_side) for im in to_image(shown(views.projections[u], side))]
+    return make_grid(proj, nrow=math.ceil(math.sqrt(len(proj))), pad=1)
+
+
+def patch_grid(views: UnitViews, u: int, min_side: int = 40, side: int = DISPLAY) -> np.ndarray:
+    """Unit ``u``'s top-k image patches as a 3x3 grid, the sizes of :func:`projection_grid`'s."""
+    patches = (shown(views.patches[u], side).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return make_grid([upscale(im, min_side) for im in patches], nrow=math.ceil(math.sqrt(len(patches))), pad=1)
+
+
+def unit_tile(views: UnitViews, u: int, min_side: int = 40, side: int = DISPLAY) -> np.ndarray:
+    """One unit as the paper shows it: its top-9 projections (:func:`projection_grid`) beside the 3x3 image
+    patches (:func:`patch_grid`). uint8 (H, W, 3)."""
+    left, right = projection_grid(views, u, min_side, side), patch_grid(views, u, min_side, side)
     gap = np.full((left.shape[0], 4, 3), 255, np.uint8)
     return np.concatenate([left, gap, right], axis=1)
 
