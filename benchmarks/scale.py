@@ -5,13 +5,14 @@ measured is that size's.
 
     python benchmarks/scale.py [--sizes 1000,4000] [--units 4]
 
-Per size: the time of each phase (decode: the split read as the run reads it; scan: every unit's top 9 over it;
-draw: the projections and patches; write: the pictures encoded and written), the peak resident memory of the
-process, the disk per unit drawn (its pictures under every rule and its thumbnail), and the forward-images per
-projection (the images pushed through the model while drawing, a crop counted by its share of the image's area,
-over the projections made). The last line reads
-``scale: memory growth G, kB per unit K, fwd-images per projection P`` (G: the peak at the largest size over the
-peak at the smallest).
+Per size: the time of each phase (decode: every image decoded once, as the scan does again while it streams
+the folder; scan: every unit's top 9 over it; draw: the projections and patches; write: the pictures encoded and
+written), the peak resident memory of the process, the disk per unit drawn (its pictures under every rule, its
+patches and its thumbnail), and the forward-images per projection (the images pushed through the model while
+drawing, a crop counted by its share of the image's area, over the projections made). Then the viewer's layer
+page of the 2,048 units of ``layer4`` and a unit page under three rules (the first unit's pictures copied to all).
+The last line reads ``scale: memory growth G, kB per unit K, fwd-images per projection P`` (G: the peak at the
+largest size over the peak at the smallest).
 """
 
 from __future__ import annotations
@@ -104,9 +105,11 @@ def child(root: str, out: str, units: int) -> dict:
     run = cs.attach(ResNet50(num_classes=10).eval(), "folder", out, data_root=root, image_size=SIZE,
                     normalize="imagenet")
     times = {}
+    data = run.split(run.default_split("val"), stream=True)  # as the scan reads it: decoded batch by batch
     t0 = time.perf_counter()
-    run.split(run.default_split("val"))
-    times["decode"] = time.perf_counter() - t0
+    for start in range(0, len(data), 128):
+        data.batch(torch.arange(start, min(start + 128, len(data))))
+    times["decode"] = time.perf_counter() - t0  # once more inside the scan, which decodes as it goes
     t0 = time.perf_counter()
     result = compute(run, units=units, rule=RULES, progress=False)
     times["scan"] = time.perf_counter() - t0
@@ -134,11 +137,45 @@ def child(root: str, out: str, units: int) -> dict:
     times["draw"], times["write"] = drawing[0], total - drawing[0]
     drawn = sum(len(u) for u in result.units.values())
     tiles = [p for p in paths if p.suffix != ".safetensors" and "units" in p.parts]
-    return {"images": len(run.split(run.default_split("val"))), "times": times, "units": drawn,
+    return {"images": len(data), "times": times, "units": drawn,
             "projections": drawn * result.topk.k * len(result.rules),
             "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "kb_per_unit": sum(p.stat().st_size for p in tiles) / drawn / 1000, "pushed": pushed[0],
             "layers": list(result.units)}
+
+
+def viewer_times(run: Path, layer: str = "layer4", repeats: int = 5) -> tuple[int, float, float]:
+    """Every unit of ``layer`` given the pictures of its first drawn one (under every rule), then the viewer's
+    layer page of them and a unit page under another rule served by its app (in this process): the units and
+    each page's median time in ms."""
+    from starlette.testclient import TestClient
+
+    from convscope.layout import Layout
+    from convscope.topk import load_topk
+    from convscope.viewer import make_app
+
+    layout = Layout(run)
+    n = load_topk(layout.topk)[0].values[layer].shape[0]
+    folder = layout.units / layer
+    drawn = sorted(folder.rglob("unit_*.jpg"))
+    first = drawn[0].name
+    for source in (p for p in drawn if p.name == first):
+        for u in range(n):
+            target = source.with_name(f"unit_{u:04d}.jpg")
+            if not target.exists():
+                shutil.copyfile(source, target)
+    client = TestClient(make_app(run), base_url="http://127.0.0.1")
+
+    def median(url: str) -> float:
+        assert client.get(url).status_code == 200  # and warmed up
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            client.get(url)
+            times.append(time.perf_counter() - t0)
+        return 1000 * sorted(times)[len(times) // 2]
+
+    return n, median(f"/layer/{layer}"), median(f"/layer/{layer}/unit/{n // 2}?rule=guided")
 
 
 def main(sizes: list[int], units: int) -> None:
@@ -158,6 +195,9 @@ def main(sizes: list[int], units: int) -> None:
                   f"write {t['write']:.1f} s; peak {r['peak_gb']:.2f} GB; {r['kb_per_unit']:.0f} kB per unit; "
                   f"{r['pushed'] / r['projections']:.2f} forward-images per projection", flush=True)
             shutil.rmtree(root)
+        n, layer_ms, unit_ms = viewer_times(work / f"run_{sizes[0]}")
+        print(f"viewer: a layer page of {n} units {layer_ms:.0f} ms, a unit page under three rules {unit_ms:.0f} ms "
+              "(the median of 5 requests; goal under 100 ms)")
         growth = rows[-1]["peak_gb"] / rows[0]["peak_gb"]
         kb = max(r["kb_per_unit"] for r in rows)
         fwd = rows[-1]["pushed"] / rows[-1]["projections"]
