@@ -3,7 +3,7 @@ generated JPEG folders of 1,000 and 4,000 images at 224 px; the scan of its five
 fixed set of units under the three rules, each folder size in a process of its own, so that the peak memory
 measured is that size's.
 
-    python benchmarks/scale.py [--sizes 1000,4000] [--units 4]
+    python benchmarks/scale.py [--sizes 1000,4000] [--units 4] [--max-memory 2G]
 
 Per size: the time of each phase (decode: every image decoded once, as the scan does again while it streams
 the folder; scan: every unit's top 9 over it; draw: the projections and patches; write: the pictures encoded and
@@ -94,7 +94,7 @@ def make_folder(root: Path, n: int, classes: int = 10, seed: int = 0) -> None:
         image.save(folder / f"{i:05d}.jpg", quality=90)
 
 
-def child(root: str, out: str, units: int) -> dict:
+def child(root: str, out: str, units: int, max_memory: str | None = None) -> dict:
     """One size: attach, read, scan, draw, write; the phases' times, the peak memory, disk and forward counts."""
     import convscope as cs
     from convscope.cpu import keep_freed_memory
@@ -111,7 +111,7 @@ def child(root: str, out: str, units: int) -> dict:
         data.batch(torch.arange(start, min(start + 128, len(data))))
     times["decode"] = time.perf_counter() - t0  # once more inside the scan, which decodes as it goes
     t0 = time.perf_counter()
-    result = compute(run, units=units, rule=RULES, progress=False)
+    result = compute(run, units=units, rule=RULES, max_memory=max_memory, progress=False)
     times["scan"] = time.perf_counter() - t0
     pushed = [0.0]
 
@@ -178,15 +178,16 @@ def viewer_times(run: Path, layer: str = "layer4", repeats: int = 5) -> tuple[in
     return n, median(f"/layer/{layer}"), median(f"/layer/{layer}/unit/{n // 2}?rule=guided")
 
 
-def main(sizes: list[int], units: int) -> None:
+def main(sizes: list[int], units: int, max_memory: str | None = None) -> None:
     work = Path(tempfile.mkdtemp(prefix="convscope-scale-"))
     try:
         rows = []
         for n in sizes:
             root = work / f"images_{n}"
             make_folder(root, n)
-            line = subprocess.run([sys.executable, __file__, "--child", str(root), str(work / f"run_{n}"),
-                                   str(units)], check=True, capture_output=True, text=True).stdout.splitlines()[-1]
+            line = subprocess.run([sys.executable, __file__, "--child", str(root), str(work / f"run_{n}"), str(units),
+                                   *(["--max-memory", max_memory] if max_memory else [])],
+                                  check=True, capture_output=True, text=True).stdout.splitlines()[-1]
             rows.append(json.loads(line))
             r = rows[-1]
             t = r["times"]
@@ -210,9 +211,10 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="1000,4000")
     parser.add_argument("--units", type=int, default=4, help="units drawn per stage")
+    parser.add_argument("--max-memory", help="the scan's budget (default: its own, a quarter of the machine's)")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child[0], args.child[1], int(args.child[2]))))
+        print(json.dumps(child(args.child[0], args.child[1], int(args.child[2]), args.max_memory)))
     else:
-        main([int(s) for s in args.sizes.split(",")], args.units)
+        main([int(s) for s in args.sizes.split(",")], args.units, args.max_memory)
