@@ -215,13 +215,15 @@ def pixels(path: Path) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
-def test_max_memory_is_read_as_an_amount_or_refused_with_the_forms_it_takes():
+def test_max_memory_is_read_as_an_amount_or_refused_with_the_forms_it_takes(monkeypatch):
     from convscope.errors import ConvscopeError
-    from convscope.memory import budget, parse
+    from convscope.memory import budget, machine, parse
 
     assert parse("4G") == 4 << 30 and parse("512M") == 512 << 20 and parse("1.5GB") == int(1.5 * (1 << 30))
     assert parse("2GiB") == 2 << 30 and parse(3 << 20) == 3 << 20 and budget("1M") == 1 << 20
-    assert budget() > 1 << 20
+    assert budget() == int(machine() / 4)  # a quarter of this machine's, shared by torchrun's processes here
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert budget() == int(machine() / 16) and budget("2G") == 2 << 30
     for bad in ("lots", "4X", "-1G", "0.5K"):
         with pytest.raises(ConvscopeError, match="max-memory"):
             parse(bad)

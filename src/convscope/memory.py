@@ -39,12 +39,20 @@ def machine() -> int | None:
 
 
 def budget(max_memory: str | int | float | None = None, device: torch.device | str | None = None) -> int:
-    """The bytes a command may use: ``max_memory`` (:func:`parse`), else :data:`SHARE` of the machine's memory, or
-    :data:`GPU_SHARE` of the free memory of ``device`` where it is a GPU (4 GiB where neither is known)."""
+    """The bytes a command (one process of it) may use: ``max_memory`` (:func:`parse`), else :data:`SHARE` of the
+    machine's memory shared by the processes torchrun starts on it (``LOCAL_WORLD_SIZE``), or :data:`GPU_SHARE`
+    of the free memory of ``device`` where it is a GPU (4 GiB where neither is known)."""
     if max_memory is not None:
         return parse(max_memory)
     device = torch.device(device) if device is not None else torch.device("cpu")
     if device.type == "cuda":
         return int(GPU_SHARE * torch.cuda.mem_get_info(device)[0])
     total = machine()
-    return int(SHARE * total) if total else 4 << 30
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return int(SHARE * total / local) if total else 4 << 30
+
+
+def device_of(model: torch.nn.Module) -> torch.device:
+    """Where ``model``'s parameters are (the CPU for a model without any)."""
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")

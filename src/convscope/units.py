@@ -127,7 +127,7 @@ def compute(run: Run, layers: list[str] | None = None, k: int = 9, split: str | 
     layers = run.check_layers(list(layers)) if layers is not None else run.map_layers()
     split = split or run.default_split("val")
     data = run.split(split, stream=True)
-    budget = memory.budget(max_memory, next(run.model.parameters()).device)  # checked before the scan
+    budget = memory.budget(max_memory, memory.device_of(run.model))  # checked before the scan
     need = sum(run.channels(layer) for layer in layers) * len(data.classes) * class_k * 12
     if need > CLASS_BYTES:
         raise ConvscopeError(f"--class-k {class_k} keeps {need / 2**30:.1f} GiB of per-class statistics for "

@@ -6,7 +6,8 @@ tiles, grids and thumbnails drawn from them.
 pass per chunk of images, every image with its own target map); :func:`unit_tile`, :func:`layer_grid` and
 :func:`thumbnail` turn them into pictures. Projections and patches are cropped to each unit's receptive field and
 placed on a canvas the size of the largest field of the layer, so the 3x3 blocks line up; where a field is clipped
-by the image border, the crop sits against the side it was clipped on.
+by the image border, the crop sits against the side it was clipped on. The pictures show each crop at most
+:data:`DISPLAY` px a side (:func:`shown`), the size a page shows; the views keep the full resolution.
 """
 
 from __future__ import annotations
@@ -174,12 +175,7 @@ def chunk_units(model: nn.Module, data, layer: str, k: int, max_memory: str | in
     x0 = data.batch(torch.tensor([0]))[0]
     canvas = _geometry(model, layer, x0, cache).canvas
     per_unit = k * 2 * x0.shape[1] * canvas[0] * canvas[1] * 4
-    return max(1, memory.budget(max_memory, _device(model)) // 4 // per_unit)
-
-
-def _device(model: nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
+    return max(1, memory.budget(max_memory, memory.device_of(model)) // 4 // per_unit)
 
 
 def graph_bytes(model: nn.Module, layer: str, size: tuple[int, int]) -> int:
@@ -233,7 +229,8 @@ def _crops(model: nn.Module, layer: str, fetch, channels: torch.Tensor, position
     crop_ok, cropped = geo.crops, 0
     shapes = sorted({tuple(w) for w in windows[~full, 2:].tolist()}, reverse=True)
     groups = [torch.nonzero(~full & windows[:, 2:].eq(torch.tensor(s)).all(1)).flatten() for s in shapes]
-    budget = memory.budget(max_memory, _device(model)) // 2  # the other half: what the caller holds, the model
+    # half of the budget for a batch's pass; the other half for what the caller holds, and the model
+    budget = memory.budget(max_memory, memory.device_of(model)) // 2
     for index in [*groups, torch.nonzero(full).flatten()]:
         if not len(index):
             continue
