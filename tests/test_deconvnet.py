@@ -290,12 +290,37 @@ def test_project_at_seeds_each_image_at_its_own_unit_and_returns_its_value(small
         # float32 rounding is relative to the layer's scale, not to one unit's value (a sum of terms of both signs)
         assert values[i].item() == pytest.approx(act[i, channels[i], positions[i, 0], positions[i, 1]].item(),
                                                  rel=1e-5, abs=1e-6 * act.abs().max().item())
-    with pytest.raises(cs.ConvscopeError, match="one channel and one \\(row, col\\) per image"):
+    with pytest.raises(cs.ConvscopeError, match="one channel and one \\(row, col\\) per activation"):
         proj.project_at(x, "conv4", channels[:1], positions)
     with pytest.raises(cs.ConvscopeError, match="position is out of range: the layer's maps are 4x4"):
         proj.project_at(x, "conv4", channels, torch.tensor([[4, 0], [0, 0]]))
     with pytest.raises(cs.ConvscopeError, match="has no feature maps"):
         proj.project_at(x, "fc6", channels, positions)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_activations_of_one_image_share_its_forward_pass(small, rule):
+    """Five activations of two images (three of the first, two of the second, one of them twice): one forward
+    pass of the two images, three backward passes (the most an image holds), and each projection the one a call
+    of its own gives."""
+    model, x = small
+    proj = Projector(model, rule)
+    owners = torch.tensor([0, 1, 0, 0, 1])
+    channels = torch.tensor([9, 30, 9, 2, 30])
+    positions = torch.tensor([[1, 2], [3, 0], [0, 0], [1, 2], [3, 0]])
+    batches = []
+    hook = model.features.conv1.register_forward_pre_hook(lambda m, args: batches.append(args[0].shape[0]))
+    try:
+        got, values = proj.project_at(x, "conv4", channels, positions, owners)
+    finally:
+        hook.remove()
+    assert batches == [2] and got.shape == (5, *x.shape[1:])
+    for i in range(5):
+        one, value = proj.project_at(x[owners[i]][None], "conv4", channels[i:i + 1], positions[i:i + 1])
+        assert close(got[i:i + 1], one) and values[i].item() == pytest.approx(value.item(), rel=1e-5, abs=1e-7)
+    assert close(got[1:2], got[4:5])
+    with pytest.raises(cs.ConvscopeError, match="image is out of range: 2 images"):
+        proj.project_at(x, "conv4", channels, positions, torch.tensor([0, 1, 2, 0, 1]))
 
 
 def test_map_mode_is_linear_sum_of_unit_projections(small):

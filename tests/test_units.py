@@ -215,6 +215,30 @@ def pixels(path: Path) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
+def test_units_that_rank_the_same_image_share_its_forward_pass(setup):
+    """Eight units of conv5 over 24 images rank many of the same images: drawn together, each image (with its
+    crop) goes through the model once for all the units that rank it, and every projection is the one the unit
+    gets drawn alone."""
+    model, data, topk = setup
+    pushed = []
+    hook = model.features.conv1.register_forward_pre_hook(
+        lambda m, args: pushed.append(args[0].shape[0] * args[0].shape[-2] * args[0].shape[-1] / 64 ** 2))
+    try:
+        together = unit_views(model, data, topk, "conv5", list(range(8)))
+        shared = sum(pushed)
+        pushed.clear()
+        alone = [unit_views(model, data, topk, "conv5", [u]) for u in range(8)]
+        separate = sum(pushed)
+    finally:
+        hook.remove()
+    images = topk.images["conv5"][:8]
+    assert len(torch.unique(images)) < images.numel()  # the units do share images
+    assert shared < separate
+    for u in range(8):
+        torch.testing.assert_close(together.projections[u], alone[u].projections[0], rtol=1e-4, atol=1e-6)
+        assert torch.equal(together.patches[u], alone[u].patches[0])
+
+
 def test_max_memory_is_read_as_an_amount_or_refused_with_the_forms_it_takes(monkeypatch):
     from convscope.errors import ConvscopeError
     from convscope.memory import budget, machine, parse

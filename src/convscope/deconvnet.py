@@ -311,12 +311,16 @@ class Projector:
         return grad.detach().contiguous()
 
     def project_at(
-        self, images: torch.Tensor, layer: str, channels: torch.Tensor, positions: torch.Tensor
+        self, images: torch.Tensor, layer: str, channels: torch.Tensor, positions: torch.Tensor,
+        owners: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One projection per image, each from its own activation: map ``channels[i]`` at ``positions[i]`` (row,
-        col) of image i, seeded with its value (section 2.1); one forward and one backward pass for the batch.
-        Returns the projections and the seeded values, so that a caller who cropped the images can check that
-        the crop reproduced the activation it meant to project."""
+        """Projections of single activations, each seeded with its value (section 2.1): map ``channels[i]`` at
+        ``positions[i]`` (row, col) of image ``owners[i]`` (default: of image i, one activation per image).
+        One forward pass of the images, and one backward pass per activation an image holds at most: each image
+        gives one of its activations to each backward pass, so several activations of one image share its
+        forward pass (one forward, many cotangents). Returns the projections (one per activation, image-shaped)
+        and the seeded values, so that a caller who cropped the images can check that the crop reproduced the
+        activation it meant to project."""
         with self._forward(images, layer) as (x, out):
             act = out.detach()
             if act.dim() != 4:
@@ -324,18 +328,31 @@ class Projector:
                                      "project_at seeds one position of a map")
             n, c, h, w = act.shape
             chans, pos = torch.as_tensor(channels).long().cpu(), torch.as_tensor(positions).long().cpu()
-            if chans.shape != (n,) or pos.shape != (n, 2):
-                raise ConvscopeError(f"give one channel and one (row, col) per image: {n} images, channels "
-                                     f"{tuple(chans.shape)}, positions {tuple(pos.shape)}")
+            owners = torch.arange(n) if owners is None else torch.as_tensor(owners).long().cpu()
+            m = len(owners)
+            if chans.shape != (m,) or pos.shape != (m, 2) or owners.dim() != 1:
+                raise ConvscopeError(f"give one channel and one (row, col) per activation: {m} activations, "
+                                     f"channels {tuple(chans.shape)}, positions {tuple(pos.shape)}")
+            if m and (owners.min() < 0 or owners.max() >= n):
+                raise ConvscopeError(f"an activation's image is out of range: {n} images")
             _check_channels(chans, c)
             if ((pos < 0) | (pos >= torch.tensor([h, w]))).any():
                 raise ConvscopeError(f"a position is out of range: the layer's maps are {h}x{w}")
-            rows, chans, r, q = (t.to(act.device) for t in (torch.arange(n), chans, pos[:, 0], pos[:, 1]))
+            order = torch.sort(owners, stable=True).indices  # each image's activations, numbered 0, 1, ...
+            counts = torch.bincount(owners, minlength=n)
+            turn = torch.empty(m, dtype=torch.long)
+            turn[order] = torch.arange(m) - (counts.cumsum(0) - counts)[owners[order]]
+            rows, chans, r, q = (t.to(act.device) for t in (owners, chans, pos[:, 0], pos[:, 1]))
             values = act[rows, chans, r, q]
-            seed = torch.zeros_like(act)
-            seed[rows, chans, r, q] = values
-            (grad,) = torch.autograd.grad(out, x, seed)
-        return grad.detach().contiguous(), values.clone()
+            grads = torch.empty((m, *x.shape[1:]), dtype=x.dtype, device=x.device)
+            rounds = int(turn.max()) + 1 if m else 0
+            for k in range(rounds):
+                mine = (turn == k).nonzero().flatten().to(act.device)
+                seed = torch.zeros_like(act)
+                seed[rows[mine], chans[mine], r[mine], q[mine]] = values[mine]
+                (grad,) = torch.autograd.grad(out, x, seed, retain_graph=k + 1 < rounds)
+                grads[mine] = grad[rows[mine]]
+        return grads.detach().contiguous(), values.clone()
 
     def project_channels(
         self,

@@ -63,7 +63,8 @@ def project_images(model: nn.Module, images: torch.Tensor, layer: str, channels=
     k = chans.shape[1]
     image_of = torch.arange(n).repeat_interleave(k)
     boxes, proj, patches, _ = _crops(model, layer, lambda i: images[image_of[i]], chans.reshape(-1),
-                                     positions.reshape(-1, 2), values.reshape(-1), rule, nonlinearities)
+                                     positions.reshape(-1, 2), values.reshape(-1), rule, nonlinearities,
+                                     images=image_of)
     return ProjectionSheet(layer, names or [str(i) for i in range(n)], chans.clone(), values, positions,
                            boxes.view(n, k, 4), proj.view(n, k, *proj.shape[1:]), patches.view(n, k, *proj.shape[1:]),
                            rule, nonlinearities)

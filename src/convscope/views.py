@@ -120,7 +120,7 @@ def unit_views(model: nn.Module, data, topk: TopK, layer: str, units=None, rule:
     with exact_float32():  # the crops reproduce the scan's float32 values on CUDA too
         boxes, projections, patches, cropped = _crops(
             model, layer, lambda i: data.batch(flat_idx[i])[0], units.repeat_interleave(k), positions.reshape(-1, 2),
-            topk.values[layer][units].reshape(-1), rule, nonlinearities, max_memory, cache)
+            topk.values[layer][units].reshape(-1), rule, nonlinearities, max_memory, cache, flat_idx)
     return UnitViews(layer, units, topk.values[layer][units], images_idx, boxes.view(-1, k, 4),
                      projections.view(-1, k, *projections.shape[1:]), patches.view(-1, k, *patches.shape[1:]),
                      cropped)
@@ -200,7 +200,8 @@ def batch_for(budget: int, per_image: int, area: float = 1.0, most: int = 256) -
 
 def _crops(model: nn.Module, layer: str, fetch, channels: torch.Tensor, positions: torch.Tensor,
            values: torch.Tensor, rule: str, nonlinearities: str, max_memory: str | int | None = None,
-           cache: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+           cache: dict | None = None, images: torch.Tensor | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """For M (image, channel, position) triples whose activations are ``values``, ``fetch(index)`` giving the
     images of the triples ``index``: the receptive fields (M, 4), the projections and patches cropped to them on
     the layer's canvas (M, 3, h, w), and how many projections came from crops.
@@ -209,7 +210,8 @@ def _crops(model: nn.Module, layer: str, fetch, channels: torch.Tensor, position
     nothing outside the field reaches the unit, so on a convolutional stack the crop gives the same projection at
     a fraction of the cost, batched across units and images. Where the crop does not reproduce the unit's
     activation (a model that is not translation-equivariant below the layer), that projection is computed from
-    the whole image instead: the crop is an optimisation, never an approximation."""
+    the whole image instead: the crop is an optimisation, never an approximation. ``images``: the image of each
+    triple (default: all different); triples of one image with the same crop share its forward pass."""
     x0 = fetch(torch.tensor([0]))
     size = tuple(x0.shape[-2:])
     geo = _geometry(model, layer, x0, cache)
@@ -231,30 +233,33 @@ def _crops(model: nn.Module, layer: str, fetch, channels: torch.Tensor, position
     groups = [torch.nonzero(~full & windows[:, 2:].eq(torch.tensor(s)).all(1)).flatten() for s in shapes]
     # half of the budget for a batch's pass; the other half for what the caller holds, and the model
     budget = memory.budget(max_memory, memory.device_of(model)) // 2
+    ids = torch.arange(m) if images is None else torch.as_tensor(images).long().cpu()
     for index in [*groups, torch.nonzero(full).flatten()]:
         if not len(index):
             continue
         crop = windows[index[0], 2:]
         batch_size = batch_for(budget, geo.per_image, float(crop[0] * crop[1]) / (size[0] * size[1]))
-        for start in range(0, len(index), batch_size):
-            idx = index[start:start + batch_size]
-            imgs = fetch(idx)
+        for idx, owner in _shared(index, ids, windows, batch_size):
+            heads = torch.zeros(int(owner.max()) + 1, dtype=torch.long)
+            heads[owner] = idx  # a triple of each crop (any one: they share its image and its window)
+            imgs = fetch(heads)
             proj, redo = None, torch.ones(len(idx), dtype=torch.bool)
             win = windows[idx]
             if crop_ok and not full[idx[0]]:
-                top_left, (h, w) = win[:, :2], win[0, 2:].tolist()
+                top_left, (h, w) = windows[heads, :2], win[0, 2:].tolist()
                 crops = torch.stack([imgs[j, :, y:y + h, x:x + w] for j, (y, x) in enumerate(top_left.tolist())])
-                where = positions[idx] - top_left // torch.tensor(step).clamp_min(1)
+                where = positions[idx] - win[:, :2] // torch.tensor(step).clamp_min(1)
                 try:
                     with _cropped(model, top_left):
-                        proj, got = projector.project_at(crops, layer, channels[idx], where)
+                        proj, got = projector.project_at(crops, layer, channels[idx], where, owner)
                     redo = ~torch.isclose(got.float().cpu(), values[idx].float(), rtol=_tolerance(got), atol=1e-6)
                 except (RuntimeError, ConvscopeError):  # the model takes no crop of this size: whole images
                     crop_ok = False
                 if redo.all():
                     crop_ok = False  # not one crop reproduced its unit: stop trying on this layer
             if redo.any():
-                whole, _ = projector.project_at(imgs[redo], layer, channels[idx][redo], positions[idx][redo])
+                again, mine = torch.unique(owner[redo], return_inverse=True)
+                whole, _ = projector.project_at(imgs[again], layer, channels[idx][redo], positions[idx][redo], mine)
                 if proj is None:
                     proj, win = whole, torch.tensor([[0, 0, *size]]).expand(len(idx), 4)
                 else:
@@ -268,8 +273,28 @@ def _crops(model: nn.Module, layer: str, fetch, channels: torch.Tensor, position
                 y0, x0_, y1, x1 = b = box_of[flat_pos[i]]
                 oy, ox = win[j, :2].tolist()
                 projections[i] = _place(proj[j][:, y0 - oy:y1 - oy, x0_ - ox:x1 - ox], b, size, canvas, 0.0)
-                patches[i] = _place(imgs[j, :, y0:y1, x0_:x1].cpu(), b, size, canvas, 0.5)
+                patches[i] = _place(imgs[owner[j], :, y0:y1, x0_:x1].cpu(), b, size, canvas, 0.5)
     return boxes, projections, patches, cropped
+
+
+def _shared(index: torch.Tensor, ids: torch.Tensor, windows: torch.Tensor, batch_size: int):
+    """The triples ``index`` (of one crop size) in batches of at most ``batch_size`` distinct crops (an image and
+    where its window sits) and four times as many triples, as ``(triples, owner)``: ``owner[j]``, the batch's
+    crop of triple j, numbered 0, 1, ... in the batch. Triples of one crop are in one batch, so they share its
+    forward pass; crops shared by most triples come first, so a batch's backward passes are few."""
+    keys = torch.stack([ids[index], windows[index, 0], windows[index, 1]], 1)
+    _, crop, counts = torch.unique(keys, dim=0, return_inverse=True, return_counts=True)
+    place = torch.empty_like(counts)
+    place[torch.argsort(counts, descending=True, stable=True)] = torch.arange(len(counts))
+    order = torch.argsort(place[crop], stable=True)
+    index, crop = index[order], place[crop[order]]  # grouped by crop, most shared first
+    ends = torch.cumsum(torch.bincount(crop, minlength=len(counts)), 0).tolist()
+    start = first = 0
+    for c, end in enumerate(ends):  # close a batch after crop c when the next one would not fit
+        last = c + 1 == len(ends)
+        if last or c + 2 - first > batch_size or ends[c + 1] - start > 4 * batch_size:
+            yield index[start:end], crop[start:end] - first
+            start, first = end, c + 1
 
 
 def _tolerance(values: torch.Tensor) -> float:
