@@ -233,3 +233,34 @@ def test_every_unit_of_a_trained_run_in_the_viewer(browser, scanned_run, monkeyp
         src = w.page.get_attribute("#unit-img", "src")
         assert src.endswith("/units/conv3/guided/unit_0095.jpg") and all(x > 0 for _, _, x in w.images())
         assert w.errors == [] and w.dialogs == []
+
+
+def test_a_projection_at_full_resolution_is_computed_when_a_unit_page_asks(scanned_run):
+    """The unit page links each of its projections at full resolution, under the rule shown; asked for, the
+    viewer computes it from the run's model: the projection the scan drew, at its receptive field's own pixels
+    (enlarged pixel by pixel to 128 px), not the page's 128-px JPEG. A rank or unit the scan has not is a 404."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from starlette.testclient import TestClient
+
+    from convscope.imaging import to_image, upscale
+    from convscope.viewer import make_app
+
+    root, result, _ = scanned_run
+    client = TestClient(make_app(root), base_url="http://127.0.0.1")
+    page = client.get("/layer/conv3/unit/5?rule=guided").text
+    assert 'href="/layer/conv3/unit/5/zoom/1?rule=guided"' in page and "/zoom/9?rule=guided" in page
+    got = client.get("/layer/conv3/unit/5/zoom/3?rule=guided")
+    assert got.status_code == 200 and got.headers["content-type"] == "image/png"
+    shown = np.asarray(Image.open(io.BytesIO(got.content)).convert("RGB")).astype(int)
+    views = result.draw("conv3", torch.tensor([5]), "guided")
+    want = upscale(to_image(views.projections[0, 2]), 128)
+    assert shown.shape == want.shape and min(want.shape[:2]) >= 128
+    assert np.abs(shown - want).max() <= 1  # a grey level at most: float32 sums in another batch
+    deconvnet = np.asarray(Image.open(io.BytesIO(client.get("/layer/conv3/unit/5/zoom/3").content)).convert("RGB"))
+    assert not np.array_equal(deconvnet, shown)  # the main rule's, not the guided one
+    for bad in ("/layer/conv3/unit/5/zoom/10", "/layer/conv3/unit/5/zoom/0", "/layer/conv3/unit/999/zoom/1",
+                "/layer/conv9/unit/5/zoom/1", "/layer/conv3/unit/5/zoom/x"):
+        assert client.get(bad).status_code == 404, bad

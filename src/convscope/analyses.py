@@ -62,6 +62,8 @@ class Analysis:
     unit_panel: Callable[[Layout, str, int, Mapping[str, str]], Panel | None] | None = None
     unit_thumb: Callable[[Layout, str, int], Path | None] | None = None
     unit_badges: Callable[[Layout, str], dict[int, UnitBadge] | None] | None = None
+    # one of a unit's pictures (1..) at full resolution, computed when the page asks (PNG bytes; None: none such)
+    unit_zoom: Callable[[Layout, str, int, int, Mapping[str, str]], bytes | None] | None = None
     sort_label: str = ""  # what ordering a layer's units by its badges shows ("most class-specific first")
 
     @property

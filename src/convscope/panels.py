@@ -3,7 +3,8 @@ files and drawn by the viewer, which names no analysis, file or schema.
 
 A :class:`Panel` is a list of items in order: :class:`Picture` (an image of the run with a caption, an optional
 row of labels under it), :class:`Counts` (names with a count each, most first), :class:`Table` (rows of cells
-under a header cell) and :class:`Line` (a sentence, with an optional link to one of the run's figures). A panel
+under a header cell), :class:`Line` (a sentence, with an optional link to one of the run's figures) and
+:class:`Zoom` (links to pictures at full resolution, computed when asked for). A panel
 may offer variants of itself (the projection rule): ``variants`` of (name, on), chosen with ``?<switch>=name``.
 Every text is plain: the viewer escapes it.
 """
@@ -57,10 +58,20 @@ class Line:
 
 
 @dataclass(frozen=True)
+class Zoom:
+    """``lead`` then a link to each of ``count`` pictures at full resolution, which the analysis computes when
+    one is asked for (:attr:`convscope.analyses.Analysis.unit_zoom`), under the panel's variant shown."""
+
+    lead: str
+    count: int
+    id: str = ""
+
+
+@dataclass(frozen=True)
 class Panel:
     """One analysis's part of a unit page; ``missing`` is said where the analysis has nothing for the unit yet."""
 
-    items: list[Picture | Counts | Table | Line] = field(default_factory=list)
+    items: list[Picture | Counts | Table | Line | Zoom] = field(default_factory=list)
     switch: str = ""  # the query parameter that picks a variant
     variants: tuple[tuple[str, bool], ...] = ()  # (name, shown now), only the variants drawn for this unit
     missing: str = ""
@@ -77,4 +88,4 @@ class UnitBadge:
     tags: tuple[str, ...] = ()
 
 
-__all__ = ["Counts", "Line", "Panel", "Picture", "Table", "UnitBadge"]
+__all__ = ["Counts", "Line", "Panel", "Picture", "Table", "UnitBadge", "Zoom"]

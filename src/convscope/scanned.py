@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .errors import ConvscopeError, printable
 from .layout import Layout, natural_key
-from .panels import Counts, Panel, Picture, Table, UnitBadge
+from .panels import Counts, Panel, Picture, Table, UnitBadge, Zoom
 from .topk import TopK, class_histogram, load_topk
 
 _cache: dict[Path, tuple[int, TopK, dict, dict]] = {}  # topk file -> (mtime, topk, its metadata, class memo)
@@ -101,11 +101,14 @@ def unit_panel(layout: Layout, layer: str, unit: int, query: Mapping[str, str]) 
     if path is not None and patches is not None:
         items.append(Picture(patches, f"{layer} unit {unit}: image patches", "Fig. 2.",
                              "The image patches under its top-9 activations, in the same order.", id="unit-patches"))
+    best = top(layout, layer, unit)
+    if path is not None and best:
+        items.append(Zoom(f"Each projection at full resolution ({rule}), computed now from the model:", len(best),
+                          id="zoom"))
     stats = (unit_classes(layout, layer) or {}).get(unit)
     if stats and stats["classes"]:
         items.append(Counts(f"Classes of its {stats['counted']} strongest images:", tuple(stats["classes"]),
                             id="unit-classes"))
-    best = top(layout, layer, unit)
     if best:
         items.append(Table((("rank", tuple(str(i + 1) for i in range(len(best)))),
                             ("activation", tuple(f"{t['value']:.3g}" for t in best)),

@@ -293,6 +293,42 @@ def findings(result: ScanResult) -> list[Finding]:
     return out
 
 
+_opened: dict[Path, tuple[int, Run, dict]] = {}  # run directory -> (its scan's mtime, the run, the geometry cache)
+
+
+def zoom(layout: Layout, layer: str, unit: int, rank: int, query) -> bytes | None:
+    """Projection ``rank`` (1..k) of ``unit`` at the full resolution of its receptive field (at least 128 px a
+    side, small fields enlarged pixel by pixel), under the page's ``rule``, computed now from the run's model and
+    its scan (PNG); None where the scan has no such unit or rank. A viewer opens each run once."""
+    import io
+
+    from PIL import Image
+
+    from .imaging import to_image, upscale
+    from .run import open_run
+
+    found = scanned.read_scan(layout)
+    if found is None or layer not in found[0].values:
+        return None
+    topk, info = found[0], found[1]
+    if not (0 <= unit < topk.values[layer].shape[0] and 1 <= rank <= topk.k):
+        return None
+    if topk.images[layer][unit, rank - 1] < 0:  # the scan saw fewer images than k
+        return None
+    main, drawn = scanned.rules(layout)
+    rule = query.get("rule", main) if query.get("rule", main) in drawn else main
+    stamp = layout.topk.stat().st_mtime_ns
+    if _opened.get(layout.root, (None,))[0] != stamp:
+        _opened[layout.root] = (stamp, open_run(layout.root), {})
+    _, run, cache = _opened[layout.root]
+    data = run.split(str(info.get("split") or run.default_split("val")), stream=True)
+    views = unit_views(run.model, data, topk, layer, [unit], rule=rule, nonlinearities=run.nonlinearities,
+                       cache=cache)
+    buffer = io.BytesIO()
+    Image.fromarray(upscale(to_image(views.projections[0, rank - 1]), 128)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def _check_scan(layout: Layout) -> list[tuple[Path, str]]:
     """The scan's record (its top-k tensors) where it is there but does not load."""
     if not layout.topk.exists():
@@ -324,5 +360,5 @@ register(Analysis(
           "rule": RULE_HELP + " Several, comma-separated (deconvnet,guided,gradient), draw each unit under "
                           "each; the viewer switches between them."},
     summary=summary, check=_check_scan, units=scanned.units,
-    unit_panel=scanned.unit_panel, unit_thumb=scanned.unit_thumb, unit_badges=scanned.unit_badges,
+    unit_panel=scanned.unit_panel, unit_thumb=scanned.unit_thumb, unit_badges=scanned.unit_badges, unit_zoom=zoom,
     sort_label="most class-specific first"))

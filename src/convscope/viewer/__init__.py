@@ -26,7 +26,7 @@ from starlette.staticfiles import StaticFiles
 from ..analyses import REGISTRY
 from ..errors import ConvscopeError, check_int, printable
 from ..layout import Layout, natural_key
-from ..panels import Line, Panel, Picture, UnitBadge
+from ..panels import Line, Panel, Picture, UnitBadge, Zoom
 from ..report import NONLINEARITY_NOTE, environment, label_of, model_summary, read_run, require_run
 from ..tables import blocks
 
@@ -229,6 +229,18 @@ def make_app(run_dir: str | Path, allowed_hosts: list[str] | tuple[str, ...] | N
         return page(request, art=art, kind="unit", title=f"{layer} unit {unit}", layer=layer, unit=unit, nav=nav,
                     panels=panels, note=note, position=(units.index(unit) + 1, len(units)))
 
+    async def zoom(request: Request) -> Response:
+        """One of a unit's pictures at full resolution, computed now by the analysis that drew it."""
+        layer, number, rank = (request.path_params[k] for k in ("layer", "unit", "rank"))
+        if number.isdigit() and rank.isdigit() and len(number) <= 9 and len(rank) <= 4:
+            for a in REGISTRY:
+                picture = a.unit_zoom(layout, layer, int(number), int(rank), request.query_params) if a.unit_zoom \
+                    else None
+                if picture is not None:
+                    return Response(picture, media_type="image/png", headers=HEADERS)
+        return not_found(request, f"no picture {rank[:8]!r} of {layer!r} unit {number[:12]!r} to show at full "
+                                  "resolution", back=layer)
+
     def figures(art: RunView, only: str | None = None) -> list[dict]:
         return [{"entry": a, "images": [(label_of(p, root, a.key), art.url(p)) for p in images],
                  "texts": [(p.relative_to(root).as_posix(), blocks(p.read_text(errors="replace"))) for p in texts],
@@ -257,7 +269,8 @@ def make_app(run_dir: str | Path, allowed_hosts: list[str] | tuple[str, ...] | N
 
     routes = [Route("/", index), Route("/figures", figures_page), Route("/figures/{key}", figure_page),
               Route("/layer/{layer}", layer_page), Route("/layer/{layer}/goto", goto),
-              Route("/layer/{layer}/unit/{unit}", unit_page), Route("/files/{path:path}", files),
+              Route("/layer/{layer}/unit/{unit}", unit_page), Route("/layer/{layer}/unit/{unit}/zoom/{rank}", zoom),
+              Route("/files/{path:path}", files),
               Mount("/static", app=StaticFiles(directory=STATIC), name="static")]
     hosts = list(dict.fromkeys([*LOCAL_HOSTS, *(allowed_hosts or ())]))
     app = Starlette(routes=routes, middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=hosts)])
@@ -314,6 +327,10 @@ def _panel(panel: Panel, art: RunView, here: str) -> dict:
             fields["url"] = art.url(item.path)
         if isinstance(item, Line):
             fields["url"] = figure_url(item.figure) if item.figure else None
+        if isinstance(item, Zoom):  # the variant shown now, kept in each link
+            shown = next((name for name, on in panel.variants if on), "")
+            query = f"?{urlencode({panel.switch: shown})}" if shown and panel.switch else ""
+            fields["links"] = [(str(i), f"{here}/zoom/{i}{query}") for i in range(1, item.count + 1)]
         items.append({"kind": kind, **fields})
     variants = [(name, f"{here}?{urlencode({panel.switch: name})}", on) for name, on in panel.variants]
     return {"items": items, "switch": panel.switch, "variants": variants, "missing": panel.missing}
