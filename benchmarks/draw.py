@@ -4,8 +4,8 @@ For each model, a scan of N random images, then every conv unit's top-9 projecte
 code ``convscope scan`` runs: crops of each unit's receptive field, batched across units and images).
 ratio = time of all the projections / (number of projections x time of a plain forward of one image, the full
 net in eval mode under no_grad, batched). The goal is at most 1.0. Beside it, the same projections from whole
-images (the crop switched off), the time to write one unit's page (its tile and thumbnail PNGs) and the time the
-viewer takes to answer one unit page.
+images (the crop switched off), the time to write one unit's page (its projections, patches and thumbnail, as
+``convscope scan`` writes them) and the time the viewer takes to answer one unit page.
 
 Run: python benchmarks/draw.py [--units N]   (N units per layer, a seeded sample; default all)
 """
@@ -25,7 +25,7 @@ from convscope.data import ImageSet
 from convscope.layout import Layout
 from convscope.models import create_model
 from convscope.topk import scan
-from convscope.views import select_units, thumbnail, unit_tile, unit_views
+from convscope.views import patch_grid, projection_grid, select_units, thumbnail, unit_views
 
 LAYERS = ["conv1", "conv2", "conv3", "conv4", "conv5"]
 
@@ -91,10 +91,11 @@ def bench(name: str, n_images: int, n_units: int | None) -> None:
         views = per_layer["conv5"][1]
         t = time.perf_counter()
         for u in range(len(views.units)):
-            artifacts.save_image(layout.unit("conv5", int(views.units[u])), unit_tile(views, u))
+            artifacts.save_image(layout.unit("conv5", int(views.units[u])), projection_grid(views, u))
+            artifacts.save_image(layout.unit_patches("conv5", int(views.units[u])), patch_grid(views, u))
             artifacts.save_image(layout.unit_thumb("conv5", int(views.units[u])), thumbnail(views, u))
         per_page = (time.perf_counter() - t) / len(views.units)
-        print(f"writing a unit's page (tile + thumbnail PNGs): {1000 * per_page:.1f} ms, "
+        print(f"writing a unit's page (projections, patches, thumbnail): {1000 * per_page:.1f} ms, "
               f"{per_page / t_fwd:.1f} forward-images")
         page_time(Path(tmp), [int(u) for u in views.units[:50]])
 
