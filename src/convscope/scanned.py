@@ -94,10 +94,11 @@ def unit_panel(layout: Layout, layer: str, unit: int, query: Mapping[str, str]) 
     patches = layout.picture(layout.unit_patches(layer, unit))
     items: list = []
     if path is not None:
-        where = "left" if patches is not None else "left of its tile"
+        beside = ("; the image patches under them are below" if patches is not None
+                  else ", left, beside the image patches under them (right)")  # an older scan's tile holds both
         items.append(Picture(path, f"{layer} unit {unit}", "Fig. 2.",
                              f"The top-9 activations of {layer} unit {unit} over the scanned images, each projected to "
-                             f"pixels ({rule}, {where}), beside the image patches under them (right).", id="unit-img"))
+                             f"pixels ({rule}){beside}.", id="unit-img"))
     if path is not None and patches is not None:
         items.append(Picture(patches, f"{layer} unit {unit}: image patches", "Fig. 2.",
                              "The image patches under its top-9 activations, in the same order.", id="unit-patches"))
