@@ -182,6 +182,7 @@ def embedded_concepts(data: ImageSet) -> ConceptSet:
         lookup.append(torch.tensor([-1, *range(len(names), len(names) + len(members))], dtype=torch.long))
         names += members
         categories += [category] * len(members)
+
     def without(i: int, c: int) -> torch.Tensor | None:
         image = render_without(scenes[i].tolist(), data.image_size, categories[c], names[c])
         return None if image is None else torch.from_numpy(image).permute(2, 0, 1)
@@ -221,6 +222,12 @@ def _rank(n: int, quantile: float) -> tuple[int, float]:
     p = (n - 1) * (1 - quantile)
     lo = math.floor(p)
     return n - 1 - lo, p - lo
+
+
+def _check_quantile(quantile) -> None:
+    if not (isinstance(quantile, float | int) and 0 < quantile < 1):
+        raise ConvscopeError(f"quantile must be between 0 and 1 (the top share of each unit's activations), got "
+                             f"{quantile!r}")
 
 
 def _check_maps(layer: str, act: torch.Tensor) -> None:
@@ -425,9 +432,7 @@ def dissect(model: nn.Module, layers: list[str], data: ImageSet, concepts: Conce
     order): thresholds, then the upsampled pixels above them, only where values above them are (:class:`_Stream`)."""
     if len(concepts.maps) != len(data):
         raise ConvscopeError(f"{len(concepts.maps)} concept maps for {len(data)} images: give one per image")
-    if not 0 < quantile < 1:
-        raise ConvscopeError(f"quantile must be between 0 and 1 (the top share of each unit's activations), got "
-                             f"{quantile!r}")
+    _check_quantile(quantile)
     sites = [site(model, layer) for layer in layers]
     streams = {layer: _Stream(len(data), quantile) for layer in layers}
     bar = tqdm(total=len(data), desc="dissect", unit="image", disable=None if progress is None else not progress)
@@ -627,9 +632,7 @@ def compute(run, layers: list[str] | None = None, split: str | None = None, quan
     check_int(batch_size, "batch_size", 1, 65536)
     if not (isinstance(iou, float | int) and 0 <= iou < 1):
         raise ConvscopeError(f"iou must be from 0 to 1 (the IoU a label needs), got {iou!r}")
-    if not (isinstance(quantile, float | int) and 0 < quantile < 1):
-        raise ConvscopeError(f"quantile must be between 0 and 1 (the top share of each unit's activations), got "
-                             f"{quantile!r}")
+    _check_quantile(quantile)
     layers = run.check_layers(list(layers)) if layers is not None else run.map_layers()
     split = split or run.default_split("val")
     data = run.split(split)
@@ -780,17 +783,18 @@ def dissect_figure(result: DissectResult):
 
     cats = list(dict.fromkeys(result.categories))
     layers = list(result.layers)
+    summaries = [result.summary(layer) for layer in layers]  # each a pass over the layer's units: once
     fig = Figure(figsize=(max(5.0, 1.3 * len(layers) + 2), 3.4))
     ax = fig.subplots()
     width = 0.8 / len(cats)
     for k, c in enumerate(cats):
         ax.bar([i + (k - (len(cats) - 1) / 2) * width for i in range(len(layers))],
-               [result.summary(layer)["distinct"][c] for layer in layers], width, label=c)
+               [s["distinct"][c] for s in summaries], width, label=c)
     ax.set_xticks(range(len(layers)), layers)
     ax.set(ylabel="distinct concepts labelled", title="Network dissection: concepts per layer")
     share = ax.twinx()
-    share.plot(range(len(layers)), [100 * result.summary(layer)["labelled"] / max(result.summary(layer)["units"], 1)
-                                    for layer in layers], "k.-", label="labelled units (%)")
+    share.plot(range(len(layers)), [100 * s["labelled"] / max(s["units"], 1) for s in summaries], "k.-",
+               label="labelled units (%)")
     share.set(ylabel="labelled units (%)", ylim=(0, 100))
     ax.legend(frameon=False, fontsize=8, loc="upper left")
     share.legend(frameon=False, fontsize=8, loc="upper right")

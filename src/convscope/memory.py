@@ -31,7 +31,7 @@ def parse(text: str | int | float) -> int:
 
 
 def machine() -> int | None:
-    """This machine's memory in bytes (None where the system does not say)."""
+    """This machine's memory in bytes (None where the system does not say: not a POSIX system)."""
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):

@@ -47,6 +47,12 @@ def rules(layout: Layout) -> tuple[str, list[str]]:
     return (found[0] if found else "deconvnet"), found or ["deconvnet"]
 
 
+def rule_of(layout: Layout, query: Mapping[str, str]) -> str:
+    """The rule a page asks for (``?rule=``) where the scan drew units under it, else the scan's main one."""
+    main, drawn = rules(layout)
+    return query["rule"] if query.get("rule") in drawn else main
+
+
 def unit_classes(layout: Layout, layer: str) -> dict[int, dict] | None:
     """unit -> its top classes ((name, count) pairs, most first), the share of its top class, and how many images
     were counted: from the scan's per-class statistics (None where the scan kept none)."""
@@ -87,8 +93,7 @@ def unit_panel(layout: Layout, layer: str, unit: int, query: Mapping[str, str]) 
     """The unit's Fig. 2 tile under the rule the page asks for (``?rule=``; the main one by default), the rules it
     was drawn under, the classes of its strongest images and its top-k activations."""
     main, drawn_rules = rules(layout)
-    rule = query.get("rule", main)
-    rule = rule if rule in drawn_rules else main
+    rule = rule_of(layout, query)
     drawn = [(r, r == rule) for r in drawn_rules if layout.picture(layout.unit(layer, unit, None if r == main else r))]
     path = layout.picture(layout.unit(layer, unit, None if rule == main else rule))
     patches = layout.picture(layout.unit_patches(layer, unit))
@@ -144,4 +149,4 @@ def unit_badges(layout: Layout, layer: str) -> dict[int, UnitBadge] | None:
                          s["share"]) for u, s in stats.items() if s["classes"]}
 
 
-__all__ = ["read_scan", "rules", "top", "unit_badges", "unit_classes", "unit_panel", "unit_thumb", "units"]
+__all__ = ["read_scan", "rule_of", "rules", "top", "unit_badges", "unit_classes", "unit_panel", "unit_thumb", "units"]

@@ -315,17 +315,19 @@ def zoom(layout: Layout, layer: str, unit: int, rank: int, query) -> bytes | Non
         return None
     if topk.images[layer][unit, rank - 1] < 0:  # the scan saw fewer images than k
         return None
-    main, drawn = scanned.rules(layout)
-    rule = query.get("rule", main) if query.get("rule", main) in drawn else main
+    rule = scanned.rule_of(layout, query)
     stamp = layout.topk.stat().st_mtime_ns
     if _opened.get(layout.root, (None,))[0] != stamp:
         _opened[layout.root] = (stamp, open_run(layout.root), {})
     _, run, cache = _opened[layout.root]
     data = run.split(str(info.get("split") or run.default_split("val")), stream=True)
-    views = unit_views(run.model, data, topk, layer, [unit], rule=rule, nonlinearities=run.nonlinearities,
+    one = slice(rank - 1, rank)  # that one of the unit's top-k, not all k
+    only = TopK(1, {layer: topk.values[layer][:, one]}, {layer: topk.images[layer][:, one]},
+                {layer: topk.positions[layer][:, one]}, topk.seen)
+    views = unit_views(run.model, data, only, layer, [unit], rule=rule, nonlinearities=run.nonlinearities,
                        cache=cache)
     buffer = io.BytesIO()
-    Image.fromarray(upscale(to_image(views.projections[0, rank - 1]), 128)).save(buffer, format="PNG")
+    Image.fromarray(upscale(to_image(views.projections[0, 0]), 128)).save(buffer, format="PNG")
     return buffer.getvalue()
 
 

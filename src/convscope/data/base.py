@@ -7,13 +7,13 @@ A data set is a ``torch.utils.data.Dataset`` whose items are ``(image, label)``:
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 from torch.utils.data import Dataset
 
 from ..errors import ConvscopeError
+from ..memory import machine
 
 
 @dataclass
@@ -72,17 +72,10 @@ class ImageSet(Dataset):
         return self.images.shape[-1]
 
 
-def _memory() -> int | None:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # not a POSIX system: let the allocation decide
-        return None
-
-
 def fits_memory(n: int, size: int, bytes_per_pixel: int = 3) -> bool:
     """Whether ``n`` images of ``size`` px (``bytes_per_pixel`` per pixel) take at most half of this machine's
     memory (the rule :func:`check_memory` enforces)."""
-    total = _memory()
+    total = machine()
     return total is None or n * size * size * bytes_per_pixel <= total // 2
 
 
@@ -91,7 +84,7 @@ def check_memory(n: int, size: int, what: str, bytes_per_pixel: int = 4) -> None
     in all: 3 colour bytes, a mask byte) would take more than half of this machine's memory."""
 
     if not fits_memory(n, size, bytes_per_pixel):
-        need, total = n * size * size * bytes_per_pixel, _memory()
+        need, total = n * size * size * bytes_per_pixel, machine()
         raise ConvscopeError(f"{what}: {n} images of {size}x{size} px need {need / 2**30:.1f} GiB of memory, more "
                              f"than half of this machine's {total / 2**30:.0f} GiB; ask for fewer images (--n-train, "
                              "--n-val, --n-test) or a smaller --image-size")
